@@ -1,0 +1,1 @@
+"""The workflowd process: settings, CLI, worker loop, HTTP surface."""

@@ -1,0 +1,158 @@
+"""The `workflowd` command line.
+
+Every command talks to the database directly (no server needed). Errors a user can fix
+(no database configured, database unreachable, schema missing, bad input) print one
+line on stderr and exit non-zero; they never print a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection
+from pydantic import ValidationError
+
+from daemon.settings import ConfigurationError, Settings, describe_database
+from engine import Registry, WorkflowEngineError, WorkflowService
+from engine.migrate import migrate
+from engine.records import StartResult
+from engine.store import Store
+
+CONNECT_TIMEOUT_SECONDS = 10
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+Handler = Callable[[argparse.Namespace, Settings], Awaitable[int]]
+
+
+class DatabaseUnavailableError(Exception):
+    """The database cannot be reached, or lacks the schema; the message says which."""
+
+
+@asynccontextmanager
+async def connect(settings: Settings) -> AsyncIterator[AsyncConnection[Any]]:
+    """One autocommit connection, with a readable error when it cannot be had."""
+    conninfo = settings.conninfo()
+    try:
+        conn = await AsyncConnection.connect(
+            conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT_SECONDS
+        )
+    except psycopg.OperationalError as error:
+        reason = " ".join(line.strip() for line in str(error).splitlines()) or type(error).__name__
+        raise DatabaseUnavailableError(
+            f"cannot reach the database at {describe_database(conninfo)}: {reason}"
+        ) from None
+    async with conn:
+        yield conn
+
+
+def load_registry(settings: Settings) -> Registry:
+    """The definitions of the modules named in WORKFLOWD_MODULES."""
+    registry = Registry()
+    registry.load_modules(settings.modules)
+    return registry
+
+
+async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    async with connect(settings) as conn:
+        applied = await migrate(conn)
+    if applied:
+        for name in applied:
+            print(f"applied {name}")
+    else:
+        print("the schema is up to date")
+    return 0
+
+
+def _print_start(result: StartResult, as_json: bool) -> None:
+    workflow = result.workflow
+    if as_json:
+        document = workflow.model_dump(mode="json") | {"created": result.created}
+        print(json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False))
+        return
+    verb = "started" if result.created else "already started (same idempotency key)"
+    print(f"{verb}: workflow {workflow.id}")
+    print(f"  type             {workflow.type}")
+    print(f"  state            {workflow.state}")
+    print(f"  user             {workflow.user_id or '-'}")
+    print(f"  idempotency key  {workflow.idempotency_key}")
+
+
+async def cmd_start(args: argparse.Namespace, settings: Settings) -> int:
+    registry = load_registry(settings)
+    async with connect(settings) as conn:
+        service = WorkflowService(Store(conn), registry)
+        try:
+            result = await service.start(args.type, args.input, args.user, args.wallet)
+        except psycopg.errors.UndefinedTable:
+            raise DatabaseUnavailableError(
+                "the database has no workflow schema yet: run `workflowd migrate` first"
+            ) from None
+    _print_start(result, args.json)
+    return 0
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("the input must be a JSON object")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="workflowd",
+        description="A PostgreSQL-native workflow daemon. Configure it with DATABASE_URL "
+        "(or DB_HOST, DB_PORT, DB_USERNAME, DB_PASSWORD, DB_DATABASE) and WORKFLOWD_* settings.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    migrate_parser = commands.add_parser("migrate", help="apply pending schema migrations")
+    migrate_parser.set_defaults(handler=cmd_migrate)
+
+    start = commands.add_parser("start", help="start a workflow (idempotent)")
+    start.add_argument("type", metavar="TYPE", help="the workflow type")
+    start.add_argument("--input", type=_json_object, default={}, help="the input, a JSON object")
+    start.add_argument("--user", required=True, help="the user the workflow runs for")
+    start.add_argument("--wallet", default=None, help="the user's wallet address")
+    start.add_argument("--json", action="store_true", help="print the workflow as JSON")
+    start.set_defaults(handler=cmd_start)
+    return parser
+
+
+def _settings_error(error: ValidationError) -> str:
+    problems = []
+    for detail in error.errors(include_url=False):
+        name = ".".join(str(part) for part in detail["loc"])
+        problems.append(f"{name.upper()}: {detail['msg']}")
+    return "invalid setting " + "; ".join(problems)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        settings = Settings()
+        return asyncio.run(handler(args, settings))
+    except ValidationError as error:
+        print(f"workflowd: {_settings_error(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ConfigurationError, DatabaseUnavailableError) as error:
+        print(f"workflowd: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except WorkflowEngineError as error:
+        print(f"workflowd: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130

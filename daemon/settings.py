@@ -1,0 +1,74 @@
+"""Settings, read once from the environment and validated into a frozen object.
+
+The seed's names are accepted as they are (DATABASE_URL, DB_HOST, DB_PORT, DB_USERNAME,
+DB_PASSWORD, DB_DATABASE, PORT); the daemon's own settings are prefixed WORKFLOWD_.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DB_PORT_DEFAULT = 5432
+HTTP_PORT_DEFAULT = 3000
+HTTP_HOST_DEFAULT = "127.0.0.1"
+
+
+class ConfigurationError(Exception):
+    """A setting is missing or wrong; the message says which and how to fix it."""
+
+
+class Settings(BaseSettings):
+    """Everything the daemon and the CLI read from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="WORKFLOWD_", frozen=True, extra="ignore")
+
+    database_url: str | None = Field(None, validation_alias="DATABASE_URL")
+    db_host: str | None = Field(None, validation_alias="DB_HOST")
+    db_port: int = Field(DB_PORT_DEFAULT, validation_alias="DB_PORT")
+    db_username: str | None = Field(None, validation_alias="DB_USERNAME")
+    db_password: SecretStr | None = Field(None, validation_alias="DB_PASSWORD")
+    db_database: str | None = Field(None, validation_alias="DB_DATABASE")
+    port: int = Field(HTTP_PORT_DEFAULT, validation_alias="PORT", ge=0, le=65535)
+    host: str = HTTP_HOST_DEFAULT
+    # Comma-separated module names whose top-level Workflow objects are registered.
+    modules: Annotated[tuple[str, ...], NoDecode] = ()
+
+    @field_validator("modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(name.strip() for name in value.split(",") if name.strip())
+        return value
+
+    def conninfo(self) -> str:
+        """The libpq connection string: DATABASE_URL, else one built from the DB_* names."""
+        if self.database_url:
+            return self.database_url
+        if self.db_host:
+            return make_conninfo(
+                host=self.db_host,
+                port=self.db_port,
+                user=self.db_username,
+                password=self.db_password.get_secret_value() if self.db_password else None,
+                dbname=self.db_database,
+            )
+        raise ConfigurationError(
+            "no database configured: set DATABASE_URL (postgresql://user:password@host:5432/db) "
+            "or DB_HOST, DB_PORT, DB_USERNAME, DB_PASSWORD and DB_DATABASE"
+        )
+
+
+def describe_database(conninfo: str) -> str:
+    """user@host:port/dbname of a connection string, without its password, for messages."""
+    try:
+        parts = conninfo_to_dict(conninfo)
+    except Exception:
+        return "the configured database"
+    user = f"{parts['user']}@" if parts.get("user") else ""
+    host = parts.get("host") or "localhost"
+    port = parts.get("port") or DB_PORT_DEFAULT
+    return f"{user}{host}:{port}/{parts.get('dbname') or ''}"

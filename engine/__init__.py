@@ -1,0 +1,52 @@
+"""The workflow engine: definitions, states, retry policy, idempotency and the store.
+
+Import the definition API and the service from here:
+
+    from engine import Workflow, Step, WorkflowContext, WorkflowService
+"""
+
+from engine.definitions import Step, Workflow, WorkflowContext
+from engine.errors import (
+    DefinitionError,
+    IllegalTransitionError,
+    InputValidationError,
+    MigrationError,
+    PermanentError,
+    WorkflowEngineError,
+    WorkflowNotFoundError,
+)
+from engine.idempotency import canonical_json, step_idempotency_key, workflow_idempotency_key
+from engine.records import ExecutionSummary, StartResult, StepRecord, WorkflowPage, WorkflowRecord
+from engine.registry import Registry
+from engine.retry import RetryPolicy, next_retry_time, should_retry
+from engine.service import InvalidWorkflowIdError, WorkflowService
+from engine.states import StepState, WorkflowState
+
+__all__ = [
+    "DefinitionError",
+    "ExecutionSummary",
+    "IllegalTransitionError",
+    "InputValidationError",
+    "InvalidWorkflowIdError",
+    "MigrationError",
+    "PermanentError",
+    "Registry",
+    "RetryPolicy",
+    "StartResult",
+    "Step",
+    "StepRecord",
+    "StepState",
+    "Workflow",
+    "WorkflowContext",
+    "WorkflowEngineError",
+    "WorkflowNotFoundError",
+    "WorkflowPage",
+    "WorkflowRecord",
+    "WorkflowService",
+    "WorkflowState",
+    "canonical_json",
+    "next_retry_time",
+    "should_retry",
+    "step_idempotency_key",
+    "workflow_idempotency_key",
+]

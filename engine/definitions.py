@@ -1,0 +1,150 @@
+"""The definition API: a workflow type is an ordered list of steps.
+
+Developers write plain data: `Workflow(type=..., steps=[Step(name=..., execute=...)])`.
+Step functions may be `async def` or plain functions; the daemon awaits the first on its
+event loop and runs the second in a thread pool.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from pydantic import BaseModel, ValidationError
+
+from engine.errors import DefinitionError, InputValidationError
+
+if TYPE_CHECKING:
+    from psycopg import AsyncConnection
+
+TYPE_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,127}$")
+MAX_RETRIES_DEFAULT = 3
+
+ExecuteFn = Callable[[Any, "WorkflowContext"], Any | Awaitable[Any]]
+CompensateFn = Callable[[Any, Any, "WorkflowContext"], Any | Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class WorkflowContext:
+    """What a running step knows about its workflow and its own attempt.
+
+    `idempotency_key` is the same on every attempt of the step: pass it to outside
+    services so that a call repeated after a crash is deduplicated there. `outputs`
+    holds the outputs of the steps that completed before this one, by step name.
+    `connection` is set only for transactional steps: the open transaction that will
+    also record the step's completion.
+    """
+
+    workflow_id: UUID
+    workflow_type: str
+    step_name: str
+    step_index: int
+    idempotency_key: str
+    attempt: int
+    outputs: Mapping[str, Any] = field(default_factory=dict)
+    config: Mapping[str, Any] = field(default_factory=dict)
+    user_id: str | None = None
+    wallet_address: str | None = None
+    cancel_requested: bool = False
+    connection: AsyncConnection[Any] | None = None
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a workflow: what it does, how to undo it, and how to retry it.
+
+    `max_retries` None means the workflow's. `timeout` is in seconds; an attempt that
+    runs longer fails and is retried. `is_idempotent=False` promises at most one
+    execution: a step interrupted by a crash is not run again blindly. A
+    `transactional` step must be `async def`; it gets the completing transaction in
+    `ctx.connection`, so its database writes commit exactly once with the step.
+    """
+
+    name: str
+    execute: ExecuteFn
+    compensate: CompensateFn | None = None
+    is_idempotent: bool = True
+    max_retries: int | None = None
+    timeout: float | None = None
+    config: Mapping[str, Any] = field(default_factory=dict)
+    transactional: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise DefinitionError("a step needs a name")
+        if not callable(self.execute):
+            raise DefinitionError(f"step {self.name!r}: execute must be callable")
+        if self.compensate is not None and not callable(self.compensate):
+            raise DefinitionError(f"step {self.name!r}: compensate must be callable")
+        if self.max_retries is not None and self.max_retries < 0:
+            raise DefinitionError(f"step {self.name!r}: max_retries cannot be negative")
+        if self.timeout is not None and self.timeout <= 0:
+            raise DefinitionError(f"step {self.name!r}: timeout must be positive seconds")
+        if self.transactional and not inspect.iscoroutinefunction(self.execute):
+            raise DefinitionError(
+                f"step {self.name!r}: a transactional step must be an async def, "
+                "because it shares the daemon's async database connection"
+            )
+        object.__setattr__(self, "config", MappingProxyType(dict(self.config)))
+
+    def retries(self, workflow_max_retries: int) -> int:
+        """The retry budget of this step: its own, else the workflow's."""
+        return workflow_max_retries if self.max_retries is None else self.max_retries
+
+
+@dataclass(frozen=True)
+class Workflow:
+    """A workflow type: an ordered list of steps run one after the other.
+
+    `requires_compensation` makes a failed (or cancelled) workflow undo its completed
+    steps in reverse order. `input_model`, a pydantic model, validates the input of
+    every workflow of this type, whether it was started from Python or by a SQL insert.
+    """
+
+    type: str
+    steps: Sequence[Step]
+    name: str = ""
+    description: str = ""
+    requires_compensation: bool = False
+    max_retries: int = MAX_RETRIES_DEFAULT
+    input_model: type[BaseModel] | None = None
+
+    def __post_init__(self) -> None:
+        if not TYPE_NAME_PATTERN.match(self.type):
+            raise DefinitionError(
+                f"workflow type {self.type!r} must start with a letter and use only "
+                "letters, digits, '_', '.', '-' (at most 128 characters)"
+            )
+        if not self.steps:
+            raise DefinitionError(f"workflow {self.type!r} needs at least one step")
+        names = [step.name for step in self.steps]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise DefinitionError(f"workflow {self.type!r} repeats step names {duplicates}")
+        if self.max_retries < 0:
+            raise DefinitionError(f"workflow {self.type!r}: max_retries cannot be negative")
+        object.__setattr__(self, "steps", tuple(self.steps))
+        if not self.name:
+            object.__setattr__(self, "name", self.type)
+
+    def validate_input(self, input: Any) -> None:
+        """Raise `InputValidationError` with readable messages unless the input fits."""
+        if self.input_model is None:
+            return
+        try:
+            self.input_model.model_validate(input)
+        except ValidationError as error:
+            raise InputValidationError(self.type, _messages(error)) from None
+
+
+def _messages(error: ValidationError) -> list[str]:
+    messages = []
+    for detail in error.errors(include_url=False):
+        where = ".".join(str(part) for part in detail["loc"]) or "input"
+        messages.append(f"{where}: {detail['msg']}")
+    return messages

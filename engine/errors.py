@@ -1,0 +1,51 @@
+"""The errors the engine raises and the ones step code raises to steer it."""
+
+from __future__ import annotations
+
+
+class WorkflowEngineError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class PermanentError(WorkflowEngineError):
+    """Raised by step code for a failure that another attempt cannot fix.
+
+    The step fails at once, without retries (a rejected transaction, an invalid
+    address), instead of spending its retry budget on a certain failure.
+    """
+
+
+class DefinitionError(WorkflowEngineError):
+    """A workflow definition is malformed, or two definitions claim one type name."""
+
+
+class InputValidationError(WorkflowEngineError):
+    """A workflow's input does not match its definition's input model."""
+
+    def __init__(self, workflow_type: str, messages: list[str]) -> None:
+        self.workflow_type = workflow_type
+        self.messages = messages
+        super().__init__(f"invalid input for workflow type {workflow_type!r}: " + "; ".join(messages))
+
+
+class IllegalTransitionError(WorkflowEngineError):
+    """A state change that the state machine does not allow."""
+
+    def __init__(self, kind: str, source: str, target: str, allowed: frozenset[str]) -> None:
+        self.kind = kind
+        self.source = source
+        self.target = target
+        choices = ", ".join(sorted(allowed)) or "nothing (it is final)"
+        super().__init__(f"a {kind} cannot go from {source} to {target}; from {source} it may go to {choices}")
+
+
+class WorkflowNotFoundError(WorkflowEngineError):
+    """No workflow has the given id."""
+
+    def __init__(self, workflow_id: object) -> None:
+        self.workflow_id = workflow_id
+        super().__init__(f"no workflow with id {workflow_id}")
+
+
+class MigrationError(WorkflowEngineError):
+    """The database schema cannot be brought up to date safely."""

@@ -1,0 +1,73 @@
+"""Idempotency keys, computed exactly as the SQL functions of sql/migrations compute them.
+
+A workflow's key is `workflow:{type}:{user_id}:{sha256 of the canonical input}`, and a
+step's is `step:{step_name}:{sha256 of the workflow key, a newline, the canonical step
+input}`. The canonical form is what `workflow_canonical_json` produces: object keys
+sorted by code point, no white space, numbers by value (1.0, 1e3 and 1000.0 spell 1,
+1000 and 1000), strings escaped as jsonb prints them. A test feeds awkward inputs to
+both sides and compares.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+
+def canonical_json(value: Any) -> str:
+    """The canonical JSON text of a JSON-compatible value."""
+    if isinstance(value, Mapping):
+        items = sorted((_check_key(key), item) for key, item in value.items())
+        return "{" + ",".join(f"{_string(key)}:{canonical_json(item)}" for key, item in items) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(canonical_json(item) for item in value) + "]"
+    if isinstance(value, str):
+        return _string(value)
+    # bool before int: True is an int in Python.
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, int | float | Decimal):
+        return _number(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def _check_key(key: object) -> str:
+    if not isinstance(key, str):
+        raise TypeError(f"JSON object keys must be strings, not {type(key).__name__}")
+    return key
+
+
+def _string(text: str) -> str:
+    # jsonb escapes ", \ and control characters as json.dumps does, keeping the rest.
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _number(number: float | Decimal) -> str:
+    if isinstance(number, float) and not math.isfinite(number):
+        raise ValueError(f"{number} is not a JSON number")
+    # repr() is what json.dumps sends for a float, and PostgreSQL reads that text as an
+    # exact decimal: going through the same text keeps both sides on the same value.
+    exact = Decimal(repr(number)) if isinstance(number, float) else Decimal(number)
+    if exact == 0:
+        return "0"  # PostgreSQL's numeric has no negative zero.
+    return format(exact.normalize(), "f")
+
+
+def _sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def workflow_idempotency_key(workflow_type: str, user_id: str | None, input: Any) -> str:
+    """The key that deduplicates starts of the same workflow for the same user and input."""
+    digest = _sha256_hex(canonical_json({} if input is None else input))
+    return f"workflow:{workflow_type}:{user_id or ''}:{digest}"
+
+
+def step_idempotency_key(workflow_key: str, step_name: str, step_input: Any) -> str:
+    """The key handed to every attempt of one step, for outside services to deduplicate."""
+    canonical = canonical_json({} if step_input is None else step_input)
+    return f"step:{step_name}:{_sha256_hex(workflow_key + chr(10) + canonical)}"

@@ -1,0 +1,120 @@
+"""What the service returns: workflows and steps as stored, and summaries of them.
+
+Pydantic models, so that the CLI and the HTTP API print them as JSON the same way
+(`record.model_dump(mode="json")`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict
+
+from engine.states import StepState, WorkflowState
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class WorkflowRecord(_Record):
+    """One row of `workflows`."""
+
+    id: UUID
+    idempotency_key: str
+    type: str
+    state: WorkflowState
+    user_id: str | None
+    wallet_address: str | None
+    input: Any
+    output: Any | None
+    context: dict[str, Any]
+    current_step_index: int
+    total_steps: int
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    retry_count: int
+    max_retries: int
+    requires_compensation: bool
+    is_compensated: bool
+    error: dict[str, Any] | None
+    next_retry_at: datetime
+    locked_by: str | None
+    lease_expires_at: datetime | None
+    lease_token: UUID | None
+    cancel_requested: bool
+    priority: int
+
+
+class StepRecord(_Record):
+    """One row of `workflow_steps`."""
+
+    workflow_id: UUID
+    step_index: int
+    step_name: str
+    state: StepState
+    input: Any | None
+    output: Any | None
+    config: dict[str, Any]
+    retry_count: int
+    max_retries: int
+    requires_compensation: bool
+    is_compensated: bool
+    is_idempotent: bool
+    idempotency_key: str
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    next_retry_at: datetime | None
+    error: dict[str, Any] | None
+    attempt: int
+
+
+class StartResult(_Record):
+    """The workflow a start maps to, and whether this start created it."""
+
+    workflow: WorkflowRecord
+    created: bool
+
+
+class WorkflowPage(_Record):
+    """One page of a listing, with the total number of matching workflows."""
+
+    items: list[WorkflowRecord]
+    page: int
+    limit: int
+    total: int
+
+
+class StepSummary(_Record):
+    """A step's place in an execution summary."""
+
+    index: int
+    name: str
+    state: StepState
+    attempt: int
+    retry_count: int
+    duration_seconds: float | None
+    error: dict[str, Any] | None
+
+
+class ExecutionSummary(_Record):
+    """How far a workflow has come: the seed's execution summary."""
+
+    id: UUID
+    type: str
+    state: WorkflowState
+    completed_steps: int
+    total_steps: int
+    progress_percentage: float
+    current_step: str | None
+    current_step_index: int
+    retries: int
+    duration_seconds: float | None
+    last_error: dict[str, Any] | None
+    steps: list[StepSummary]

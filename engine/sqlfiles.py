@@ -1,0 +1,50 @@
+"""Where the engine's SQL lives, and the named queries loaded from it.
+
+SQL stays in .sql files: migrations in sql/migrations, queries in sql/queries.sql as
+blocks that start with `-- name: <query_name>`. In a source checkout they sit in the
+top-level sql/ folder; a wheel carries them inside the engine package.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from pathlib import Path
+from typing import LiteralString, cast
+
+_NAME_LINE = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
+
+
+def sql_dir() -> Path:
+    """The folder holding migrations/ and queries.sql."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "sql", here.parent / "sql"):
+        if (candidate / "queries.sql").is_file():
+            return candidate
+    raise FileNotFoundError(f"the engine's sql/ folder is missing (looked beside {here})")
+
+
+def parse_queries(text: str) -> dict[str, str]:
+    """Split a queries file into {name: sql}; a name may appear once."""
+    parts = _NAME_LINE.split(text)
+    queries: dict[str, str] = {}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        if name in queries:
+            raise ValueError(f"query {name!r} is defined twice")
+        queries[name] = body.strip().rstrip(";")
+    return queries
+
+
+@cache
+def queries() -> dict[str, str]:
+    """The named queries of sql/queries.sql, read once."""
+    return parse_queries((sql_dir() / "queries.sql").read_text(encoding="utf-8"))
+
+
+def query(name: str) -> LiteralString:
+    """The SQL text of one named query.
+
+    Typed as a literal: it comes from the engine's own files, never from user input,
+    which is the promise psycopg's LiteralString typing asks for.
+    """
+    return cast(LiteralString, queries()[name])
