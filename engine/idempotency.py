@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
@@ -47,14 +46,18 @@ def _string(text: str) -> str:
 
 
 def _number(number: float | Decimal) -> str:
-    if isinstance(number, float) and not math.isfinite(number):
-        raise ValueError(f"{number} is not a JSON number")
+    if isinstance(number, int):
+        return str(number)
     # repr() is what json.dumps sends for a float, and PostgreSQL reads that text as an
     # exact decimal: going through the same text keeps both sides on the same value.
-    exact = Decimal(repr(number)) if isinstance(number, float) else Decimal(number)
+    exact = Decimal(repr(number)) if isinstance(number, float) else number
+    if not exact.is_finite():
+        raise ValueError(f"{number} is not a JSON number")
     if exact == 0:
         return "0"  # PostgreSQL's numeric has no negative zero.
-    return format(exact.normalize(), "f")
+    # Fixed-point with every digit (no context rounding), then trim_scale's trimming.
+    text = format(exact, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def _sha256_hex(text: str) -> str:
