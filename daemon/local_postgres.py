@@ -37,7 +37,9 @@ def find_bindir() -> Path:
         candidates.append(Path(configured))
     if on_path := shutil.which("initdb"):
         candidates.append(Path(on_path).parent)
-    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True)
+    debian = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True
+    )
     candidates.extend(debian)
     for folder in candidates:
         if (folder / "initdb").is_file() and (folder / "pg_ctl").is_file():
@@ -68,7 +70,9 @@ def _service_user() -> pwd.struct_passwd | None:
 class LocalPostgres:
     """One cluster in `data_dir`, listening on 127.0.0.1:`port` with trust authentication."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, settings: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, port: int | None = None, settings: Mapping[str, str] | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
         self.settings = dict(settings or {})
@@ -89,7 +93,8 @@ class LocalPostgres:
             check=False,
         )
         if result.returncode != 0:
-            raise RuntimeError(f"{args[0]} failed ({result.returncode}): {result.stderr.strip() or result.stdout.strip()}")
+            output = result.stderr.strip() or result.stdout.strip()
+            raise RuntimeError(f"{args[0]} failed ({result.returncode}): {output}")
 
     @property
     def initialized(self) -> bool:
@@ -100,10 +105,20 @@ class LocalPostgres:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self._user:
             os.chown(self.data_dir, self._user.pw_uid, self._user.pw_gid)
-        self._run("initdb", "-D", str(self.data_dir), "-U", SUPERUSER, "-E", "UTF8", "--locale=C", "--auth=trust")
+        self._run(
+            "initdb",
+            "-D",
+            str(self.data_dir),
+            "-U",
+            SUPERUSER,
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--auth=trust",
+        )
 
     def start(self) -> None:
-        """Start the server (initialising it first if needed) and wait until it accepts connections."""
+        """Start the server (initialised first if new); returns once it accepts connections."""
         if not self.initialized:
             self.init()
         options = {
@@ -114,7 +129,19 @@ class LocalPostgres:
         }
         flags = " ".join(f"-c {name}={value}" for name, value in options.items())
         log = self.data_dir / "server.log"
-        self._run("pg_ctl", "-D", str(self.data_dir), "-l", str(log), "-o", flags, "-w", "-t", str(START_TIMEOUT_SECONDS), "start")
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data_dir),
+            "-l",
+            str(log),
+            "-o",
+            flags,
+            "-w",
+            "-t",
+            str(START_TIMEOUT_SECONDS),
+            "start",
+        )
 
     def stop(self) -> None:
         """Stop the server, rolling back open transactions (fast shutdown)."""

@@ -7,6 +7,7 @@ event loop and runs the second in a thread pool.
 
 from __future__ import annotations
 
+import builtins
 import inspect
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -112,7 +113,8 @@ class Workflow:
     description: str = ""
     requires_compensation: bool = False
     max_retries: int = MAX_RETRIES_DEFAULT
-    input_model: type[BaseModel] | None = None
+    # builtins.type: inside this class body, `type` is the field above.
+    input_model: builtins.type[BaseModel] | None = None
 
     def __post_init__(self) -> None:
         if not TYPE_NAME_PATTERN.match(self.type):

@@ -25,7 +25,9 @@ class InputValidationError(WorkflowEngineError):
     def __init__(self, workflow_type: str, messages: list[str]) -> None:
         self.workflow_type = workflow_type
         self.messages = messages
-        super().__init__(f"invalid input for workflow type {workflow_type!r}: " + "; ".join(messages))
+        super().__init__(
+            f"invalid input for workflow type {workflow_type!r}: " + "; ".join(messages)
+        )
 
 
 class IllegalTransitionError(WorkflowEngineError):
@@ -36,7 +38,9 @@ class IllegalTransitionError(WorkflowEngineError):
         self.source = source
         self.target = target
         choices = ", ".join(sorted(allowed)) or "nothing (it is final)"
-        super().__init__(f"a {kind} cannot go from {source} to {target}; from {source} it may go to {choices}")
+        super().__init__(
+            f"a {kind} cannot go from {source} to {target}; from {source} it may go to {choices}"
+        )
 
 
 class WorkflowNotFoundError(WorkflowEngineError):

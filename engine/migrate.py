@@ -69,7 +69,7 @@ async def applied_migrations(conn: AsyncConnection[Any]) -> dict[str, str]:
     if not row or not row[0]:
         return {}
     cursor = await conn.execute("SELECT name, checksum FROM workflowd_migrations")
-    return {name: checksum for name, checksum in await cursor.fetchall()}
+    return dict(await cursor.fetchall())
 
 
 async def pending_migrations(

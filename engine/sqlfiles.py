@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from functools import cache
 from pathlib import Path
-from typing import LiteralString, cast
+from typing import LiteralString
 
 _NAME_LINE = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
 
@@ -47,4 +47,4 @@ def query(name: str) -> LiteralString:
     Typed as a literal: it comes from the engine's own files, never from user input,
     which is the promise psycopg's LiteralString typing asks for.
     """
-    return cast(LiteralString, queries()[name])
+    return queries()[name]

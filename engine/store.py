@@ -87,7 +87,9 @@ class Store:
             },
         )
 
-    async def get_workflow_by_start(self, *, type: str, input: Any, user_id: str | None) -> Row | None:
+    async def get_workflow_by_start(
+        self, *, type: str, input: Any, user_id: str | None
+    ) -> Row | None:
         """The workflow that a start with these arguments maps to, if any."""
         params = {"type": type, "input": Jsonb(input), "user_id": user_id}
         return await self._one("get_workflow_by_start", params)
@@ -110,12 +112,22 @@ class Store:
         offset: int,
     ) -> list[Row]:
         """A page of workflows, newest first."""
-        params = {"state": state, "type": type, "user_id": user_id, "limit": limit, "offset": offset}
+        params = {
+            "state": state,
+            "type": type,
+            "user_id": user_id,
+            "limit": limit,
+            "offset": offset,
+        }
         return await self._all("list_workflows", params)
 
-    async def count_workflows(self, *, state: str | None, type: str | None, user_id: str | None) -> int:
+    async def count_workflows(
+        self, *, state: str | None, type: str | None, user_id: str | None
+    ) -> int:
         """How many workflows match the listing's filters."""
-        count = await self._scalar("count_workflows", {"state": state, "type": type, "user_id": user_id})
+        count = await self._scalar(
+            "count_workflows", {"state": state, "type": type, "user_id": user_id}
+        )
         return int(count)
 
     async def workflow_idempotency_key(self, *, type: str, user_id: str | None, input: Any) -> str:
@@ -123,9 +135,15 @@ class Store:
         params = {"type": type, "user_id": user_id, "input": Jsonb(input)}
         return str(await self._scalar("workflow_idempotency_key", params))
 
-    async def step_idempotency_key(self, *, workflow_key: str, step_name: str, step_input: Any) -> str:
+    async def step_idempotency_key(
+        self, *, workflow_key: str, step_name: str, step_input: Any
+    ) -> str:
         """The database's own computation of a step key."""
-        params = {"workflow_key": workflow_key, "step_name": step_name, "step_input": Jsonb(step_input)}
+        params = {
+            "workflow_key": workflow_key,
+            "step_name": step_name,
+            "step_input": Jsonb(step_input),
+        }
         return str(await self._scalar("step_idempotency_key", params))
 
     async def canonical_json(self, value: Any) -> str:

@@ -19,7 +19,9 @@ def _seconds(start: datetime | None, end: datetime | None, now: datetime) -> flo
     return round(((end or now) - start).total_seconds(), 3)
 
 
-def _step_names(workflow: WorkflowRecord, steps: Sequence[StepRecord], definition: Workflow | None) -> list[str]:
+def _step_names(
+    workflow: WorkflowRecord, steps: Sequence[StepRecord], definition: Workflow | None
+) -> list[str]:
     # Step rows exist from the first claim on; before that the definition names them.
     if steps:
         return [step.step_name for step in steps]
@@ -45,7 +47,9 @@ def summarize(
     active = workflow.state in (WorkflowState.PENDING, WorkflowState.RUNNING)
     index = workflow.current_step_index
     current = names[index] if active and index < len(names) else None
-    errors = [step.error for step in steps if step.error] + ([workflow.error] if workflow.error else [])
+    errors = [step.error for step in steps if step.error] + (
+        [workflow.error] if workflow.error else []
+    )
     return ExecutionSummary(
         id=workflow.id,
         type=workflow.type,

@@ -19,12 +19,23 @@ def insert_workflow(
     **columns: Any,
 ) -> dict[str, Any]:
     """Insert one workflow with any column values; returns the row."""
-    values: dict[str, Any] = {"type": type, "input": Jsonb(input or {"n": uuid.uuid4().hex}), "user_id": user_id}
-    values.update({name: Jsonb(value) if name in {"output", "error", "context"} else value for name, value in columns.items()})
+    values: dict[str, Any] = {
+        "type": type,
+        "input": Jsonb(input or {"n": uuid.uuid4().hex}),
+        "user_id": user_id,
+    }
+    values.update(
+        {
+            name: Jsonb(value) if name in {"output", "error", "context"} else value
+            for name, value in columns.items()
+        }
+    )
     names = ", ".join(values)
     placeholders = ", ".join(f"%({name})s" for name in values)
     with conn.cursor(row_factory=dict_row) as cursor:
-        cursor.execute(f"INSERT INTO workflows ({names}) VALUES ({placeholders}) RETURNING *", values)  # type: ignore[arg-type]
+        cursor.execute(
+            f"INSERT INTO workflows ({names}) VALUES ({placeholders}) RETURNING *", values
+        )  # type: ignore[arg-type]
         row = cursor.fetchone()
     assert row is not None
     return row
@@ -44,11 +55,18 @@ def insert_step(
         "step_name": step_name,
         "idempotency_key": f"step:{step_name}:{workflow['id']}",
     }
-    values.update({name: Jsonb(value) if name in {"input", "output", "error", "config"} else value for name, value in columns.items()})
+    values.update(
+        {
+            name: Jsonb(value) if name in {"input", "output", "error", "config"} else value
+            for name, value in columns.items()
+        }
+    )
     names = ", ".join(values)
     placeholders = ", ".join(f"%({name})s" for name in values)
     with conn.cursor(row_factory=dict_row) as cursor:
-        cursor.execute(f"INSERT INTO workflow_steps ({names}) VALUES ({placeholders}) RETURNING *", values)  # type: ignore[arg-type]
+        cursor.execute(
+            f"INSERT INTO workflow_steps ({names}) VALUES ({placeholders}) RETURNING *", values
+        )  # type: ignore[arg-type]
         row = cursor.fetchone()
     assert row is not None
     return row

@@ -19,7 +19,11 @@ AWKWARD_INPUTS: list[Any] = [
     {"b": 1, "a": 2, "aa": 3, "B": 4},
     {"amount": 1.0, "count": 1e3, "tiny": 1e-7, "big": 1e21, "neg": -0.0, "exact": 0.1},
     {"price": 12.50, "n": 10, "f": 3.14159265358979},
-    {"text": "héllo wörld ✓ 😀 中文", "ctrl": "tab\there\nnewline\u0001\u001f", "quote": 'say "hi" \\ /'},
+    {
+        "text": "héllo wörld ✓ 😀 中文",
+        "ctrl": "tab\there\nnewline\u0001\u001f",
+        "quote": 'say "hi" \\ /',
+    },
     {"é": 1, "e": 2, "😀": 3, "z": 4, "\u00ff": 5},
     {"nested": {"z": [1, {"y": None, "x": True}], "a": {"k": [False, [], {}]}}},
     {"list": [3, 1, 2], "empty": "", "null": None},
@@ -32,8 +36,16 @@ json_values = st.recursive(
     | st.integers(min_value=-(10**20), max_value=10**20)
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(st.characters(exclude_characters="\x00", exclude_categories=("Cs",))),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(st.characters(exclude_characters="\x00", exclude_categories=("Cs",)), max_size=5), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.text(
+                st.characters(exclude_characters="\x00", exclude_categories=("Cs",)), max_size=5
+            ),
+            children,
+            max_size=4,
+        )
+    ),
     max_leaves=12,
 )
 
@@ -49,7 +61,9 @@ def test_canonical_json_agrees_on_awkward_inputs(db: psycopg.Connection[Any], va
     assert canonical_json(value) == _sql_canonical(db, value)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(value=json_values)
 def test_canonical_json_agrees_on_generated_values(db: psycopg.Connection[Any], value: Any) -> None:
     assert canonical_json(value) == _sql_canonical(db, value)
@@ -82,7 +96,9 @@ def test_a_null_user_id_counts_as_empty_on_both_sides(db: psycopg.Connection[Any
     assert row == ("workflow:t::" + workflow_idempotency_key("t", "", {}).rsplit(":", 1)[1],)
 
 
-async def test_sql_insert_and_python_start_give_the_same_key(db: psycopg.Connection[Any], service: WorkflowService) -> None:
+async def test_sql_insert_and_python_start_give_the_same_key(
+    db: psycopg.Connection[Any], service: WorkflowService
+) -> None:
     raw = '{"tokenB": "USDC", "amount": 1e3, "tokenA": "ETH", "slippage": 0.50}'
     row = db.execute(
         "INSERT INTO workflows (type, input, user_id) VALUES ('trade_execution', %s::jsonb, 'u7') "
@@ -91,7 +107,9 @@ async def test_sql_insert_and_python_start_give_the_same_key(db: psycopg.Connect
     ).fetchone()
     assert row is not None
     started = await service.start(
-        "trade_execution", {"tokenA": "ETH", "tokenB": "USDC", "amount": 1000, "slippage": 0.5}, "u7"
+        "trade_execution",
+        {"tokenA": "ETH", "tokenB": "USDC", "amount": 1000, "slippage": 0.5},
+        "u7",
     )
     assert started.created is False
     assert (started.workflow.id, started.workflow.idempotency_key) == row

@@ -53,7 +53,9 @@ def test_migrations_produce_the_expected_schema(db: psycopg.Connection[Any]) -> 
     actual = schema_snapshot(db)
     if os.environ.get("UPDATE_SNAPSHOTS") == "1":
         SNAPSHOT.write_text(actual)
-    assert actual == SNAPSHOT.read_text(), "schema changed: review it, then rerun with UPDATE_SNAPSHOTS=1"
+    assert actual == SNAPSHOT.read_text(), (
+        "schema changed: review it, then rerun with UPDATE_SNAPSHOTS=1"
+    )
 
 
 def test_state_enums_hold_exactly_the_seed_states(db: psycopg.Connection[Any]) -> None:
@@ -71,7 +73,9 @@ def test_state_enums_hold_exactly_the_seed_states(db: psycopg.Connection[Any]) -
     ]  # fmt: skip
 
 
-def test_plain_sql_insert_creates_a_valid_pending_workflow_due_now(db: psycopg.Connection[Any]) -> None:
+def test_plain_sql_insert_creates_a_valid_pending_workflow_due_now(
+    db: psycopg.Connection[Any],
+) -> None:
     with db.cursor(row_factory=dict_row) as cursor:
         cursor.execute(
             "INSERT INTO workflows (type, input, user_id, wallet_address) "
@@ -85,17 +89,26 @@ def test_plain_sql_insert_creates_a_valid_pending_workflow_due_now(db: psycopg.C
     assert row["next_retry_at"] == row["inserted_at"]
     assert row["idempotency_key"].startswith("workflow:contract_deployment:u-42:")
     assert len(row["idempotency_key"].rsplit(":", 1)[1]) == 64
-    assert (row["current_step_index"], row["retry_count"], row["locked_by"], row["lease_token"]) == (0, 0, None, None)
+    assert (
+        row["current_step_index"],
+        row["retry_count"],
+        row["locked_by"],
+        row["lease_token"],
+    ) == (0, 0, None, None)
     assert row["cancel_requested"] is False
 
 
-def test_duplicate_sql_insert_is_refused_and_on_conflict_do_nothing_works(db: psycopg.Connection[Any]) -> None:
+def test_duplicate_sql_insert_is_refused_and_on_conflict_do_nothing_works(
+    db: psycopg.Connection[Any],
+) -> None:
     insert = "INSERT INTO workflows (type, input, user_id) VALUES ('t', %s::jsonb, 'u')"
     db.execute(insert, ('{"a": 1, "b": [1, 2]}',))
     # The same input in another key order and spelling is the same workflow.
     with pytest.raises(psycopg.errors.UniqueViolation):
         db.execute(insert, ('{ "b": [1.0, 2],  "a": 1e0 }',))
-    cursor = db.execute(insert + " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id", ('{"b":[1,2],"a":1}',))
+    cursor = db.execute(
+        insert + " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id", ('{"b":[1,2],"a":1}',)
+    )
     assert cursor.fetchall() == []
     assert db.execute("SELECT count(*) FROM workflows").fetchone() == (1,)
 
@@ -111,7 +124,10 @@ def test_an_explicit_idempotency_key_is_kept(db: psycopg.Connection[Any]) -> Non
 def test_the_claim_index_holds_only_runnable_rows(db: psycopg.Connection[Any]) -> None:
     definition = db.execute("SELECT pg_get_indexdef('workflows_due_idx'::regclass)").fetchone()
     assert definition is not None
-    assert "WHERE (state = ANY (ARRAY['pending'::workflow_state, 'running'::workflow_state, 'compensating'::workflow_state]))" in definition[0]
+    assert (
+        "WHERE (state = ANY (ARRAY['pending'::workflow_state, 'running'::workflow_state, 'compensating'::workflow_state]))"
+        in definition[0]
+    )
     db.execute(
         "INSERT INTO workflows (type, input, user_id, state) "
         "SELECT 't', jsonb_build_object('n', n), 'u', 'completed' FROM generate_series(1, 2000) n"
@@ -132,7 +148,9 @@ def test_insert_notifies_once_per_statement(db_url: str, db: psycopg.Connection[
             "INSERT INTO workflows (type, input, user_id) "
             "SELECT 't', jsonb_build_object('n', n), 'u' FROM generate_series(1, 50) n"
         )
-        db.execute("INSERT INTO workflows (type, input, user_id) VALUES ('t', '{\"one\": true}', 'u')")
+        db.execute(
+            "INSERT INTO workflows (type, input, user_id) VALUES ('t', '{\"one\": true}', 'u')"
+        )
         received = []
         # Wait for the socket rather than sleeping: both notifications are already sent.
         while select.select([listener.fileno()], [], [], 1.0)[0]:

@@ -1,0 +1,163 @@
+"""The `workflowd` CLI as a user runs it: a real process against a real database."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from daemon.local_postgres import free_port
+
+DB_VARIABLES = (
+    "DATABASE_URL",
+    "DB_HOST",
+    "DB_PORT",
+    "DB_USERNAME",
+    "DB_PASSWORD",
+    "DB_DATABASE",
+    "WORKFLOWD_MODULES",
+)
+
+
+def workflowd(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    base = {name: value for name, value in os.environ.items() if name not in DB_VARIABLES}
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", *args],
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=cwd,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, text: str) -> None:
+    assert result.returncode == code, result
+    assert result.stderr.startswith("workflowd: ")
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert text in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_start_prints_the_workflow_as_json_and_is_idempotent(
+    db_url: str, db: psycopg.Connection[Any]
+) -> None:
+    env = {"DATABASE_URL": db_url}
+    first = workflowd(
+        "start",
+        "contract_deployment",
+        "--input",
+        '{"contractName": "Token", "constructorArgs": [1]}',
+        "--user",
+        "u1",
+        "--wallet",
+        "0xw",
+        "--json",
+        env=env,
+    )
+    assert first.returncode == 0, first.stderr
+    document = json.loads(first.stdout)
+    assert document["created"] is True
+    assert document["state"] == "pending"
+    assert (document["type"], document["user_id"], document["wallet_address"]) == (
+        "contract_deployment",
+        "u1",
+        "0xw",
+    )
+    again = workflowd(
+        "start",
+        "contract_deployment",
+        "--input",
+        '{"constructorArgs": [1.0], "contractName": "Token"}',
+        "--user",
+        "u1",
+        "--json",
+        env=env,
+    )
+    assert json.loads(again.stdout)["id"] == document["id"]
+    assert json.loads(again.stdout)["created"] is False
+    assert db.execute("SELECT count(*) FROM workflows").fetchone() == (1,)
+
+
+def test_start_prints_a_readable_summary(db_url: str) -> None:
+    result = workflowd(
+        "start", "report", "--input", "{}", "--user", "u1", env={"DATABASE_URL": db_url}
+    )
+    assert result.returncode == 0
+    assert result.stdout.startswith("started: workflow ")
+    assert "idempotency key  workflow:report:u1:" in result.stdout
+
+
+def test_the_seed_database_variables_are_accepted(db_url: str) -> None:
+    parts = psycopg.conninfo.conninfo_to_dict(db_url)
+    env = {
+        "DB_HOST": str(parts.get("host", "127.0.0.1")),
+        "DB_PORT": str(parts.get("port", 5432)),
+        "DB_USERNAME": str(parts.get("user", "postgres")),
+        "DB_PASSWORD": str(parts.get("password", "")),
+        "DB_DATABASE": str(parts["dbname"]),
+    }
+    assert workflowd("migrate", env=env).stdout == "the schema is up to date\n"
+
+
+def test_start_validates_input_with_modules_from_the_setting(db_url: str, tmp_path: Path) -> None:
+    (tmp_path / "my_flows.py").write_text(
+        "from pydantic import BaseModel\n"
+        "from engine import Step, Workflow\n"
+        "class Grant(BaseModel):\n    amount: int\n"
+        "grant = Workflow(type='grant', steps=[Step('give', lambda input, ctx: None)], input_model=Grant)\n"
+    )
+    env = {"DATABASE_URL": db_url, "WORKFLOWD_MODULES": "my_flows", "PYTHONPATH": str(tmp_path)}
+    result = workflowd("start", "grant", "--input", '{"amount": "many"}', "--user", "u1", env=env)
+    assert_one_line_error(
+        result,
+        1,
+        "invalid input for workflow type 'grant': amount: Input should be a valid integer",
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["start", "t", "--input", "{not json", "--user", "u"], "not valid JSON"),
+        (["start", "t", "--input", "[1, 2]", "--user", "u"], "must be a JSON object"),
+        (["start", "t", "--input", "{}"], "--user"),
+    ],
+)
+def test_bad_arguments_are_explained(db_url: str, args: list[str], message: str) -> None:
+    result = workflowd(*args, env={"DATABASE_URL": db_url})
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_no_database_configured_is_one_clear_line() -> None:
+    assert_one_line_error(workflowd("migrate"), 2, "no database configured: set DATABASE_URL")
+
+
+def test_an_unreachable_database_is_one_clear_line() -> None:
+    url = f"postgresql://someone:s3cret@127.0.0.1:{free_port()}/nowhere"
+    result = workflowd("migrate", env={"DATABASE_URL": url})
+    assert_one_line_error(result, 2, "cannot reach the database at someone@127.0.0.1:")
+    assert "s3cret" not in result.stderr
+
+
+def test_a_database_without_the_schema_says_to_migrate(empty_db_url: str) -> None:
+    result = workflowd(
+        "start", "t", "--input", "{}", "--user", "u", env={"DATABASE_URL": empty_db_url}
+    )
+    assert_one_line_error(result, 2, "run `workflowd migrate` first")
+
+
+def test_an_invalid_setting_is_one_clear_line(db_url: str) -> None:
+    result = workflowd("migrate", env={"DATABASE_URL": db_url, "PORT": "eighty"})
+    assert_one_line_error(result, 2, "invalid setting PORT")
