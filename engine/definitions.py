@@ -23,7 +23,7 @@ from engine.errors import DefinitionError, InputValidationError
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
 
-TYPE_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,127}$")
+TYPE_NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,127}")
 MAX_RETRIES_DEFAULT = 3
 
 ExecuteFn = Callable[[Any, "WorkflowContext"], Any | Awaitable[Any]]
@@ -117,7 +117,7 @@ class Workflow:
     input_model: builtins.type[BaseModel] | None = None
 
     def __post_init__(self) -> None:
-        if not TYPE_NAME_PATTERN.match(self.type):
+        if not TYPE_NAME_PATTERN.fullmatch(self.type):
             raise DefinitionError(
                 f"workflow type {self.type!r} must start with a letter and use only "
                 "letters, digits, '_', '.', '-' (at most 128 characters)"

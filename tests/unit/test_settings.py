@@ -1,0 +1,183 @@
+"""Settings read from the environment: the database, the HTTP port, the workflow modules."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+from pydantic import ValidationError
+
+from daemon.settings import (
+    DB_PORT_DEFAULT,
+    HTTP_HOST_DEFAULT,
+    HTTP_PORT_DEFAULT,
+    ConfigurationError,
+    Settings,
+    describe_database,
+)
+
+SETTING_NAMES = {
+    "database_url",
+    "db_host",
+    "db_port",
+    "db_username",
+    "db_password",
+    "db_database",
+    "port",
+}
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Remove every variable Settings reads (names are matched case-insensitively)."""
+    for name in list(os.environ):
+        lowered = name.lower()
+        if lowered in SETTING_NAMES or lowered.startswith("workflowd_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults() -> None:
+    settings = Settings()
+    assert settings.database_url is None
+    assert settings.db_port == DB_PORT_DEFAULT
+    assert settings.port == HTTP_PORT_DEFAULT
+    assert settings.host == HTTP_HOST_DEFAULT
+    assert settings.modules == ()
+
+
+def test_database_url_wins_over_the_db_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    url = "postgresql://alice:secret@db.example:5433/orders"
+    monkeypatch.setenv("DATABASE_URL", url)
+    monkeypatch.setenv("DB_HOST", "other.example")
+    monkeypatch.setenv("DB_DATABASE", "other")
+    assert Settings().conninfo() == url
+
+
+def test_the_db_names_build_a_conninfo(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DB_HOST", "db.example")
+    monkeypatch.setenv("DB_PORT", "6543")
+    monkeypatch.setenv("DB_USERNAME", "alice")
+    monkeypatch.setenv("DB_PASSWORD", "it's a 'secret'")
+    monkeypatch.setenv("DB_DATABASE", "orders")
+    parts = conninfo_to_dict(Settings().conninfo())
+    assert parts == {
+        "host": "db.example",
+        "port": "6543",
+        "user": "alice",
+        "password": "it's a 'secret'",
+        "dbname": "orders",
+    }
+
+
+def test_db_host_alone_uses_the_default_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DB_HOST", "localhost")
+    assert conninfo_to_dict(Settings().conninfo()) == {"host": "localhost", "port": "5432"}
+
+
+def test_an_empty_database_url_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "")
+    monkeypatch.setenv("DB_HOST", "db.example")
+    assert conninfo_to_dict(Settings().conninfo())["host"] == "db.example"
+
+
+def test_no_database_is_a_configuration_error_that_says_what_to_set() -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        Settings().conninfo()
+    message = str(raised.value)
+    assert "no database configured" in message
+    for name in ("DATABASE_URL", "DB_HOST", "DB_PORT", "DB_USERNAME", "DB_PASSWORD", "DB_DATABASE"):
+        assert name in message
+    assert "postgresql://" in message
+
+
+def test_db_names_without_a_host_are_not_enough(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DB_USERNAME", "alice")
+    monkeypatch.setenv("DB_DATABASE", "orders")
+    with pytest.raises(ConfigurationError, match="DB_HOST"):
+        Settings().conninfo()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("a, b,,c", ("a", "b", "c")),
+        ("flows.payments", ("flows.payments",)),
+        (" one ,two , ", ("one", "two")),
+        ("", ()),
+        (" , ", ()),
+    ],
+)
+def test_workflowd_modules_is_a_comma_separated_list(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: tuple[str, ...]
+) -> None:
+    monkeypatch.setenv("WORKFLOWD_MODULES", value)
+    assert Settings().modules == expected
+
+
+def test_modules_may_be_given_as_a_sequence() -> None:
+    assert Settings(modules=("a", "b")).modules == ("a", "b")
+
+
+def test_port_and_host_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PORT", "8080")
+    monkeypatch.setenv("WORKFLOWD_HOST", "0.0.0.0")
+    settings = Settings()
+    assert settings.port == 8080
+    assert settings.host == "0.0.0.0"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("PORT", "http"), ("PORT", "70000"), ("PORT", "-1"), ("DB_PORT", "x")]
+)
+def test_a_bad_port_is_refused(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_the_password_is_kept_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DB_HOST", "db.example")
+    monkeypatch.setenv("DB_PASSWORD", "hunter2")
+    settings = Settings()
+    assert "hunter2" not in repr(settings)
+    assert "hunter2" not in str(settings.model_dump())
+    assert "hunter2" in settings.conninfo()
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings()
+    with pytest.raises(ValidationError):
+        settings.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("conninfo", "expected"),
+    [
+        ("postgresql://alice:secret@db.example:5433/orders", "alice@db.example:5433/orders"),
+        (
+            "host=db.example port=5433 user=alice password=secret dbname=orders",
+            "alice@db.example:5433/orders",
+        ),
+        ("postgresql://db.example/orders", "db.example:5432/orders"),
+        ("dbname=orders", "localhost:5432/orders"),
+        ("", "localhost:5432/"),
+    ],
+)
+def test_describe_database_hides_the_password(conninfo: str, expected: str) -> None:
+    description = describe_database(conninfo)
+    assert description == expected
+    assert "secret" not in description
+
+
+def test_describe_database_of_the_built_conninfo(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DB_HOST", "db.example")
+    monkeypatch.setenv("DB_USERNAME", "alice")
+    monkeypatch.setenv("DB_PASSWORD", "hunter2")
+    monkeypatch.setenv("DB_DATABASE", "orders")
+    assert describe_database(Settings().conninfo()) == "alice@db.example:5432/orders"
+
+
+def test_describe_database_of_an_unreadable_conninfo() -> None:
+    description = describe_database("postgresql://alice:secret@[broken")
+    assert description == "the configured database"
