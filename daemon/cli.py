@@ -19,6 +19,8 @@ import psycopg
 from psycopg import AsyncConnection
 from pydantic import ValidationError
 
+from daemon.logs import configure_logging
+from daemon.process import run_daemon
 from daemon.settings import ConfigurationError, Settings, describe_database
 from engine import Registry, WorkflowEngineError, WorkflowService
 from engine.migrate import migrate
@@ -99,6 +101,14 @@ async def cmd_start(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    configure_logging(settings.log_format, settings.log_level)
+    registry = load_registry(settings)
+    async with connect(settings):
+        pass  # reachable: a clear error now beats a stack of retries later
+    return await run_daemon(settings, registry, settings.conninfo())
+
+
 def _json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
@@ -116,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(or DB_HOST, DB_PORT, DB_USERNAME, DB_PASSWORD, DB_DATABASE) and WORKFLOWD_* settings.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the daemon: claim and run workflows until stopped")
+    run.set_defaults(handler=cmd_run)
 
     migrate_parser = commands.add_parser("migrate", help="apply pending schema migrations")
     migrate_parser.set_defaults(handler=cmd_migrate)

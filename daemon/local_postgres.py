@@ -37,9 +37,7 @@ def find_bindir() -> Path:
         candidates.append(Path(configured))
     if on_path := shutil.which("initdb"):
         candidates.append(Path(on_path).parent)
-    debian = sorted(
-        Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True
-    )
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True)
     candidates.extend(debian)
     for folder in candidates:
         if (folder / "initdb").is_file() and (folder / "pg_ctl").is_file():

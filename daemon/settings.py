@@ -6,7 +6,7 @@ DB_PASSWORD, DB_DATABASE, PORT); the daemon's own settings are prefixed WORKFLOW
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import Field, SecretStr, field_validator
@@ -15,6 +15,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 DB_PORT_DEFAULT = 5432
 HTTP_PORT_DEFAULT = 3000
 HTTP_HOST_DEFAULT = "127.0.0.1"
+CONCURRENCY_DEFAULT = 10
+LEASE_SECONDS_DEFAULT = 30.0
+POLL_INTERVAL_SECONDS_DEFAULT = 1.0
+SHUTDOWN_GRACE_SECONDS_DEFAULT = 25.0
 
 
 class ConfigurationError(Exception):
@@ -36,6 +40,18 @@ class Settings(BaseSettings):
     host: str = HTTP_HOST_DEFAULT
     # Comma-separated module names whose top-level Workflow objects are registered.
     modules: Annotated[tuple[str, ...], NoDecode] = ()
+    # Steps one process runs at once.
+    concurrency: int = Field(CONCURRENCY_DEFAULT, ge=1, le=10_000)
+    # How long a claim holds a workflow without a heartbeat; renewed every third of it.
+    lease_seconds: float = Field(LEASE_SECONDS_DEFAULT, gt=0)
+    # How often an idle daemon looks for due work besides LISTEN/NOTIFY (retries, lost
+    # notifications).
+    poll_interval: float = Field(POLL_INTERVAL_SECONDS_DEFAULT, gt=0)
+    # How long in-flight steps may finish after SIGTERM before their leases are released.
+    shutdown_grace: float = Field(SHUTDOWN_GRACE_SECONDS_DEFAULT, ge=0)
+    # Log lines as JSON (the default off a terminal) or for humans (on a terminal).
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("modules", mode="before")
     @classmethod

@@ -25,9 +25,7 @@ class InputValidationError(WorkflowEngineError):
     def __init__(self, workflow_type: str, messages: list[str]) -> None:
         self.workflow_type = workflow_type
         self.messages = messages
-        super().__init__(
-            f"invalid input for workflow type {workflow_type!r}: " + "; ".join(messages)
-        )
+        super().__init__(f"invalid input for workflow type {workflow_type!r}: " + "; ".join(messages))
 
 
 class IllegalTransitionError(WorkflowEngineError):

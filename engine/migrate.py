@@ -89,9 +89,7 @@ async def pending_migrations(
     return [migration for migration in migrations if migration.name not in applied]
 
 
-async def migrate(
-    conn: AsyncConnection[Any], migrations: list[Migration] | None = None
-) -> list[str]:
+async def migrate(conn: AsyncConnection[Any], migrations: list[Migration] | None = None) -> list[str]:
     """Apply the pending migrations; returns the names applied (none when up to date).
 
     `conn` must not be inside a transaction: the lock is held by the session, and each

@@ -87,9 +87,7 @@ class Store:
             },
         )
 
-    async def get_workflow_by_start(
-        self, *, type: str, input: Any, user_id: str | None
-    ) -> Row | None:
+    async def get_workflow_by_start(self, *, type: str, input: Any, user_id: str | None) -> Row | None:
         """The workflow that a start with these arguments maps to, if any."""
         params = {"type": type, "input": Jsonb(input), "user_id": user_id}
         return await self._one("get_workflow_by_start", params)
@@ -121,13 +119,9 @@ class Store:
         }
         return await self._all("list_workflows", params)
 
-    async def count_workflows(
-        self, *, state: str | None, type: str | None, user_id: str | None
-    ) -> int:
+    async def count_workflows(self, *, state: str | None, type: str | None, user_id: str | None) -> int:
         """How many workflows match the listing's filters."""
-        count = await self._scalar(
-            "count_workflows", {"state": state, "type": type, "user_id": user_id}
-        )
+        count = await self._scalar("count_workflows", {"state": state, "type": type, "user_id": user_id})
         return int(count)
 
     async def workflow_idempotency_key(self, *, type: str, user_id: str | None, input: Any) -> str:
@@ -135,9 +129,7 @@ class Store:
         params = {"type": type, "user_id": user_id, "input": Jsonb(input)}
         return str(await self._scalar("workflow_idempotency_key", params))
 
-    async def step_idempotency_key(
-        self, *, workflow_key: str, step_name: str, step_input: Any
-    ) -> str:
+    async def step_idempotency_key(self, *, workflow_key: str, step_name: str, step_input: Any) -> str:
         """The database's own computation of a step key."""
         params = {
             "workflow_key": workflow_key,
@@ -149,3 +141,148 @@ class Store:
     async def canonical_json(self, value: Any) -> str:
         """The database's canonical text of a JSON value."""
         return str(await self._scalar("canonical_json", {"value": Jsonb(value)}))
+
+    # The queue: claims, fenced results, leases and the worker registry.
+
+    async def claim_due_workflows(
+        self, *, worker_id: str, types: list[str], limit: int, lease_seconds: float
+    ) -> list[Row]:
+        """Claim up to `limit` due workflows and start their current steps."""
+        params = {
+            "worker_id": worker_id,
+            "types": types,
+            "limit": limit,
+            "lease_seconds": lease_seconds,
+        }
+        return await self._all("claim_due_workflows", params)
+
+    async def create_steps(self, *, worker_id: str, steps: list[Row], shapes: list[Row]) -> None:
+        """Create the step rows of first-claimed workflows (step 0 started) and shape them."""
+        params = {
+            "worker_id": worker_id,
+            "workflow_ids": [step["workflow_id"] for step in steps],
+            "step_indexes": [step["step_index"] for step in steps],
+            "step_names": [step["step_name"] for step in steps],
+            "max_retries": [step["max_retries"] for step in steps],
+            "idempotent": [step["is_idempotent"] for step in steps],
+            "compensable": [step["requires_compensation"] for step in steps],
+            "configs": [Jsonb(step["config"]) for step in steps],
+            "shape_ids": [shape["id"] for shape in shapes],
+            "shape_totals": [shape["total_steps"] for shape in shapes],
+            "shape_max_retries": [shape["max_retries"] for shape in shapes],
+            "shape_compensation": [shape["requires_compensation"] for shape in shapes],
+        }
+        async with self.connection() as conn:
+            await conn.execute(query("create_steps"), params)
+
+    async def complete_step(
+        self,
+        *,
+        workflow_id: UUID,
+        lease_token: UUID,
+        step_index: int,
+        attempt: int,
+        output: Any,
+        go_on: bool,
+        lease_seconds: float,
+        worker_id: str,
+    ) -> Row | None:
+        """Commit a step's output; None when the lease was lost (nothing written)."""
+        params = {
+            "id": workflow_id,
+            "lease_token": lease_token,
+            "step_index": step_index,
+            "attempt": attempt,
+            "output": Jsonb(output),
+            "go_on": go_on,
+            "lease_seconds": lease_seconds,
+            "worker_id": worker_id,
+        }
+        return await self._one("complete_step", params)
+
+    async def schedule_retry(
+        self,
+        *,
+        workflow_id: UUID,
+        lease_token: UUID,
+        step_index: int,
+        attempt: int,
+        error: Mapping[str, Any],
+        traceback: str,
+        delay_seconds: float,
+        worker_id: str,
+    ) -> bool:
+        """Record a failed attempt and when to retry it; False when the lease was lost."""
+        params = {
+            "id": workflow_id,
+            "lease_token": lease_token,
+            "step_index": step_index,
+            "attempt": attempt,
+            "error": Jsonb(dict(error)),
+            "traceback": traceback,
+            "delay_seconds": delay_seconds,
+            "worker_id": worker_id,
+        }
+        return await self._one("schedule_retry", params) is not None
+
+    async def fail_workflow(
+        self,
+        *,
+        workflow_id: UUID,
+        lease_token: UUID,
+        step_index: int,
+        attempt: int | None,
+        error: Mapping[str, Any],
+        traceback: str,
+        worker_id: str,
+    ) -> bool:
+        """Fail the step and the workflow for good; False when the lease was lost."""
+        params = {
+            "id": workflow_id,
+            "lease_token": lease_token,
+            "step_index": step_index,
+            "attempt": attempt,
+            "error": Jsonb(dict(error)),
+            "traceback": traceback,
+            "worker_id": worker_id,
+        }
+        return await self._one("fail_workflow", params) is not None
+
+    async def renew_leases(
+        self, *, worker_id: str, lease_tokens: list[UUID], lease_seconds: float
+    ) -> set[UUID]:
+        """Renew the given leases of this worker; returns the ids of the workflows renewed."""
+        params = {
+            "worker_id": worker_id,
+            "lease_tokens": lease_tokens,
+            "lease_seconds": lease_seconds,
+        }
+        return {row["id"] for row in await self._all("renew_leases", params)}
+
+    async def release_leases(self, *, worker_id: str, lease_tokens: list[UUID]) -> set[UUID]:
+        """Give back leases, due at once; returns the ids of the workflows released."""
+        params = {"worker_id": worker_id, "lease_tokens": lease_tokens}
+        return {row["id"] for row in await self._all("release_leases", params)}
+
+    async def register_worker(
+        self, *, worker_id: str, host: str, pid: int, types: list[str], concurrency: int
+    ) -> None:
+        """Record this daemon in workflow_workers."""
+        params = {
+            "worker_id": worker_id,
+            "host": host,
+            "pid": pid,
+            "types": types,
+            "concurrency": concurrency,
+        }
+        async with self.connection() as conn:
+            await conn.execute(query("register_worker"), params)
+
+    async def stop_worker(self, *, worker_id: str) -> None:
+        """Mark this daemon stopped."""
+        async with self.connection() as conn:
+            await conn.execute(query("stop_worker"), {"worker_id": worker_id})
+
+    async def get_step_progress(self, workflow_id: UUID) -> Row | None:
+        """Where a workflow stands, to settle a commit whose answer a dropped connection lost."""
+        return await self._one("get_step_progress", {"id": workflow_id})

@@ -47,9 +47,7 @@ def summarize(
     active = workflow.state in (WorkflowState.PENDING, WorkflowState.RUNNING)
     index = workflow.current_step_index
     current = names[index] if active and index < len(names) else None
-    errors = [step.error for step in steps if step.error] + (
-        [workflow.error] if workflow.error else []
-    )
+    errors = [step.error for step in steps if step.error] + ([workflow.error] if workflow.error else [])
     return ExecutionSummary(
         id=workflow.id,
         type=workflow.type,

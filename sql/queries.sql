@@ -46,3 +46,260 @@ SELECT workflow_step_idempotency_key(%(workflow_key)s, %(step_name)s, %(step_inp
 
 -- name: canonical_json
 SELECT workflow_canonical_json(%(value)s);
+
+-- name: claim_due_workflows
+-- Claim a batch of due workflows in one statement and start their current steps.
+-- SKIP LOCKED lets many daemons claim at once without waiting on each other's rows.
+-- Claiming moves next_retry_at to the lease's expiry, so a crashed worker's rows simply
+-- fall due again when the lease runs out: the lease is the rescue, there is no rescuer.
+-- The current step starts in the same statement (attempt + 1), so an attempt is on the
+-- books before its code runs; a step found already running was interrupted (its worker
+-- died or lost the lease). A non-idempotent step found so is not started again: the
+-- caller fails it as "outcome unknown". The final SELECT reads the statement's snapshot,
+-- so `previous_step` holds the step as it was before this claim.
+WITH due AS (
+    SELECT id, state AS previous_state, next_retry_at AS due_at
+    FROM workflows
+    WHERE state IN ('pending', 'running')
+      AND next_retry_at <= now()
+      AND type = ANY(%(types)s::text[])
+    ORDER BY priority, next_retry_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+),
+claimed AS (
+    UPDATE workflows w
+    SET locked_by = %(worker_id)s,
+        lease_token = gen_random_uuid(),
+        lease_expires_at = now() + %(lease_seconds)s * interval '1 second',
+        next_retry_at = now() + %(lease_seconds)s * interval '1 second',
+        state = 'running',
+        started_at = coalesce(w.started_at, now()),
+        updated_at = now()
+    FROM due
+    WHERE w.id = due.id
+    RETURNING w.*, due.previous_state, due.due_at
+),
+started AS (
+    UPDATE workflow_steps s
+    SET state = 'running', attempt = s.attempt + 1, started_at = coalesce(s.started_at, now()),
+        next_retry_at = NULL, updated_at = now()
+    FROM claimed c
+    WHERE s.workflow_id = c.id AND s.step_index = c.current_step_index
+      AND (s.state IN ('pending', 'failed') OR (s.state = 'running' AND s.is_idempotent))
+    RETURNING s.workflow_id, s.step_index, s.step_name, s.attempt
+),
+workflow_events AS (
+    INSERT INTO workflow_events (workflow_id, from_state, to_state, worker_id)
+    SELECT id, 'pending', 'running', %(worker_id)s FROM claimed WHERE previous_state = 'pending'
+),
+step_events AS (
+    INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state, attempt, worker_id)
+    SELECT st.workflow_id, st.step_index, st.step_name, prev.state::text, 'running', st.attempt, %(worker_id)s
+    FROM started st
+    JOIN workflow_steps prev ON prev.workflow_id = st.workflow_id AND prev.step_index = st.step_index
+)
+SELECT c.id, c.type, c.input, c.user_id, c.wallet_address, c.idempotency_key, c.context,
+       c.current_step_index, c.max_retries, c.lease_token, c.cancel_requested,
+       c.previous_state, extract(epoch FROM now() - c.due_at)::float8 AS pickup_lag_seconds,
+       prev.state AS previous_step_state, prev.retry_count AS step_retry_count,
+       prev.max_retries AS step_max_retries, prev.is_idempotent AS step_is_idempotent,
+       coalesce(st.attempt, prev.attempt) AS attempt, st.workflow_id IS NOT NULL AS step_started
+FROM claimed c
+LEFT JOIN workflow_steps prev ON prev.workflow_id = c.id AND prev.step_index = c.current_step_index
+LEFT JOIN started st ON st.workflow_id = c.id;
+
+-- name: create_steps
+-- The step rows of workflows claimed for the first time (a workflow inserted by SQL has
+-- none), in bulk from the definitions, with step 0 already started. The workflow learns
+-- its shape from its definition in the same statement.
+WITH definition AS (
+    SELECT * FROM unnest(%(workflow_ids)s::uuid[], %(step_indexes)s::int[], %(step_names)s::text[],
+                         %(max_retries)s::int[], %(idempotent)s::bool[], %(compensable)s::bool[],
+                         %(configs)s::jsonb[])
+        AS d(workflow_id, step_index, step_name, max_retries, is_idempotent, requires_compensation, config)
+),
+inserted AS (
+    INSERT INTO workflow_steps (workflow_id, step_index, step_name, state, input, config, max_retries,
+                                requires_compensation, is_idempotent, idempotency_key, attempt, started_at)
+    SELECT d.workflow_id, d.step_index, d.step_name,
+           CASE WHEN d.step_index = 0 THEN 'running'::step_state ELSE 'pending'::step_state END,
+           w.input, d.config, d.max_retries, d.requires_compensation, d.is_idempotent,
+           workflow_step_idempotency_key(w.idempotency_key, d.step_name, w.input),
+           CASE WHEN d.step_index = 0 THEN 1 ELSE 0 END,
+           CASE WHEN d.step_index = 0 THEN now() END
+    FROM definition d
+    -- No fence needed: this runs in the claiming transaction, which holds the rows' locks.
+    JOIN workflows w ON w.id = d.workflow_id
+    RETURNING workflow_id, step_index, step_name, state
+),
+shaped AS (
+    UPDATE workflows w
+    SET total_steps = shape.total_steps, max_retries = shape.max_retries,
+        requires_compensation = shape.requires_compensation
+    FROM unnest(%(shape_ids)s::uuid[], %(shape_totals)s::int[], %(shape_max_retries)s::int[], %(shape_compensation)s::bool[])
+        AS shape(id, total_steps, max_retries, requires_compensation)
+    WHERE w.id = shape.id
+)
+INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state, attempt, worker_id)
+SELECT workflow_id, step_index, step_name, 'pending', 'running', 1, %(worker_id)s
+FROM inserted WHERE state = 'running';
+
+-- name: complete_step
+-- Commit a step's result, fenced by the lease token: the workflow row is locked first
+-- (FOR UPDATE re-checks the token on the latest row version), so a worker whose lease
+-- was taken over updates nothing. In the same statement the workflow advances, the
+-- timeline grows, and, when the worker goes straight on, the next step starts and the
+-- lease is extended; otherwise the lease is released and the workflow is due at once.
+WITH owner AS (
+    SELECT id, total_steps FROM workflows
+    WHERE id = %(id)s AND lease_token = %(lease_token)s
+    FOR UPDATE
+),
+done AS (
+    UPDATE workflow_steps s
+    SET state = 'completed', output = %(output)s, error = NULL, completed_at = now(), updated_at = now()
+    FROM owner
+    WHERE s.workflow_id = owner.id AND s.step_index = %(step_index)s
+      AND s.state = 'running' AND s.attempt = %(attempt)s
+    RETURNING s.workflow_id, s.step_name, s.step_index = owner.total_steps - 1 AS was_last
+),
+advanced AS (
+    UPDATE workflows w
+    SET current_step_index = w.current_step_index + 1,
+        context = w.context || jsonb_build_object(done.step_name, %(output)s::jsonb),
+        state = CASE WHEN done.was_last THEN 'completed'::workflow_state ELSE w.state END,
+        output = CASE WHEN done.was_last THEN %(output)s::jsonb ELSE w.output END,
+        completed_at = CASE WHEN done.was_last THEN now() END,
+        locked_by = CASE WHEN %(go_on)s AND NOT done.was_last THEN w.locked_by END,
+        lease_token = CASE WHEN %(go_on)s AND NOT done.was_last THEN w.lease_token END,
+        lease_expires_at = CASE WHEN %(go_on)s AND NOT done.was_last
+                                THEN now() + %(lease_seconds)s * interval '1 second' END,
+        next_retry_at = CASE WHEN %(go_on)s AND NOT done.was_last
+                             THEN now() + %(lease_seconds)s * interval '1 second' ELSE now() END,
+        updated_at = now()
+    FROM done
+    WHERE w.id = done.workflow_id
+    RETURNING w.id, w.state, w.current_step_index, w.cancel_requested, done.was_last
+),
+next_started AS (
+    UPDATE workflow_steps s
+    SET state = 'running', attempt = s.attempt + 1, started_at = coalesce(s.started_at, now()),
+        next_retry_at = NULL, updated_at = now()
+    FROM advanced a
+    WHERE %(go_on)s AND NOT a.was_last
+      AND s.workflow_id = a.id AND s.step_index = %(step_index)s + 1
+    RETURNING s.step_index, s.step_name, s.attempt, s.retry_count, s.max_retries, s.is_idempotent
+),
+events AS (
+    INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state, attempt, worker_id)
+    SELECT %(id)s, %(step_index)s, done.step_name, 'running', 'completed', %(attempt)s, %(worker_id)s FROM done
+    UNION ALL
+    SELECT %(id)s, NULL, NULL, 'running', 'completed', NULL, %(worker_id)s FROM done WHERE done.was_last
+    UNION ALL
+    SELECT %(id)s, n.step_index, n.step_name, 'pending', 'running', n.attempt, %(worker_id)s FROM next_started n
+)
+SELECT a.state, a.was_last, a.cancel_requested, n.step_index AS next_step_index, n.attempt AS next_attempt,
+       n.retry_count AS next_retry_count, n.max_retries AS next_max_retries
+FROM advanced a LEFT JOIN next_started n ON true;
+
+-- name: schedule_retry
+-- A failed attempt with retries left: the step waits until now() + backoff, the lease
+-- is released, and the poll finds the workflow when it falls due. Fenced like
+-- complete_step.
+WITH owner AS (
+    SELECT id FROM workflows WHERE id = %(id)s AND lease_token = %(lease_token)s FOR UPDATE
+),
+failed AS (
+    UPDATE workflow_steps s
+    SET state = 'failed', retry_count = s.retry_count + 1, error = %(error)s,
+        next_retry_at = now() + %(delay_seconds)s * interval '1 second', updated_at = now()
+    FROM owner
+    WHERE s.workflow_id = owner.id AND s.step_index = %(step_index)s
+      AND s.state = 'running' AND s.attempt = %(attempt)s
+    RETURNING s.workflow_id, s.step_name, s.next_retry_at
+),
+released AS (
+    UPDATE workflows w
+    SET locked_by = NULL, lease_token = NULL, lease_expires_at = NULL,
+        next_retry_at = failed.next_retry_at, retry_count = w.retry_count + 1, updated_at = now()
+    FROM failed
+    WHERE w.id = failed.workflow_id
+    RETURNING w.id
+)
+INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state, attempt, worker_id, error)
+SELECT %(id)s, %(step_index)s, failed.step_name, 'running', 'failed', %(attempt)s, %(worker_id)s,
+       %(error)s::jsonb || jsonb_build_object('traceback', %(traceback)s::text, 'retry_at', failed.next_retry_at)
+FROM failed JOIN released ON true
+RETURNING id;
+
+-- name: fail_workflow
+-- A failure that retries cannot fix (permanent error, retries exhausted, an interrupted
+-- step that must not run twice): the step and the workflow fail, the lease is released.
+-- The step may be running (a failed attempt) or already failed (an interrupted
+-- non-idempotent step has no new attempt). Fenced like complete_step.
+WITH owner AS (
+    SELECT id FROM workflows WHERE id = %(id)s AND lease_token = %(lease_token)s FOR UPDATE
+),
+failed_step AS (
+    UPDATE workflow_steps s
+    SET state = 'failed', error = %(error)s, next_retry_at = NULL, completed_at = now(), updated_at = now()
+    FROM owner
+    WHERE s.workflow_id = owner.id AND s.step_index = %(step_index)s AND s.state = 'running'
+    RETURNING s.workflow_id, s.step_name
+),
+failed_workflow AS (
+    UPDATE workflows w
+    SET state = 'failed', error = %(error)s, completed_at = now(),
+        locked_by = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
+    FROM owner
+    WHERE w.id = owner.id
+    RETURNING w.id
+),
+events AS (
+    INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state, attempt, worker_id, error)
+    SELECT %(id)s, %(step_index)s, failed_step.step_name, 'running', 'failed', %(attempt)s, %(worker_id)s,
+           %(error)s::jsonb || jsonb_build_object('traceback', %(traceback)s::text)
+    FROM failed_step
+    UNION ALL
+    SELECT %(id)s, NULL, NULL, 'running', 'failed', NULL, %(worker_id)s, %(error)s::jsonb FROM failed_workflow
+)
+SELECT id FROM failed_workflow;
+
+-- name: renew_leases
+-- The heartbeat: one statement renews every in-flight lease of this worker and marks
+-- the worker alive. A workflow missing from the result has lost its lease.
+WITH alive AS (
+    UPDATE workflow_workers SET last_seen_at = now() WHERE id = %(worker_id)s
+)
+UPDATE workflows
+SET lease_expires_at = now() + %(lease_seconds)s * interval '1 second',
+    next_retry_at = now() + %(lease_seconds)s * interval '1 second'
+WHERE lease_token = ANY(%(lease_tokens)s::uuid[]) AND locked_by = %(worker_id)s
+RETURNING id;
+
+-- name: release_leases
+-- Shutdown: give back the leases this worker still holds, due at once for another worker.
+UPDATE workflows
+SET locked_by = NULL, lease_token = NULL, lease_expires_at = NULL, next_retry_at = now(), updated_at = now()
+WHERE lease_token = ANY(%(lease_tokens)s::uuid[]) AND locked_by = %(worker_id)s
+RETURNING id;
+
+-- name: register_worker
+INSERT INTO workflow_workers (id, host, pid, types, concurrency)
+VALUES (%(worker_id)s, %(host)s, %(pid)s, %(types)s, %(concurrency)s)
+ON CONFLICT (id) DO UPDATE
+SET host = EXCLUDED.host, pid = EXCLUDED.pid, types = EXCLUDED.types, concurrency = EXCLUDED.concurrency,
+    started_at = now(), last_seen_at = now(), stopped_at = NULL;
+
+-- name: stop_worker
+UPDATE workflow_workers SET stopped_at = now(), last_seen_at = now() WHERE id = %(worker_id)s;
+
+-- name: get_step_progress
+-- After a connection dropped during a commit, this tells whether the commit landed.
+SELECT w.state, w.lease_token, w.current_step_index,
+       cur.state AS step_state, cur.attempt AS step_attempt,
+       cur.retry_count AS step_retry_count, cur.max_retries AS step_max_retries
+FROM workflows w
+LEFT JOIN workflow_steps cur ON cur.workflow_id = w.id AND cur.step_index = w.current_step_index
+WHERE w.id = %(id)s;

@@ -33,9 +33,7 @@ def insert_workflow(
     names = ", ".join(values)
     placeholders = ", ".join(f"%({name})s" for name in values)
     with conn.cursor(row_factory=dict_row) as cursor:
-        cursor.execute(
-            f"INSERT INTO workflows ({names}) VALUES ({placeholders}) RETURNING *", values
-        )  # type: ignore[arg-type]
+        cursor.execute(f"INSERT INTO workflows ({names}) VALUES ({placeholders}) RETURNING *", values)  # type: ignore[arg-type]
         row = cursor.fetchone()
     assert row is not None
     return row
@@ -64,9 +62,7 @@ def insert_step(
     names = ", ".join(values)
     placeholders = ", ".join(f"%({name})s" for name in values)
     with conn.cursor(row_factory=dict_row) as cursor:
-        cursor.execute(
-            f"INSERT INTO workflow_steps ({names}) VALUES ({placeholders}) RETURNING *", values
-        )  # type: ignore[arg-type]
+        cursor.execute(f"INSERT INTO workflow_steps ({names}) VALUES ({placeholders}) RETURNING *", values)  # type: ignore[arg-type]
         row = cursor.fetchone()
     assert row is not None
     return row

@@ -89,9 +89,7 @@ def test_start_prints_the_workflow_as_json_and_is_idempotent(
 
 
 def test_start_prints_a_readable_summary(db_url: str) -> None:
-    result = workflowd(
-        "start", "report", "--input", "{}", "--user", "u1", env={"DATABASE_URL": db_url}
-    )
+    result = workflowd("start", "report", "--input", "{}", "--user", "u1", env={"DATABASE_URL": db_url})
     assert result.returncode == 0
     assert result.stdout.startswith("started: workflow ")
     assert "idempotency key  workflow:report:u1:" in result.stdout
@@ -152,9 +150,7 @@ def test_an_unreachable_database_is_one_clear_line() -> None:
 
 
 def test_a_database_without_the_schema_says_to_migrate(empty_db_url: str) -> None:
-    result = workflowd(
-        "start", "t", "--input", "{}", "--user", "u", env={"DATABASE_URL": empty_db_url}
-    )
+    result = workflowd("start", "t", "--input", "{}", "--user", "u", env={"DATABASE_URL": empty_db_url})
     assert_one_line_error(result, 2, "run `workflowd migrate` first")
 
 

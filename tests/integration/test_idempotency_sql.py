@@ -39,9 +39,7 @@ json_values = st.recursive(
     lambda children: (
         st.lists(children, max_size=4)
         | st.dictionaries(
-            st.text(
-                st.characters(exclude_characters="\x00", exclude_categories=("Cs",)), max_size=5
-            ),
+            st.text(st.characters(exclude_characters="\x00", exclude_categories=("Cs",)), max_size=5),
             children,
             max_size=4,
         )
@@ -61,9 +59,7 @@ def test_canonical_json_agrees_on_awkward_inputs(db: psycopg.Connection[Any], va
     assert canonical_json(value) == _sql_canonical(db, value)
 
 
-@settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(value=json_values)
 def test_canonical_json_agrees_on_generated_values(db: psycopg.Connection[Any], value: Any) -> None:
     assert canonical_json(value) == _sql_canonical(db, value)

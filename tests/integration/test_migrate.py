@@ -59,17 +59,13 @@ async def test_rerunning_is_a_no_op(empty_db_url: str) -> None:
         assert await schema_is_current(conn)
 
 
-async def test_a_changed_migration_is_refused_naming_the_file(
-    empty_db_url: str, tmp_path: Path
-) -> None:
+async def test_a_changed_migration_is_refused_naming_the_file(empty_db_url: str, tmp_path: Path) -> None:
     folder = tmp_path / "migrations"
     shutil.copytree(sql_dir() / "migrations", folder)
     await _migrate(empty_db_url, folder)
     edited = folder / "0001_init.sql"
     edited.write_text(edited.read_text() + "\n-- an innocent-looking edit\n")
-    with pytest.raises(
-        MigrationError, match=r"migration 0001_init\.sql was changed after it was applied"
-    ):
+    with pytest.raises(MigrationError, match=r"migration 0001_init\.sql was changed after it was applied"):
         await _migrate(empty_db_url, folder)
 
 
@@ -79,17 +75,13 @@ async def test_a_failing_migration_leaves_no_trace_and_later_files_wait(
     folder = tmp_path / "migrations"
     folder.mkdir()
     (folder / "0001_first.sql").write_text("CREATE TABLE first_table (id int);")
-    (folder / "0002_broken.sql").write_text(
-        "CREATE TABLE half_done (id int);\nSELECT no_such_function();"
-    )
+    (folder / "0002_broken.sql").write_text("CREATE TABLE half_done (id int);\nSELECT no_such_function();")
     (folder / "0003_third.sql").write_text("CREATE TABLE third_table (id int);")
     with pytest.raises(psycopg.errors.UndefinedFunction):
         await _migrate(empty_db_url, folder)
     assert _ledger(empty_db_url) == [("0001_first.sql", 1)]
     with psycopg.connect(empty_db_url) as conn:
-        tables = conn.execute(
-            "SELECT to_regclass('half_done'), to_regclass('third_table')"
-        ).fetchone()
+        tables = conn.execute("SELECT to_regclass('half_done'), to_regclass('third_table')").fetchone()
     assert tables == (None, None)
 
 
@@ -102,13 +94,9 @@ def test_badly_named_migration_files_are_refused(tmp_path: Path) -> None:
 def test_the_cli_reports_a_changed_migration_in_one_line(empty_db_url: str, tmp_path: Path) -> None:
     # The CLI migrates the engine's own files; stage a mismatch by rewriting the ledger.
     env = {**os.environ, "DATABASE_URL": empty_db_url}
-    subprocess.run(
-        [sys.executable, "-m", "daemon", "migrate"], env=env, check=True, capture_output=True
-    )
+    subprocess.run([sys.executable, "-m", "daemon", "migrate"], env=env, check=True, capture_output=True)
     with psycopg.connect(empty_db_url, autocommit=True) as conn:
-        conn.execute(
-            "UPDATE workflowd_migrations SET checksum = 'deadbeef' WHERE name = '0001_init.sql'"
-        )
+        conn.execute("UPDATE workflowd_migrations SET checksum = 'deadbeef' WHERE name = '0001_init.sql'")
     result = subprocess.run(
         [sys.executable, "-m", "daemon", "migrate"],
         env=env,

@@ -53,9 +53,7 @@ def test_migrations_produce_the_expected_schema(db: psycopg.Connection[Any]) -> 
     actual = schema_snapshot(db)
     if os.environ.get("UPDATE_SNAPSHOTS") == "1":
         SNAPSHOT.write_text(actual)
-    assert actual == SNAPSHOT.read_text(), (
-        "schema changed: review it, then rerun with UPDATE_SNAPSHOTS=1"
-    )
+    assert actual == SNAPSHOT.read_text(), "schema changed: review it, then rerun with UPDATE_SNAPSHOTS=1"
 
 
 def test_state_enums_hold_exactly_the_seed_states(db: psycopg.Connection[Any]) -> None:
@@ -148,9 +146,7 @@ def test_insert_notifies_once_per_statement(db_url: str, db: psycopg.Connection[
             "INSERT INTO workflows (type, input, user_id) "
             "SELECT 't', jsonb_build_object('n', n), 'u' FROM generate_series(1, 50) n"
         )
-        db.execute(
-            "INSERT INTO workflows (type, input, user_id) VALUES ('t', '{\"one\": true}', 'u')"
-        )
+        db.execute("INSERT INTO workflows (type, input, user_id) VALUES ('t', '{\"one\": true}', 'u')")
         received = []
         # Wait for the socket rather than sleeping: both notifications are already sent.
         while select.select([listener.fileno()], [], [], 1.0)[0]:

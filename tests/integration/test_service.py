@@ -81,9 +81,7 @@ async def test_a_duplicate_start_returns_the_existing_workflow(
 async def test_twenty_concurrent_duplicate_starts_from_separate_connections_give_one_row(
     db_url: str, db: psycopg.Connection[Any]
 ) -> None:
-    connections = [
-        await psycopg.AsyncConnection.connect(db_url, autocommit=True) for _ in range(20)
-    ]
+    connections = [await psycopg.AsyncConnection.connect(db_url, autocommit=True) for _ in range(20)]
     try:
         services = [WorkflowService(Store(conn)) for conn in connections]
         # Hold every start at the line, then release them together.

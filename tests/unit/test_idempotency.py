@@ -89,9 +89,7 @@ def test_objects_have_no_white_space_and_sorted_keys() -> None:
 
 def test_nested_objects_are_canonical_at_every_depth() -> None:
     one = {"outer": {"z": {"y": 1, "x": 2.0}, "a": [{"q": 1e3, "p": "é"}]}}
-    other = json.loads(
-        '{ "outer" : { "a" : [ { "p" : "é", "q" : 1000 } ], "z" : { "x" : 2, "y" : 1.0 } } }'
-    )
+    other = json.loads('{ "outer" : { "a" : [ { "p" : "é", "q" : 1000 } ], "z" : { "x" : 2, "y" : 1.0 } } }')
     assert canonical_json(one) == canonical_json(other)
     assert canonical_json(one) == '{"outer":{"a":[{"p":"é","q":1000}],"z":{"x":2,"y":1}}}'
 
@@ -235,9 +233,7 @@ def test_workflow_key_is_type_user_and_digest_of_the_canonical_input(
 ) -> None:
     key = workflow_idempotency_key(workflow_type, user_id, value)
     expected_user = user_id or ""
-    assert re.fullmatch(
-        rf"workflow:{re.escape(workflow_type)}:{re.escape(expected_user)}:{HEX64}", key
-    )
+    assert re.fullmatch(rf"workflow:{re.escape(workflow_type)}:{re.escape(expected_user)}:{HEX64}", key)
     assert key.rsplit(":", 1)[1] == _sha256(canonical_json(value))
 
 
@@ -256,9 +252,7 @@ def test_a_missing_input_counts_as_an_empty_object() -> None:
 @given(value=json_objects)
 def test_workflow_key_ignores_key_order_and_number_spelling(value: dict[str, Any]) -> None:
     respelled = json.loads(json.dumps(_reorder(value), indent=1))
-    assert workflow_idempotency_key("flow", "u", respelled) == workflow_idempotency_key(
-        "flow", "u", value
-    )
+    assert workflow_idempotency_key("flow", "u", respelled) == workflow_idempotency_key("flow", "u", value)
 
 
 def test_workflow_key_changes_with_type_user_and_input() -> None:
@@ -314,6 +308,4 @@ def test_step_key_is_stable_and_changes_with_name_and_input() -> None:
 
 def test_a_missing_step_input_counts_as_an_empty_object() -> None:
     workflow_key = workflow_idempotency_key("flow", "u", {})
-    assert step_idempotency_key(workflow_key, "s", None) == step_idempotency_key(
-        workflow_key, "s", {}
-    )
+    assert step_idempotency_key(workflow_key, "s", None) == step_idempotency_key(workflow_key, "s", {})

@@ -107,17 +107,13 @@ def test_delays_grow_strictly_while_under_the_cap(
 
 @settings(max_examples=200)
 @given(policy=policies(), n=retry_counts, seed=seeds)
-def test_delay_is_never_negative_nor_beyond_the_jittered_cap(
-    policy: RetryPolicy, n: int, seed: int
-) -> None:
+def test_delay_is_never_negative_nor_beyond_the_jittered_cap(policy: RetryPolicy, n: int, seed: int) -> None:
     delay = policy.delay(n, random.Random(seed))
     assert 0.0 <= delay <= policy.max_delay_seconds * (1.0 + policy.jitter_ratio)
 
 
 @given(policy=policies(), n=retry_counts, seed=seeds)
-def test_delay_stays_within_jitter_of_the_undithered_delay(
-    policy: RetryPolicy, n: int, seed: int
-) -> None:
+def test_delay_stays_within_jitter_of_the_undithered_delay(policy: RetryPolicy, n: int, seed: int) -> None:
     raw = policy.undithered_delay(n)
     delay = policy.delay(n, random.Random(seed))
     assert raw * (1.0 - policy.jitter_ratio) <= delay <= raw * (1.0 + policy.jitter_ratio)
@@ -138,9 +134,7 @@ def test_next_retry_time_adds_the_delay_to_now() -> None:
     now = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
     assert next_retry_time(3, 2.0, now=now, jitter=0.0) == now + timedelta(seconds=16)
     assert next_retry_time(10, 2.0, now=now, jitter=0.0) == now + timedelta(seconds=30)
-    assert next_retry_time(10, 2.0, now=now, max_delay=100.0, jitter=0.0) == now + timedelta(
-        seconds=100
-    )
+    assert next_retry_time(10, 2.0, now=now, max_delay=100.0, jitter=0.0) == now + timedelta(seconds=100)
 
 
 def test_next_retry_time_uses_the_rng_for_jitter() -> None:

@@ -92,9 +92,7 @@ def _query_names_used_by_the_store() -> set[str]:
         if not isinstance(node, ast.Call) or not node.args:
             continue
         function = node.func
-        called = (
-            function.attr if isinstance(function, ast.Attribute) else getattr(function, "id", None)
-        )
+        called = function.attr if isinstance(function, ast.Attribute) else getattr(function, "id", None)
         first = node.args[0]
         if called in helpers and isinstance(first, ast.Constant) and isinstance(first.value, str):
             names.add(first.value)

@@ -163,9 +163,7 @@ def test_runnable_workflow_states_are_not_final() -> None:
 
 
 def test_an_unknown_source_has_no_arrows() -> None:
-    table = TransitionTable[WorkflowState](
-        kind="partial", arrows={W.PENDING: frozenset({W.RUNNING})}
-    )
+    table = TransitionTable[WorkflowState](kind="partial", arrows={W.PENDING: frozenset({W.RUNNING})})
     assert table.allowed(W.RUNNING) == frozenset()
     assert table.is_final(W.RUNNING)
     with pytest.raises(IllegalTransitionError, match="a partial cannot go from running to pending"):

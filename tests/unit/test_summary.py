@@ -156,9 +156,7 @@ def test_with_neither_rows_nor_definition_nothing_is_known() -> None:
 
 def test_a_completed_workflow_is_at_one_hundred_percent() -> None:
     steps = [
-        step_record(
-            0, "a", StepState.COMPLETED, started_at=T0, completed_at=T0 + timedelta(seconds=1)
-        ),
+        step_record(0, "a", StepState.COMPLETED, started_at=T0, completed_at=T0 + timedelta(seconds=1)),
         step_record(1, "b", StepState.SKIPPED),
     ]
     workflow = workflow_record(
@@ -196,9 +194,7 @@ def test_compensated_steps_still_count_as_done() -> None:
         step_record(1, "b", StepState.COMPENSATING),
         step_record(2, "c", StepState.FAILED),
     ]
-    workflow = workflow_record(
-        state=WorkflowState.COMPENSATING, total_steps=3, current_step_index=2
-    )
+    workflow = workflow_record(state=WorkflowState.COMPENSATING, total_steps=3, current_step_index=2)
     summary = summarize(workflow, steps, None, now=T0)
     assert summary.completed_steps == 2
     assert summary.progress_percentage == 66.7
@@ -267,10 +263,7 @@ def test_the_summary_serialises_to_json() -> None:
 def test_progress_counts_the_steps_whose_forward_work_is_done(
     states: list[StepState], retry_counts: list[int]
 ) -> None:
-    steps = [
-        step_record(i, f"s{i}", state, retry_count=retry_counts[i])
-        for i, state in enumerate(states)
-    ]
+    steps = [step_record(i, f"s{i}", state, retry_count=retry_counts[i]) for i, state in enumerate(states)]
     workflow = workflow_record(total_steps=len(states))
     summary = summarize(workflow, steps, None, now=T0)
     done = sum(1 for state in states if state in DONE)

@@ -1,0 +1,35 @@
+"""Logging: structlog, JSON lines on stdout (a readable console renderer on a terminal).
+
+Every line has a stable `event` name; the worker binds workflow_id, type, step, attempt
+and worker to the lines about a workflow.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Literal
+
+import structlog
+
+LogFormat = Literal["auto", "json", "console"]
+
+
+def configure_logging(log_format: LogFormat = "auto", level: str = "info") -> None:
+    """Route structlog to stdout once, as JSON lines or for a human at a terminal."""
+    console = log_format == "console" or (log_format == "auto" and sys.stdout.isatty())
+    renderer: structlog.types.Processor = (
+        structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=True,
+    )

@@ -1,0 +1,52 @@
+"""LISTEN/NOTIFY wake-up: a dedicated connection that wakes the claim loop on inserts.
+
+A notification only says "look now"; the poll interval is the safety net, so a lost
+notification (or a dropped listening connection) costs at most one poll interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import psycopg
+import structlog
+from psycopg import AsyncConnection
+
+CHANNEL = "workflowd"
+RECONNECT_DELAY_MAX_SECONDS = 5.0
+
+LOG = structlog.get_logger("workflowd.wakeup")
+
+
+class Listener:
+    """Sets `wake` on every notification; reconnects with backoff after a drop."""
+
+    def __init__(self, conninfo: str, wake: asyncio.Event) -> None:
+        self.conninfo = conninfo
+        self.wake = wake
+        self.connected = False
+
+    async def run_once(self) -> None:
+        """Connect, LISTEN, and relay notifications until the connection drops."""
+        async with await AsyncConnection.connect(self.conninfo, autocommit=True) as conn:
+            await conn.execute(f"LISTEN {CHANNEL}")
+            self.connected = True
+            # Inserts made while we were not listening sent notifications we never saw.
+            self.wake.set()
+            try:
+                async for _ in conn.notifies():
+                    self.wake.set()
+            finally:
+                self.connected = False
+
+    async def run(self) -> None:
+        """run_once forever, riding out database outages."""
+        delay = 0.1
+        while True:
+            try:
+                await self.run_once()
+                delay = 0.1
+            except psycopg.OperationalError as error:
+                LOG.warning("listener_disconnected", error=str(error).strip(), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_DELAY_MAX_SECONDS)

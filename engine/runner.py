@@ -1,0 +1,91 @@
+"""Running one attempt of a step: the step's code, its timeout, and what its outcome means.
+
+No database here: the caller commits the outcome. Async step functions run on the event
+loop; plain ones in the given thread pool, so a blocking call never stalls the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import traceback
+from collections.abc import Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+from engine.definitions import Step, WorkflowContext
+from engine.errors import InputValidationError, PermanentError
+from engine.idempotency import canonical_json
+
+
+@dataclass(frozen=True)
+class StepSucceeded:
+    """The attempt returned this JSON-serialisable output."""
+
+    output: Any
+
+
+@dataclass(frozen=True)
+class StepFailed:
+    """The attempt failed. `error` is the summary stored on the rows and shown by the API
+    ({type, message, step, attempt}); the traceback goes to the event log only."""
+
+    error: Mapping[str, Any]
+    traceback: str
+    retryable: bool
+
+
+StepOutcome = StepSucceeded | StepFailed
+
+
+def failure(
+    step: str, attempt: int, error_type: str, message: str, *, retryable: bool, trace: str = ""
+) -> StepFailed:
+    """A StepFailed built from its parts."""
+    summary = {"type": error_type, "message": message, "step": step, "attempt": attempt}
+    return StepFailed(error=summary, traceback=trace, retryable=retryable)
+
+
+def _failure_from(error: BaseException, step: Step, attempt: int) -> StepFailed:
+    # PermanentError and invalid input cannot be fixed by another attempt.
+    retryable = not isinstance(error, PermanentError | InputValidationError)
+    trace = "".join(traceback.format_exception(error))
+    return failure(step.name, attempt, type(error).__name__, str(error), retryable=retryable, trace=trace)
+
+
+async def _call(step: Step, input: Any, ctx: WorkflowContext, executor: Executor | None) -> Any:
+    if inspect.iscoroutinefunction(step.execute):
+        return await step.execute(input, ctx)
+    loop = asyncio.get_running_loop()
+    result = await loop.run_in_executor(executor, functools.partial(step.execute, input, ctx))
+    # A plain function may still hand back an awaitable (a lambda around a coroutine).
+    return await result if inspect.isawaitable(result) else result
+
+
+async def run_step(
+    step: Step, input: Any, ctx: WorkflowContext, executor: Executor | None = None
+) -> StepOutcome:
+    """Run one attempt of `step` and classify its outcome; never raises for step errors.
+
+    A timeout fails the attempt as retryable. A plain function that times out keeps
+    running in its thread (Python cannot stop a thread), but its result is ignored.
+    Cancellation (shutdown) is not a step error and propagates.
+    """
+    try:
+        async with asyncio.timeout(step.timeout):
+            output = await _call(step, input, ctx, executor)
+    except TimeoutError as error:
+        if step.timeout is not None and not str(error):
+            message = f"step {step.name!r} exceeded its timeout of {step.timeout:g} s"
+            return failure(step.name, ctx.attempt, "StepTimeout", message, retryable=True)
+        return _failure_from(error, step, ctx.attempt)
+    except Exception as error:
+        return _failure_from(error, step, ctx.attempt)
+    try:
+        canonical_json(output)
+    except (TypeError, ValueError) as error:
+        message = f"step {step.name!r} returned a value that is not JSON-serialisable: {error}"
+        return failure(step.name, ctx.attempt, "InvalidStepOutput", message, retryable=False)
+    return StepSucceeded(output)
