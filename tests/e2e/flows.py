@@ -1,0 +1,68 @@
+"""Workflow types for the end-to-end tests, loaded by real daemons (WORKFLOWD_MODULES).
+
+Every step records that it really ran in `test_effects`, outside the engine's
+transactions, so a test can compare what was executed with what was committed. The
+workflow input steers the behaviour: `sleep` seconds per step, `fail_times` failures
+before success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+
+from engine import PermanentError, Step, Workflow, WorkflowContext
+
+_pool: AsyncConnectionPool | None = None
+
+
+async def _effects_pool() -> AsyncConnectionPool:
+    global _pool  # noqa: PLW0603 (one pool per daemon process, made on first use)
+    if _pool is None:
+        _pool = AsyncConnectionPool(os.environ["DATABASE_URL"], min_size=1, max_size=4, open=False)
+        await _pool.open()
+    return _pool
+
+
+async def record_effect(ctx: WorkflowContext) -> None:
+    async with (await _effects_pool()).connection() as conn:
+        await conn.execute(
+            "INSERT INTO test_effects (workflow_id, step_name, attempt, idempotency_key, pid) "
+            "VALUES (%s, %s, %s, %s, %s)",
+            (ctx.workflow_id, ctx.step_name, ctx.attempt, ctx.idempotency_key, os.getpid()),
+        )
+
+
+async def recorded(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
+    await record_effect(ctx)
+    await asyncio.sleep(float(input.get("sleep", 0)))
+    return {"step": ctx.step_name, "attempt": ctx.attempt, "seen": sorted(ctx.outputs)}
+
+
+async def flaky(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
+    await record_effect(ctx)
+    if ctx.attempt <= int(input["fail_times"]):
+        raise RuntimeError(f"flaky failure on attempt {ctx.attempt}")
+    return {"succeeded_on": ctx.attempt}
+
+
+async def declined(input: dict[str, Any], ctx: WorkflowContext) -> None:
+    await record_effect(ctx)
+    raise PermanentError("card declined")
+
+
+async def sleepy(input: dict[str, Any], ctx: WorkflowContext) -> None:
+    await record_effect(ctx)
+    await asyncio.sleep(30)
+
+
+three_steps = Workflow(
+    type="three_steps",
+    steps=[Step("first", recorded), Step("second", recorded), Step("third", recorded)],
+)
+retrying = Workflow(type="retrying", steps=[Step("flaky", flaky)], max_retries=3)
+permanent = Workflow(type="permanent", steps=[Step("charge", declined)], max_retries=5)
+timing_out = Workflow(type="timing_out", steps=[Step("slow", sleepy, timeout=0.3, max_retries=1)])
