@@ -62,7 +62,8 @@ async def run_daemon(settings: Settings, registry: Registry, conninfo: str) -> i
         min_size=2,
         max_size=min(settings.concurrency, POOL_MAX_SIZE) + POOL_EXTRA_CONNECTIONS,
         open=False,
-        kwargs={"autocommit": True},
+        # The application name shows which backends are daemons' in pg_stat_activity.
+        kwargs={"autocommit": True, "application_name": "workflowd"},
     )
     await pool.open(wait=True, timeout=POOL_OPEN_TIMEOUT_SECONDS)
     try:

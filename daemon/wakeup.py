@@ -28,7 +28,10 @@ class Listener:
 
     async def run_once(self) -> None:
         """Connect, LISTEN, and relay notifications until the connection drops."""
-        async with await AsyncConnection.connect(self.conninfo, autocommit=True) as conn:
+        connect = AsyncConnection.connect(
+            self.conninfo, autocommit=True, application_name="workflowd-listener"
+        )
+        async with await connect as conn:
             await conn.execute(f"LISTEN {CHANNEL}")
             self.connected = True
             # Inserts made while we were not listening sent notifications we never saw.

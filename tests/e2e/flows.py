@@ -59,6 +59,18 @@ async def sleepy(input: dict[str, Any], ctx: WorkflowContext) -> None:
     await asyncio.sleep(30)
 
 
+async def cut_daemon_connections(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
+    """Terminate the daemons' pooled connections while this step runs, so that the
+    commit of its own result meets a dead connection."""
+    await record_effect(ctx)
+    async with (await _effects_pool()).connection() as conn:
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = 'workflowd'"
+        )
+    return {"step": ctx.step_name, "attempt": ctx.attempt, "seen": sorted(ctx.outputs)}
+
+
 three_steps = Workflow(
     type="three_steps",
     steps=[Step("first", recorded), Step("second", recorded), Step("third", recorded)],
@@ -66,3 +78,6 @@ three_steps = Workflow(
 retrying = Workflow(type="retrying", steps=[Step("flaky", flaky)], max_retries=3)
 permanent = Workflow(type="permanent", steps=[Step("charge", declined)], max_retries=5)
 timing_out = Workflow(type="timing_out", steps=[Step("slow", sleepy, timeout=0.3, max_retries=1)])
+cut_connections = Workflow(
+    type="cut_connections", steps=[Step("cut", cut_daemon_connections), Step("after", recorded)]
+)

@@ -317,3 +317,39 @@ def test_terminated_database_connections_are_ridden_out(
     assert_every_step_committed_exactly_once(db, 300, 3)
     logged = {event["event"] for daemon in daemons.started for event in daemon.log_events()}
     assert logged & {"claim_failed", "commit_retry", "listener_disconnected", "heartbeat_failed"}
+
+
+def test_a_result_is_committed_through_a_dropped_connection(
+    daemons: Daemons, db: psycopg.Connection[Any]
+) -> None:
+    daemon = daemons.start()
+    insert_workflows(db, "cut_connections", 3)
+    wait_until(lambda: all_finished(db, 3), 30, "the workflows to complete")
+    assert_every_step_committed_exactly_once(db, 3, 2)
+    # The step that cut the connections ran once: its result was not lost and redone.
+    assert db.execute("SELECT count(*) FROM test_effects WHERE step_name = 'cut'").fetchone() == (3,)
+    assert "commit_retry" in {event["event"] for event in daemon.log_events()}
+    assert daemon.process.poll() is None
+
+
+def test_the_listener_reconnects_and_notifications_wake_the_daemon_again(
+    daemons: Daemons, db: psycopg.Connection[Any]
+) -> None:
+    # With a 30 s poll, only a notification can make the daemon pick work up quickly.
+    daemon = daemons.start(poll_interval=30)
+
+    def listener_pid() -> int | None:
+        row = db.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'workflowd-listener' AND query = 'LISTEN workflowd'"
+        ).fetchone()
+        return row[0] if row else None
+
+    first = wait_until(listener_pid, 10, "the listener to LISTEN")
+    db.execute("SELECT pg_terminate_backend(%s)", (first,))
+    wait_until(lambda: (pid := listener_pid()) is not None and pid != first, 10, "the listener to reconnect")
+    time.sleep(0.5)  # let the reconnect's own catch-up claim pass
+    inserted_at = time.monotonic()
+    insert_workflows(db, "three_steps", 1)
+    wait_until(lambda: all_finished(db, 1), 10, "the notified daemon to run the workflow")
+    assert time.monotonic() - inserted_at < 5
+    assert "listener_disconnected" in {event["event"] for event in daemon.log_events()}
