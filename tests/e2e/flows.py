@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+import time
 from typing import Any
 
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from engine import PermanentError, Step, Workflow, WorkflowContext
@@ -40,6 +43,19 @@ async def recorded(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any
     await record_effect(ctx)
     await asyncio.sleep(float(input.get("sleep", 0)))
     return {"step": ctx.step_name, "attempt": ctx.attempt, "seen": sorted(ctx.outputs)}
+
+
+def recorded_in_a_thread(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
+    """A plain function: the daemon runs it in its thread pool, off the event loop."""
+    with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO test_effects (workflow_id, step_name, attempt, idempotency_key, pid) "
+            "VALUES (%s, %s, %s, %s, %s)",
+            (ctx.workflow_id, ctx.step_name, ctx.attempt, ctx.idempotency_key, os.getpid()),
+        )
+    time.sleep(float(input.get("sleep", 0)))
+    thread = threading.current_thread().name
+    return {"step": ctx.step_name, "attempt": ctx.attempt, "seen": sorted(ctx.outputs), "thread": thread}
 
 
 async def flaky(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
@@ -73,7 +89,7 @@ async def cut_daemon_connections(input: dict[str, Any], ctx: WorkflowContext) ->
 
 three_steps = Workflow(
     type="three_steps",
-    steps=[Step("first", recorded), Step("second", recorded), Step("third", recorded)],
+    steps=[Step("first", recorded), Step("second", recorded_in_a_thread), Step("third", recorded)],
 )
 retrying = Workflow(type="retrying", steps=[Step("flaky", flaky)], max_retries=3)
 permanent = Workflow(type="permanent", steps=[Step("charge", declined)], max_retries=5)

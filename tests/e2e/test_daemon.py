@@ -71,6 +71,11 @@ def test_three_daemons_complete_500_three_step_workflows_exactly_once(
         "ON s.workflow_id = f.workflow_id AND s.step_name = f.step_name WHERE s.idempotency_key <> f.idempotency_key"
     ).fetchone()
     assert mismatched == (0,)
+    # The plain-function step ran in the daemon's thread pool, not on its event loop.
+    threads = db.execute(
+        "SELECT DISTINCT output->>'thread' LIKE 'step%%' FROM workflow_steps WHERE step_name = 'second'"
+    )
+    assert threads.fetchall() == [(True,)]
     # Later steps saw the outputs of the earlier ones.
     seen = db.execute(
         "SELECT DISTINCT output->'seen' FROM workflow_steps WHERE step_name = 'third'"
@@ -175,6 +180,23 @@ def test_a_stale_worker_resumed_after_sigstop_commits_nothing(
     # The first step really ran twice (once per worker) but was committed once.
     assert db.execute("SELECT count(*) FROM test_effects WHERE step_name = 'first'").fetchone() == (2,)
     assert stale.process.poll() is None, "the stale daemon keeps running"
+
+
+def test_the_heartbeat_keeps_the_lease_of_a_step_longer_than_the_lease(
+    daemons: Daemons, db: psycopg.Connection[Any]
+) -> None:
+    for _ in range(2):
+        daemons.start(lease_seconds=1, poll_interval=0.1)
+    insert_workflows(db, "three_steps", 4, sleep=2.5)
+    wait_until(lambda: all_finished(db, 4), 60, "the long steps to complete")
+    assert_every_step_committed_exactly_once(db, 4, 3)
+    # No other daemon took a step over while its 2.5 s ran under a 1 s lease.
+    assert db.execute(
+        "SELECT count(*), count(DISTINCT (workflow_id, step_name)) FROM test_effects"
+    ).fetchone() == (12, 12)
+    assert not any(
+        event["event"] == "lease_lost" for daemon in daemons.started for event in daemon.log_events()
+    )
 
 
 def test_a_step_failing_twice_then_succeeding_is_retried_with_backoff(

@@ -1,0 +1,152 @@
+"""First daemon benchmark: three-step no-op throughput with 1 and 2 processes, and pickup
+latency (SQL insert commit to step start) while the daemons are idle.
+
+    python -m bench.daemon [--workflows 2000] [--inserts 200] [--concurrency 10]
+
+Starts its own PostgreSQL cluster with default durability (fsync and synchronous_commit
+on) from the machine's binaries, and removes it afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from daemon.local_postgres import LocalPostgres
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fresh_database(cluster: LocalPostgres, name: str) -> str:
+    with psycopg.connect(cluster.url(), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = cluster.url(name)
+    subprocess.run(
+        [sys.executable, "-m", "daemon", "migrate"],
+        env={**os.environ, "DATABASE_URL": url},
+        check=True,
+        capture_output=True,
+    )
+    return url
+
+
+@contextmanager
+def daemons(url: str, count: int, concurrency: int) -> Iterator[list[subprocess.Popen[bytes]]]:
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "PYTHONPATH": str(ROOT),
+        "WORKFLOWD_MODULES": "bench.flows",
+        "WORKFLOWD_CONCURRENCY": str(concurrency),
+        "WORKFLOWD_LOG_LEVEL": "warning",
+    }
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "daemon", "run"], env=env, stdout=subprocess.DEVNULL)
+        for _ in range(count)
+    ]
+    try:
+        with psycopg.connect(url) as conn:
+            while (
+                conn.execute("SELECT count(*) FROM workflow_workers WHERE stopped_at IS NULL").fetchone()[0]
+                < count
+            ):  # type: ignore[index]
+                time.sleep(0.05)
+        yield processes
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=30)
+
+
+def throughput(cluster: LocalPostgres, processes: int, workflows: int, concurrency: int) -> dict[str, float]:
+    url = fresh_database(cluster, f"bench_throughput_{processes}")
+    with daemons(url, processes, concurrency), psycopg.connect(url, autocommit=True) as conn:
+        started = time.monotonic()
+        conn.execute(
+            "INSERT INTO workflows (type, input, user_id) SELECT 'noop_3', jsonb_build_object('n', n), 'bench' "
+            "FROM generate_series(1, %s) n",
+            (workflows,),
+        )
+        while (
+            conn.execute("SELECT count(*) FROM workflows WHERE state = 'completed'").fetchone()[0] < workflows
+        ):  # type: ignore[index]
+            time.sleep(0.02)
+        elapsed = time.monotonic() - started
+    return {
+        "processes": processes,
+        "seconds": round(elapsed, 2),
+        "workflows_per_s": round(workflows / elapsed),
+        "steps_per_s": round(3 * workflows / elapsed),
+    }
+
+
+def pickup_latency(cluster: LocalPostgres, inserts: int, concurrency: int) -> dict[str, float]:
+    url = fresh_database(cluster, "bench_pickup")
+    committed: dict[int, float] = {}
+    with daemons(url, 2, concurrency), psycopg.connect(url, autocommit=True) as conn:
+        time.sleep(1)  # idle daemons, listening
+        for n in range(inserts):
+            conn.execute(
+                "INSERT INTO workflows (type, input, user_id) VALUES ('pickup', %s, 'bench')",
+                (json.dumps({"n": n}),),
+            )
+            committed[n] = time.time()
+            time.sleep(0.01)
+        while (
+            conn.execute("SELECT count(*) FROM workflows WHERE state = 'completed'").fetchone()[0] < inserts
+        ):  # type: ignore[index]
+            time.sleep(0.05)
+        rows = conn.execute(
+            "SELECT (input->>'n')::int, (output->>'started')::float8 FROM workflows"
+        ).fetchall()
+    latencies = sorted((started - committed[n]) * 1000 for n, started in rows)
+    quantiles = statistics.quantiles(latencies, n=100)
+    return {
+        "inserts": inserts,
+        "p50_ms": round(quantiles[49], 2),
+        "p95_ms": round(quantiles[94], 2),
+        "p99_ms": round(quantiles[98], 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workflows", type=int, default=2000)
+    parser.add_argument("--inserts", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=10)
+    args = parser.parse_args()
+    machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
+    print(f"machine: {machine}")
+    with LocalPostgres.temporary() as cluster:
+        with psycopg.connect(cluster.url()) as conn:
+            version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+            durability = conn.execute(
+                "SELECT current_setting('fsync'), current_setting('synchronous_commit')"
+            ).fetchone()
+        print(f"postgres {version}, fsync={durability[0]}, synchronous_commit={durability[1]}")  # type: ignore[index]
+        for processes in (1, 2):
+            result = throughput(cluster, processes, args.workflows, args.concurrency)
+            print(
+                f"throughput {args.workflows} three-step no-op workflows, concurrency {args.concurrency}: {result}"
+            )
+        print(f"pickup latency, idle daemons: {pickup_latency(cluster, args.inserts, args.concurrency)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""No-op workflow types for the benchmarks: the engine's own cost, nothing else."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from engine import Step, Workflow, WorkflowContext
+
+
+async def noop(input: Any, ctx: WorkflowContext) -> dict[str, Any]:
+    return {}
+
+
+async def stamp(input: Any, ctx: WorkflowContext) -> dict[str, float]:
+    # Wall-clock time at step start, compared with the inserting client's clock (same host).
+    return {"started": time.time()}
+
+
+noop_1 = Workflow(type="noop_1", steps=[Step("only", noop)])
+noop_3 = Workflow(type="noop_3", steps=[Step("one", noop), Step("two", noop), Step("three", noop)])
+pickup = Workflow(type="pickup", steps=[Step("stamp", stamp)])
