@@ -160,6 +160,12 @@ class Worker:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, CLAIM_RETRY_DELAY_MAX_SECONDS)
                     continue
+                except Exception:
+                    # A bug or a row we cannot handle must not stop the daemon: the claim's
+                    # transaction rolled back, so nothing is lost; say so loudly and go on.
+                    self.log.exception("claim_crashed", retry_in=CLAIM_RETRY_DELAY_MAX_SECONDS)
+                    await asyncio.sleep(CLAIM_RETRY_DELAY_MAX_SECONDS)
+                    continue
                 if claimed == free:
                     continue  # more may be due: claim again while slots are free
             # Woken by a notification, a freed slot or a stop; else poll.

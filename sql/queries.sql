@@ -258,7 +258,7 @@ failed_workflow AS (
 ),
 events AS (
     INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state, attempt, worker_id, error)
-    SELECT %(id)s, %(step_index)s, failed_step.step_name, 'running', 'failed', %(attempt)s, %(worker_id)s,
+    SELECT %(id)s, %(step_index)s::int, failed_step.step_name, 'running', 'failed', %(attempt)s::int, %(worker_id)s,
            %(error)s::jsonb || jsonb_build_object('traceback', %(traceback)s::text)
     FROM failed_step
     UNION ALL

@@ -16,6 +16,7 @@ from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel
 
 from engine import PermanentError, Step, Workflow, WorkflowContext
 
@@ -97,3 +98,12 @@ timing_out = Workflow(type="timing_out", steps=[Step("slow", sleepy, timeout=0.3
 cut_connections = Workflow(
     type="cut_connections", steps=[Step("cut", cut_daemon_connections), Step("after", recorded)]
 )
+
+
+class OrderInput(BaseModel):
+    order_id: int
+    amount: float
+
+
+validated = Workflow(type="validated", steps=[Step("use", recorded)], input_model=OrderInput)
+not_idempotent = Workflow(type="not_idempotent", steps=[Step("transfer", sleepy, is_idempotent=False)])

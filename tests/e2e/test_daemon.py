@@ -375,3 +375,47 @@ def test_the_listener_reconnects_and_notifications_wake_the_daemon_again(
     wait_until(lambda: all_finished(db, 1), 10, "the notified daemon to run the workflow")
     assert time.monotonic() - inserted_at < 5
     assert "listener_disconnected" in {event["event"] for event in daemon.log_events()}
+
+
+def test_sql_rows_with_invalid_input_fail_without_retries_and_the_daemon_keeps_going(
+    daemons: Daemons, db: psycopg.Connection[Any]
+) -> None:
+    daemon = daemons.start()
+    db.execute(
+        "INSERT INTO workflows (type, input, user_id) VALUES "
+        """('validated', '{"order_id": "seven"}', 'u1'), ('validated', '{"order_id": 7, "amount": 9.5}', 'u1')"""
+    )
+    wait_until(lambda: states(db) == {"failed": 1, "completed": 1}, 20, "one failure and one completion")
+    error = db.execute("SELECT error FROM workflows WHERE state = 'failed'").fetchone()
+    assert error is not None
+    assert error[0]["type"] == "InputValidationError"
+    assert error[0]["messages"] == [
+        "order_id: Input should be a valid integer, unable to parse string as an integer",
+        "amount: Field required",
+    ]
+    assert db.execute(
+        "SELECT count(*) FROM workflow_steps s JOIN workflows w ON w.id = s.workflow_id WHERE w.state = 'failed'"
+    ).fetchone() == (0,)
+    assert db.execute("SELECT count(*) FROM test_effects").fetchone() == (1,)
+    insert_workflows(db, "three_steps", 2)
+    wait_until(lambda: states(db).get("completed") == 3, 20, "the daemon to keep working")
+    assert daemon.process.poll() is None
+
+
+def test_an_interrupted_non_idempotent_step_fails_as_outcome_unknown_and_is_not_rerun(
+    daemons: Daemons, db: psycopg.Connection[Any]
+) -> None:
+    victim = daemons.start(lease_seconds=1)
+    insert_workflows(db, "not_idempotent", 1)
+    wait_until(
+        lambda: db.execute("SELECT count(*) FROM test_effects").fetchone() == (1,), 15, "the step to start"
+    )
+    victim.signal(signal.SIGKILL)
+    daemons.start(lease_seconds=1)
+    wait_until(lambda: all_finished(db, 1, "failed"), 20, "the workflow to fail")
+    error = db.execute("SELECT error FROM workflows").fetchone()
+    assert error is not None
+    assert error[0]["type"] == "OutcomeUnknown"
+    assert error[0]["message"].startswith("outcome unknown: the worker running step 'transfer' (attempt 1)")
+    assert db.execute("SELECT state::text, attempt FROM workflow_steps").fetchone() == ("failed", 1)
+    assert db.execute("SELECT count(*) FROM test_effects").fetchone() == (1,), "the step was not run again"
