@@ -167,5 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WorkflowEngineError as error:
         print(f"workflowd: {error}", file=sys.stderr)
         return EXIT_FAILURE
+    except psycopg.Error as error:
+        # The database went away or refused something mid-command: one line, not a traceback.
+        reason = " ".join(line.strip() for line in str(error).splitlines()) or type(error).__name__
+        print(f"workflowd: database error: {reason}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130

@@ -283,6 +283,9 @@ class Worker:
             except InputValidationError as error:
                 refused = failure("", 0, "InputValidationError", str(error), retryable=False)
                 return StepFailed({**refused.error, "messages": error.messages}, "", retryable=False)
+            except Exception as error:  # a broken validator fails its workflow, not the daemon
+                message = f"the input model of {definition.type!r} raised {type(error).__name__}: {error}"
+                return failure("", 0, "InputValidationError", message, retryable=False)
         if row["previous_step_state"] == "running" and not row["step_started"]:
             step = definition.steps[index]
             message = (

@@ -49,8 +49,9 @@ def failure(
 
 
 def _failure_from(error: BaseException, step: Step, attempt: int) -> StepFailed:
-    # PermanentError and invalid input cannot be fixed by another attempt.
-    retryable = not isinstance(error, PermanentError | InputValidationError)
+    # PermanentError and invalid input cannot be fixed by another attempt; nor can step
+    # code that tries to end the process (SystemExit and the like, not Exceptions).
+    retryable = isinstance(error, Exception) and not isinstance(error, PermanentError | InputValidationError)
     trace = "".join(traceback.format_exception(error))
     return failure(step.name, attempt, type(error).__name__, str(error), retryable=retryable, trace=trace)
 
@@ -71,17 +72,21 @@ async def run_step(
 
     A timeout fails the attempt as retryable. A plain function that times out keeps
     running in its thread (Python cannot stop a thread), but its result is ignored.
-    Cancellation (shutdown) is not a step error and propagates.
+    Cancellation (shutdown) is not a step error and propagates; anything else the step
+    raises, even SystemExit, becomes a failed attempt.
     """
+    deadline = asyncio.timeout(step.timeout)
     try:
-        async with asyncio.timeout(step.timeout):
+        async with deadline:
             output = await _call(step, input, ctx, executor)
+    except asyncio.CancelledError:
+        raise
     except TimeoutError as error:
-        if step.timeout is not None and not str(error):
-            message = f"step {step.name!r} exceeded its timeout of {step.timeout:g} s"
-            return failure(step.name, ctx.attempt, "StepTimeout", message, retryable=True)
-        return _failure_from(error, step, ctx.attempt)
-    except Exception as error:
+        if not deadline.expired():  # the step's own TimeoutError, not our deadline
+            return _failure_from(error, step, ctx.attempt)
+        message = f"step {step.name!r} exceeded its timeout of {step.timeout:g} s"
+        return failure(step.name, ctx.attempt, "StepTimeout", message, retryable=True)
+    except BaseException as error:  # broken step code must not stop the daemon
         return _failure_from(error, step, ctx.attempt)
     try:
         canonical_json(output)

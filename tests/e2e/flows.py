@@ -107,3 +107,15 @@ class OrderInput(BaseModel):
 
 validated = Workflow(type="validated", steps=[Step("use", recorded)], input_model=OrderInput)
 not_idempotent = Workflow(type="not_idempotent", steps=[Step("transfer", sleepy, is_idempotent=False)])
+
+
+def exits(input: dict[str, Any], ctx: WorkflowContext) -> None:
+    raise SystemExit(1)
+
+
+async def returns_a_set(input: dict[str, Any], ctx: WorkflowContext) -> Any:
+    return {1, 2, 3}
+
+
+broken_exit = Workflow(type="broken_exit", steps=[Step("exits", exits)])
+broken_output = Workflow(type="broken_output", steps=[Step("returns_a_set", returns_a_set)])

@@ -419,3 +419,17 @@ def test_an_interrupted_non_idempotent_step_fails_as_outcome_unknown_and_is_not_
     assert error[0]["message"].startswith("outcome unknown: the worker running step 'transfer' (attempt 1)")
     assert db.execute("SELECT state::text, attempt FROM workflow_steps").fetchone() == ("failed", 1)
     assert db.execute("SELECT count(*) FROM test_effects").fetchone() == (1,), "the step was not run again"
+
+
+def test_broken_step_code_fails_its_workflow_and_the_daemon_keeps_running(
+    daemons: Daemons, db: psycopg.Connection[Any]
+) -> None:
+    daemon = daemons.start()
+    insert_workflows(db, "broken_exit", 1)
+    insert_workflows(db, "broken_output", 1)
+    wait_until(lambda: all_finished(db, 2, "failed"), 20, "both broken workflows to fail")
+    errors = dict(db.execute("SELECT type, error->>'type' FROM workflows").fetchall())
+    assert errors == {"broken_exit": "SystemExit", "broken_output": "InvalidStepOutput"}
+    insert_workflows(db, "three_steps", 1)
+    wait_until(lambda: states(db).get("completed") == 1, 20, "the daemon to keep working")
+    assert daemon.process.poll() is None

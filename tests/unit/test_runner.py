@@ -1,0 +1,135 @@
+"""run_step: one attempt of a step and the meaning of its outcome, without a database."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from engine import PermanentError, Step, WorkflowContext
+from engine.runner import StepFailed, StepSucceeded, run_step
+
+
+def context(attempt: int = 1) -> WorkflowContext:
+    return WorkflowContext(
+        workflow_id=uuid.uuid4(),
+        workflow_type="t",
+        step_name="s",
+        step_index=0,
+        idempotency_key="step:s:x",
+        attempt=attempt,
+    )
+
+
+async def test_an_async_step_runs_on_the_loop_and_returns_its_output() -> None:
+    async def execute(input: Any, ctx: WorkflowContext) -> dict[str, Any]:
+        return {"doubled": input["n"] * 2, "key": ctx.idempotency_key}
+
+    outcome = await run_step(Step("s", execute), {"n": 21}, context())
+    assert outcome == StepSucceeded({"doubled": 42, "key": "step:s:x"})
+
+
+async def test_a_plain_step_runs_in_the_executor_thread() -> None:
+    def execute(input: Any, ctx: WorkflowContext) -> str:
+        return threading.current_thread().name
+
+    with ThreadPoolExecutor(thread_name_prefix="step") as executor:
+        outcome = await run_step(Step("s", execute), {}, context(), executor)
+    assert isinstance(outcome, StepSucceeded)
+    assert outcome.output.startswith("step")
+
+
+async def test_a_plain_function_may_return_an_awaitable() -> None:
+    async def later() -> int:
+        return 7
+
+    outcome = await run_step(Step("s", lambda input, ctx: later()), {}, context())
+    assert outcome == StepSucceeded(7)
+
+
+async def test_an_exception_is_a_retryable_failure_with_a_summary_and_a_traceback() -> None:
+    def execute(input: Any, ctx: WorkflowContext) -> None:
+        raise ConnectionError("exchange unreachable")
+
+    outcome = await run_step(Step("s", execute), {}, context(attempt=3))
+    assert isinstance(outcome, StepFailed)
+    assert outcome.retryable
+    assert outcome.error == {
+        "type": "ConnectionError",
+        "message": "exchange unreachable",
+        "step": "s",
+        "attempt": 3,
+    }
+    assert "Traceback" in outcome.traceback
+    assert "exchange unreachable" in outcome.traceback
+
+
+async def test_a_permanent_error_is_not_retryable() -> None:
+    async def execute(input: Any, ctx: WorkflowContext) -> None:
+        raise PermanentError("insufficient funds")
+
+    outcome = await run_step(Step("s", execute), {}, context())
+    assert isinstance(outcome, StepFailed)
+    assert not outcome.retryable
+    assert outcome.error["type"] == "PermanentError"
+
+
+async def test_exceeding_the_timeout_is_a_retryable_step_timeout() -> None:
+    async def execute(input: Any, ctx: WorkflowContext) -> None:
+        await asyncio.sleep(5)
+
+    outcome = await run_step(Step("s", execute, timeout=0.05), {}, context())
+    assert isinstance(outcome, StepFailed)
+    assert outcome.retryable
+    assert outcome.error["type"] == "StepTimeout"
+    assert outcome.error["message"] == "step 's' exceeded its timeout of 0.05 s"
+
+
+async def test_a_timeout_error_raised_by_the_step_itself_is_not_our_timeout() -> None:
+    async def execute(input: Any, ctx: WorkflowContext) -> None:
+        raise TimeoutError
+
+    outcome = await run_step(Step("s", execute, timeout=10), {}, context())
+    assert isinstance(outcome, StepFailed)
+    assert outcome.error["type"] == "TimeoutError"
+
+
+async def test_system_exit_from_step_code_fails_the_step_not_the_process() -> None:
+    def execute(input: Any, ctx: WorkflowContext) -> None:
+        sys.exit(3)
+
+    with ThreadPoolExecutor() as executor:
+        outcome = await run_step(Step("s", execute), {}, context(), executor)
+    assert isinstance(outcome, StepFailed)
+    assert not outcome.retryable
+    assert outcome.error["type"] == "SystemExit"
+
+
+async def test_an_output_that_is_not_json_fails_permanently() -> None:
+    async def execute(input: Any, ctx: WorkflowContext) -> Any:
+        return {"when": object()}
+
+    outcome = await run_step(Step("s", execute), {}, context())
+    assert isinstance(outcome, StepFailed)
+    assert not outcome.retryable
+    assert outcome.error["type"] == "InvalidStepOutput"
+    assert "not JSON-serialisable" in outcome.error["message"]
+
+
+async def test_cancellation_propagates() -> None:
+    started = asyncio.Event()
+
+    async def execute(input: Any, ctx: WorkflowContext) -> None:
+        started.set()
+        await asyncio.sleep(5)
+
+    task = asyncio.create_task(run_step(Step("s", execute), {}, context()))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
