@@ -38,7 +38,8 @@ class WorkflowContext:
     services so that a call repeated after a crash is deduplicated there. `outputs`
     holds the outputs of the steps that completed before this one, by step name.
     `connection` is set only for transactional steps: the open transaction that will
-    also record the step's completion.
+    also record the step's completion. `cancel_requested` turns true when the workflow is
+    asked to cancel while the step runs.
     """
 
     workflow_id: UUID
@@ -51,8 +52,18 @@ class WorkflowContext:
     config: Mapping[str, Any] = field(default_factory=dict)
     user_id: str | None = None
     wallet_address: str | None = None
-    cancel_requested: bool = False
     connection: AsyncConnection[Any] | None = None
+    # Asked on every read of `cancel_requested`; the daemon's heartbeat keeps it current.
+    cancel_check: Callable[[], bool] = field(default=lambda: False, repr=False)
+
+    @property
+    def cancel_requested(self) -> bool:
+        """Whether someone asked to cancel the workflow while this step runs.
+
+        The workflow stops at the next step boundary anyway; a long step may look at
+        this to stop early (and raise, or return what it has).
+        """
+        return self.cancel_check()
 
 
 @dataclass(frozen=True)

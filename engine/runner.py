@@ -10,7 +10,7 @@ import asyncio
 import functools
 import inspect
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -56,11 +56,11 @@ def _failure_from(error: BaseException, step: Step, attempt: int) -> StepFailed:
     return failure(step.name, attempt, type(error).__name__, str(error), retryable=retryable, trace=trace)
 
 
-async def _call(step: Step, input: Any, ctx: WorkflowContext, executor: Executor | None) -> Any:
-    if inspect.iscoroutinefunction(step.execute):
-        return await step.execute(input, ctx)
+async def _call(fn: Callable[..., Any], args: tuple[Any, ...], executor: Executor | None) -> Any:
+    if inspect.iscoroutinefunction(fn):
+        return await fn(*args)
     loop = asyncio.get_running_loop()
-    result = await loop.run_in_executor(executor, functools.partial(step.execute, input, ctx))
+    result = await loop.run_in_executor(executor, functools.partial(fn, *args))
     # A plain function may still hand back an awaitable (a lambda around a coroutine).
     return await result if inspect.isawaitable(result) else result
 
@@ -75,10 +75,28 @@ async def run_step(
     Cancellation (shutdown) is not a step error and propagates; anything else the step
     raises, even SystemExit, becomes a failed attempt.
     """
+    return await _attempt(step, step.execute, (input, ctx), ctx, executor)
+
+
+async def run_compensation(
+    step: Step, input: Any, output: Any, ctx: WorkflowContext, executor: Executor | None = None
+) -> StepOutcome:
+    """Run one attempt of the step's compensate function, as `run_step` runs execute.
+
+    A step without a compensate function has nothing to undo: it succeeds at once.
+    """
+    if step.compensate is None:
+        return StepSucceeded(None)
+    return await _attempt(step, step.compensate, (input, output, ctx), ctx, executor)
+
+
+async def _attempt(
+    step: Step, fn: Callable[..., Any], args: tuple[Any, ...], ctx: WorkflowContext, executor: Executor | None
+) -> StepOutcome:
     deadline = asyncio.timeout(step.timeout)
     try:
         async with deadline:
-            output = await _call(step, input, ctx, executor)
+            output = await _call(fn, args, executor)
     except asyncio.CancelledError:
         raise
     except TimeoutError as error:

@@ -211,8 +211,12 @@ class Store:
         traceback: str,
         delay_seconds: float,
         worker_id: str,
+        compensation: bool = False,
     ) -> bool:
-        """Record a failed attempt and when to retry it; False when the lease was lost."""
+        """Record a failed attempt (of the step, or of its compensation) and when to retry it.
+
+        False when the lease was lost.
+        """
         params = {
             "id": workflow_id,
             "lease_token": lease_token,
@@ -223,7 +227,8 @@ class Store:
             "delay_seconds": delay_seconds,
             "worker_id": worker_id,
         }
-        return await self._one("schedule_retry", params) is not None
+        name = "schedule_compensation_retry" if compensation else "schedule_retry"
+        return await self._one(name, params) is not None
 
     async def fail_workflow(
         self,
@@ -235,8 +240,12 @@ class Store:
         error: Mapping[str, Any],
         traceback: str,
         worker_id: str,
+        compensation: bool = False,
     ) -> bool:
-        """Fail the step and the workflow for good; False when the lease was lost."""
+        """Fail the workflow for good at this step (or at this step's compensation).
+
+        False when the lease was lost.
+        """
         params = {
             "id": workflow_id,
             "lease_token": lease_token,
@@ -246,18 +255,18 @@ class Store:
             "traceback": traceback,
             "worker_id": worker_id,
         }
-        return await self._one("fail_workflow", params) is not None
+        name = "fail_compensation" if compensation else "fail_workflow"
+        return await self._one(name, params) is not None
 
     async def renew_leases(
         self, *, worker_id: str, lease_tokens: list[UUID], lease_seconds: float
-    ) -> set[UUID]:
-        """Renew the given leases of this worker; returns the ids of the workflows renewed."""
-        params = {
-            "worker_id": worker_id,
-            "lease_tokens": lease_tokens,
-            "lease_seconds": lease_seconds,
-        }
-        return {row["id"] for row in await self._all("renew_leases", params)}
+    ) -> dict[UUID, bool]:
+        """Renew the given leases of this worker.
+
+        Returns {workflow id: cancel requested} of the workflows renewed.
+        """
+        params = {"worker_id": worker_id, "lease_tokens": lease_tokens, "lease_seconds": lease_seconds}
+        return {row["id"]: row["cancel_requested"] for row in await self._all("renew_leases", params)}
 
     async def release_leases(self, *, worker_id: str, lease_tokens: list[UUID]) -> set[UUID]:
         """Give back leases, due at once; returns the ids of the workflows released."""
@@ -282,6 +291,42 @@ class Store:
         """Mark this daemon stopped."""
         async with self.connection() as conn:
             await conn.execute(query("stop_worker"), {"worker_id": worker_id})
+
+    async def get_step(self, workflow_id: UUID, step_index: int) -> Row | None:
+        """State and attempt counters of one step."""
+        return await self._one("get_step", {"id": workflow_id, "step_index": step_index})
+
+    async def begin_compensation(self, *, workflow_id: UUID, worker_id: str) -> str:
+        """Start undoing a failed or cancelled workflow; returns its new state."""
+        return str(await self._scalar("begin_compensation", {"id": workflow_id, "worker_id": worker_id}))
+
+    async def cancel_at_boundary(self, *, workflow_id: UUID, lease_token: UUID, worker_id: str) -> bool:
+        """Cancel a claimed workflow between two steps; False when it was not running under this lease."""
+        params = {"id": workflow_id, "lease_token": lease_token, "worker_id": worker_id}
+        return await self._one("cancel_at_boundary", params) is not None
+
+    async def complete_compensation(
+        self,
+        *,
+        workflow_id: UUID,
+        lease_token: UUID,
+        step_index: int,
+        attempt: int,
+        go_on: bool,
+        lease_seconds: float,
+        worker_id: str,
+    ) -> Row | None:
+        """Record a step as compensated and move the cursor down; None when the lease was lost."""
+        params = {
+            "id": workflow_id,
+            "lease_token": lease_token,
+            "step_index": step_index,
+            "attempt": attempt,
+            "go_on": go_on,
+            "lease_seconds": lease_seconds,
+            "worker_id": worker_id,
+        }
+        return await self._one("complete_compensation", params)
 
     async def get_step_progress(self, workflow_id: UUID) -> Row | None:
         """Where a workflow stands, to settle a commit whose answer a dropped connection lost."""

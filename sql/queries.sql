@@ -52,15 +52,18 @@ SELECT workflow_canonical_json(%(value)s);
 -- SKIP LOCKED lets many daemons claim at once without waiting on each other's rows.
 -- Claiming moves next_retry_at to the lease's expiry, so a crashed worker's rows simply
 -- fall due again when the lease runs out: the lease is the rescue, there is no rescuer.
--- The current step starts in the same statement (attempt + 1), so an attempt is on the
--- books before its code runs; a step found already running was interrupted (its worker
--- died or lost the lease). A non-idempotent step found so is not started again: the
--- caller fails it as "outcome unknown". The final SELECT reads the statement's snapshot,
--- so `previous_step` holds the step as it was before this claim.
+-- The current step starts in the same statement, so an attempt is on the books before
+-- its code runs: a forward step goes running (attempt + 1); in a compensating workflow
+-- the step under the cursor goes compensating (compensation_attempt + 1). A forward
+-- step found already running was interrupted (its worker died or lost the lease); a
+-- non-idempotent one is not started again: the caller fails it as "outcome unknown".
+-- A workflow whose cancel was requested starts nothing: the caller cancels it at this
+-- step boundary. The final SELECT reads the statement's snapshot, so `prev` holds the
+-- step as it was before this claim.
 WITH due AS (
     SELECT id, state AS previous_state, next_retry_at AS due_at
     FROM workflows
-    WHERE state IN ('pending', 'running')
+    WHERE state IN ('pending', 'running', 'compensating')
       AND next_retry_at <= now()
       AND type = ANY(%(types)s::text[])
     ORDER BY priority, next_retry_at
@@ -73,7 +76,7 @@ claimed AS (
         lease_token = gen_random_uuid(),
         lease_expires_at = now() + %(lease_seconds)s * interval '1 second',
         next_retry_at = now() + %(lease_seconds)s * interval '1 second',
-        state = 'running',
+        state = CASE WHEN w.state = 'pending' THEN 'running'::workflow_state ELSE w.state END,
         started_at = coalesce(w.started_at, now()),
         updated_at = now()
     FROM due
@@ -82,12 +85,18 @@ claimed AS (
 ),
 started AS (
     UPDATE workflow_steps s
-    SET state = 'running', attempt = s.attempt + 1, started_at = coalesce(s.started_at, now()),
-        next_retry_at = NULL, updated_at = now()
+    SET state = CASE WHEN c.state = 'compensating' THEN 'compensating'::step_state ELSE 'running'::step_state END,
+        attempt = s.attempt + CASE WHEN c.state = 'compensating' THEN 0 ELSE 1 END,
+        compensation_attempt = s.compensation_attempt + CASE WHEN c.state = 'compensating' THEN 1 ELSE 0 END,
+        started_at = coalesce(s.started_at, now()), next_retry_at = NULL, updated_at = now()
     FROM claimed c
     WHERE s.workflow_id = c.id AND s.step_index = c.current_step_index
-      AND (s.state IN ('pending', 'failed') OR (s.state = 'running' AND s.is_idempotent))
-    RETURNING s.workflow_id, s.step_index, s.step_name, s.attempt
+      AND CASE WHEN c.state = 'compensating' THEN s.state IN ('completed', 'compensating')
+               ELSE NOT c.cancel_requested
+                    AND (s.state IN ('pending', 'failed') OR (s.state = 'running' AND s.is_idempotent)) END
+    RETURNING s.workflow_id, s.step_index, s.step_name, s.state,
+              CASE WHEN c.state = 'compensating' THEN s.compensation_attempt ELSE s.attempt END AS attempt,
+              CASE WHEN c.state = 'compensating' THEN s.compensation_retry_count ELSE s.retry_count END AS retry_count
 ),
 workflow_events AS (
     INSERT INTO workflow_events (workflow_id, from_state, to_state, worker_id)
@@ -95,16 +104,16 @@ workflow_events AS (
 ),
 step_events AS (
     INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state, attempt, worker_id)
-    SELECT st.workflow_id, st.step_index, st.step_name, prev.state::text, 'running', st.attempt, %(worker_id)s
+    SELECT st.workflow_id, st.step_index, st.step_name, prev.state::text, st.state::text, st.attempt, %(worker_id)s
     FROM started st
     JOIN workflow_steps prev ON prev.workflow_id = st.workflow_id AND prev.step_index = st.step_index
 )
-SELECT c.id, c.type, c.input, c.user_id, c.wallet_address, c.idempotency_key, c.context,
-       c.current_step_index, c.max_retries, c.lease_token, c.cancel_requested,
+SELECT c.id, c.type, c.state, c.input, c.user_id, c.wallet_address, c.idempotency_key, c.context,
+       c.current_step_index, c.max_retries, c.lease_token, c.cancel_requested, c.requires_compensation,
        c.previous_state, extract(epoch FROM now() - c.due_at)::float8 AS pickup_lag_seconds,
-       prev.state AS previous_step_state, prev.retry_count AS step_retry_count,
-       prev.max_retries AS step_max_retries, prev.is_idempotent AS step_is_idempotent,
-       coalesce(st.attempt, prev.attempt) AS attempt, st.workflow_id IS NOT NULL AS step_started
+       prev.state AS previous_step_state, prev.is_idempotent AS step_is_idempotent, prev.output AS step_output,
+       coalesce(st.attempt, prev.attempt) AS attempt, coalesce(st.retry_count, prev.retry_count) AS retry_count,
+       st.workflow_id IS NOT NULL AS step_started
 FROM claimed c
 LEFT JOIN workflow_steps prev ON prev.workflow_id = c.id AND prev.step_index = c.current_step_index
 LEFT JOIN started st ON st.workflow_id = c.id;
@@ -150,9 +159,10 @@ FROM inserted WHERE state = 'running';
 -- (FOR UPDATE re-checks the token on the latest row version), so a worker whose lease
 -- was taken over updates nothing. In the same statement the workflow advances, the
 -- timeline grows, and, when the worker goes straight on, the next step starts and the
--- lease is extended; otherwise the lease is released and the workflow is due at once.
+-- lease is extended; otherwise (shutdown, a cancel request) the lease is released and
+-- the workflow is due at once.
 WITH owner AS (
-    SELECT id, total_steps FROM workflows
+    SELECT id, total_steps, %(go_on)s AND NOT cancel_requested AS go_on FROM workflows
     WHERE id = %(id)s AND lease_token = %(lease_token)s
     FOR UPDATE
 ),
@@ -162,7 +172,8 @@ done AS (
     FROM owner
     WHERE s.workflow_id = owner.id AND s.step_index = %(step_index)s
       AND s.state = 'running' AND s.attempt = %(attempt)s
-    RETURNING s.workflow_id, s.step_name, s.step_index = owner.total_steps - 1 AS was_last
+    RETURNING s.workflow_id, s.step_name, s.step_index = owner.total_steps - 1 AS was_last,
+              owner.go_on AND s.step_index < owner.total_steps - 1 AS go_on
 ),
 advanced AS (
     UPDATE workflows w
@@ -171,25 +182,22 @@ advanced AS (
         state = CASE WHEN done.was_last THEN 'completed'::workflow_state ELSE w.state END,
         output = CASE WHEN done.was_last THEN %(output)s::jsonb ELSE w.output END,
         completed_at = CASE WHEN done.was_last THEN now() END,
-        locked_by = CASE WHEN %(go_on)s AND NOT done.was_last THEN w.locked_by END,
-        lease_token = CASE WHEN %(go_on)s AND NOT done.was_last THEN w.lease_token END,
-        lease_expires_at = CASE WHEN %(go_on)s AND NOT done.was_last
-                                THEN now() + %(lease_seconds)s * interval '1 second' END,
-        next_retry_at = CASE WHEN %(go_on)s AND NOT done.was_last
-                             THEN now() + %(lease_seconds)s * interval '1 second' ELSE now() END,
+        locked_by = CASE WHEN done.go_on THEN w.locked_by END,
+        lease_token = CASE WHEN done.go_on THEN w.lease_token END,
+        lease_expires_at = CASE WHEN done.go_on THEN now() + %(lease_seconds)s * interval '1 second' END,
+        next_retry_at = CASE WHEN done.go_on THEN now() + %(lease_seconds)s * interval '1 second' ELSE now() END,
         updated_at = now()
     FROM done
     WHERE w.id = done.workflow_id
-    RETURNING w.id, w.state, w.current_step_index, w.cancel_requested, done.was_last
+    RETURNING w.id, w.state, w.current_step_index, w.cancel_requested, done.was_last, done.go_on
 ),
 next_started AS (
     UPDATE workflow_steps s
     SET state = 'running', attempt = s.attempt + 1, started_at = coalesce(s.started_at, now()),
         next_retry_at = NULL, updated_at = now()
     FROM advanced a
-    WHERE %(go_on)s AND NOT a.was_last
-      AND s.workflow_id = a.id AND s.step_index = %(step_index)s + 1
-    RETURNING s.step_index, s.step_name, s.attempt, s.retry_count, s.max_retries, s.is_idempotent
+    WHERE a.go_on AND s.workflow_id = a.id AND s.step_index = %(step_index)s + 1
+    RETURNING s.step_index, s.step_name, s.attempt, s.retry_count
 ),
 events AS (
     INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state, attempt, worker_id)
@@ -200,7 +208,7 @@ events AS (
     SELECT %(id)s, n.step_index, n.step_name, 'pending', 'running', n.attempt, %(worker_id)s FROM next_started n
 )
 SELECT a.state, a.was_last, a.cancel_requested, n.step_index AS next_step_index, n.attempt AS next_attempt,
-       n.retry_count AS next_retry_count, n.max_retries AS next_max_retries
+       n.retry_count AS next_retry_count
 FROM advanced a LEFT JOIN next_started n ON true;
 
 -- name: schedule_retry
@@ -222,7 +230,9 @@ failed AS (
 released AS (
     UPDATE workflows w
     SET locked_by = NULL, lease_token = NULL, lease_expires_at = NULL,
-        next_retry_at = failed.next_retry_at, retry_count = w.retry_count + 1, updated_at = now()
+        -- A cancel request is honoured at once rather than after the backoff.
+        next_retry_at = CASE WHEN w.cancel_requested THEN now() ELSE failed.next_retry_at END,
+        retry_count = w.retry_count + 1, updated_at = now()
     FROM failed
     WHERE w.id = failed.workflow_id
     RETURNING w.id
@@ -266,9 +276,162 @@ events AS (
 )
 SELECT id FROM failed_workflow;
 
+-- name: begin_compensation
+-- After fail_workflow or cancel_at_boundary, in the same transaction: undo the completed
+-- steps (see workflow_begin_compensation in the migrations).
+SELECT workflow_begin_compensation(%(id)s, %(worker_id)s);
+
+-- name: cancel_at_boundary
+-- A claimed workflow whose cancel was requested stops here, between two steps: it is
+-- cancelled, its steps that never started are skipped, and its lease is released.
+-- Runs in the claiming transaction, which holds the row.
+WITH cancelled AS (
+    UPDATE workflows
+    SET state = 'cancelled', completed_at = now(), updated_at = now(),
+        locked_by = NULL, lease_token = NULL, lease_expires_at = NULL
+    WHERE id = %(id)s AND lease_token = %(lease_token)s AND state = 'running'
+    RETURNING id
+),
+skipped AS (
+    UPDATE workflow_steps s
+    SET state = 'skipped', updated_at = now()
+    FROM cancelled
+    WHERE s.workflow_id = cancelled.id AND s.state = 'pending'
+    RETURNING s.step_index, s.step_name
+)
+INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state, worker_id)
+SELECT %(id)s, NULL, NULL, 'running', 'cancelled', %(worker_id)s FROM cancelled
+UNION ALL
+SELECT %(id)s, step_index, step_name, 'pending', 'skipped', %(worker_id)s FROM skipped
+RETURNING id;
+
+-- name: complete_compensation
+-- A step's compensation succeeded (or it had none): the step is compensated and the
+-- cursor moves down to the next completed step, which starts at once when the worker
+-- goes straight on. With nothing left to undo the workflow is compensated. Fenced like
+-- complete_step.
+WITH owner AS (
+    SELECT id FROM workflows
+    WHERE id = %(id)s AND lease_token = %(lease_token)s AND state = 'compensating'
+    FOR UPDATE
+),
+below AS (
+    SELECT max(step_index) AS step_index FROM workflow_steps
+    WHERE workflow_id = %(id)s AND step_index < %(step_index)s AND state = 'completed'
+),
+done AS (
+    UPDATE workflow_steps s
+    SET state = 'compensated', is_compensated = true, error = NULL, next_retry_at = NULL, updated_at = now()
+    FROM owner, below
+    WHERE s.workflow_id = owner.id AND s.step_index = %(step_index)s
+      AND s.state = 'compensating' AND s.compensation_attempt = %(attempt)s
+    RETURNING s.workflow_id, s.step_name, below.step_index AS next_index,
+              %(go_on)s AND below.step_index IS NOT NULL AS go_on
+),
+advanced AS (
+    UPDATE workflows w
+    SET current_step_index = coalesce(done.next_index, w.current_step_index),
+        state = CASE WHEN done.next_index IS NULL THEN 'compensated'::workflow_state ELSE w.state END,
+        is_compensated = done.next_index IS NULL,
+        completed_at = CASE WHEN done.next_index IS NULL THEN now() END,
+        locked_by = CASE WHEN done.go_on THEN w.locked_by END,
+        lease_token = CASE WHEN done.go_on THEN w.lease_token END,
+        lease_expires_at = CASE WHEN done.go_on THEN now() + %(lease_seconds)s * interval '1 second' END,
+        next_retry_at = CASE WHEN done.go_on THEN now() + %(lease_seconds)s * interval '1 second' ELSE now() END,
+        updated_at = now()
+    FROM done
+    WHERE w.id = done.workflow_id
+    RETURNING w.id, w.state, done.next_index, done.go_on
+),
+next_started AS (
+    UPDATE workflow_steps s
+    SET state = 'compensating', compensation_attempt = s.compensation_attempt + 1, updated_at = now()
+    FROM advanced a
+    WHERE a.go_on AND s.workflow_id = a.id AND s.step_index = a.next_index
+    RETURNING s.step_index, s.step_name, s.compensation_attempt, s.compensation_retry_count
+),
+events AS (
+    INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state, attempt, worker_id)
+    SELECT %(id)s, %(step_index)s, done.step_name, 'compensating', 'compensated', %(attempt)s, %(worker_id)s
+    FROM done
+    UNION ALL
+    SELECT %(id)s, NULL, NULL, 'compensating', 'compensated', NULL, %(worker_id)s FROM done WHERE done.next_index IS NULL
+    UNION ALL
+    SELECT %(id)s, n.step_index, n.step_name, 'completed', 'compensating', n.compensation_attempt, %(worker_id)s
+    FROM next_started n
+)
+SELECT a.state, a.state = 'compensated' AS was_last, false AS cancel_requested,
+       n.step_index AS next_step_index, n.compensation_attempt AS next_attempt,
+       n.compensation_retry_count AS next_retry_count
+FROM advanced a LEFT JOIN next_started n ON true;
+
+-- name: schedule_compensation_retry
+-- A compensation attempt failed with retries left: the step stays compensating until
+-- now() + backoff; the lease is released. Fenced like complete_step.
+WITH owner AS (
+    SELECT id FROM workflows
+    WHERE id = %(id)s AND lease_token = %(lease_token)s AND state = 'compensating'
+    FOR UPDATE
+),
+failed AS (
+    UPDATE workflow_steps s
+    SET compensation_retry_count = s.compensation_retry_count + 1, error = %(error)s,
+        next_retry_at = now() + %(delay_seconds)s * interval '1 second', updated_at = now()
+    FROM owner
+    WHERE s.workflow_id = owner.id AND s.step_index = %(step_index)s
+      AND s.state = 'compensating' AND s.compensation_attempt = %(attempt)s
+    RETURNING s.workflow_id, s.step_name, s.next_retry_at
+),
+released AS (
+    UPDATE workflows w
+    SET locked_by = NULL, lease_token = NULL, lease_expires_at = NULL,
+        next_retry_at = failed.next_retry_at, retry_count = w.retry_count + 1, updated_at = now()
+    FROM failed
+    WHERE w.id = failed.workflow_id
+    RETURNING w.id
+)
+INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state, attempt, worker_id, error)
+SELECT %(id)s, %(step_index)s, failed.step_name, 'compensating', 'compensating', %(attempt)s, %(worker_id)s,
+       %(error)s::jsonb || jsonb_build_object('traceback', %(traceback)s::text, 'retry_at', failed.next_retry_at)
+FROM failed JOIN released ON true
+RETURNING id;
+
+-- name: fail_compensation
+-- A compensation that retries cannot fix: the workflow goes back to failed, needing
+-- attention, with an error naming the step whose compensation failed; the step stays
+-- compensating, so the compensate command re-drives it from there. Fenced.
+WITH owner AS (
+    SELECT id FROM workflows
+    WHERE id = %(id)s AND lease_token = %(lease_token)s AND state = 'compensating'
+    FOR UPDATE
+),
+stuck AS (
+    UPDATE workflow_steps s
+    SET error = %(error)s, next_retry_at = NULL, updated_at = now()
+    FROM owner
+    WHERE s.workflow_id = owner.id AND s.step_index = %(step_index)s AND s.state = 'compensating'
+    RETURNING s.step_name
+),
+failed_workflow AS (
+    UPDATE workflows w
+    SET state = 'failed', error = %(error)s, completed_at = now(),
+        locked_by = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
+    FROM owner
+    WHERE w.id = owner.id
+    RETURNING w.id
+)
+INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state, attempt, worker_id, error)
+SELECT %(id)s, %(step_index)s::int, stuck.step_name, 'compensating', 'compensating', %(attempt)s::int, %(worker_id)s,
+       %(error)s::jsonb || jsonb_build_object('traceback', %(traceback)s::text)
+FROM stuck
+UNION ALL
+SELECT %(id)s, NULL, NULL, 'compensating', 'failed', NULL, %(worker_id)s, %(error)s::jsonb FROM failed_workflow
+RETURNING id;
+
 -- name: renew_leases
 -- The heartbeat: one statement renews every in-flight lease of this worker and marks
--- the worker alive. A workflow missing from the result has lost its lease.
+-- the worker alive. A workflow missing from the result has lost its lease; the cancel
+-- flags tell running steps about cancel requests.
 WITH alive AS (
     UPDATE workflow_workers SET last_seen_at = now() WHERE id = %(worker_id)s
 )
@@ -276,7 +439,7 @@ UPDATE workflows
 SET lease_expires_at = now() + %(lease_seconds)s * interval '1 second',
     next_retry_at = now() + %(lease_seconds)s * interval '1 second'
 WHERE lease_token = ANY(%(lease_tokens)s::uuid[]) AND locked_by = %(worker_id)s
-RETURNING id;
+RETURNING id, cancel_requested;
 
 -- name: release_leases
 -- Shutdown: give back the leases this worker still holds, due at once for another worker.
@@ -295,11 +458,16 @@ SET host = EXCLUDED.host, pid = EXCLUDED.pid, types = EXCLUDED.types, concurrenc
 -- name: stop_worker
 UPDATE workflow_workers SET stopped_at = now(), last_seen_at = now() WHERE id = %(worker_id)s;
 
+-- name: get_step
+SELECT state, attempt, compensation_attempt FROM workflow_steps
+WHERE workflow_id = %(id)s AND step_index = %(step_index)s;
+
 -- name: get_step_progress
 -- After a connection dropped during a commit, this tells whether the commit landed.
 SELECT w.state, w.lease_token, w.current_step_index,
-       cur.state AS step_state, cur.attempt AS step_attempt,
-       cur.retry_count AS step_retry_count, cur.max_retries AS step_max_retries
+       cur.state AS step_state, cur.attempt AS step_attempt, cur.retry_count AS step_retry_count,
+       cur.compensation_attempt AS step_compensation_attempt,
+       cur.compensation_retry_count AS step_compensation_retry_count
 FROM workflows w
 LEFT JOIN workflow_steps cur ON cur.workflow_id = w.id AND cur.step_index = w.current_step_index
 WHERE w.id = %(id)s;
