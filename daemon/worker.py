@@ -252,11 +252,11 @@ class Worker:
             definition = self.registry.get(row["type"])
             assert definition is not None  # the claim asked only for registered types
             if row["state"] == "running" and row["cancel_requested"]:
-                await self._cancel(tx, row)
+                await self._cancel(tx, row, definition)
                 continue
             problem = self._refusal(row, definition)
             if problem is not None:
-                await self._refuse(tx, row, problem)
+                await self._refuse(tx, row, definition, problem)
                 continue
             if row["previous_step_state"] is None:
                 fresh.append((row, definition))
@@ -313,7 +313,7 @@ class Worker:
             return failure("", 0, "InputValidationError", message, retryable=False)
         return None
 
-    async def _refuse(self, tx: Store, row: Row, outcome: StepFailed) -> None:
+    async def _refuse(self, tx: Store, row: Row, definition: Workflow, outcome: StepFailed) -> None:
         """Fail a just-claimed workflow that must not run, inside the claiming transaction."""
         await tx.fail_workflow(
             workflow_id=row["id"],
@@ -325,16 +325,17 @@ class Worker:
             worker_id=self.id,
             compensation=row["state"] == "compensating",
         )
-        if row["requires_compensation"] and row["state"] == "running":
+        # The definition decides: a row inserted by SQL learns requires_compensation only now.
+        if definition.requires_compensation and row["state"] == "running":
             await tx.begin_compensation(workflow_id=row["id"], worker_id=self.id)
         self.log.error(
             "workflow_refused", workflow_id=str(row["id"]), type=row["type"], error=outcome.error["message"]
         )
 
-    async def _cancel(self, tx: Store, row: Row) -> None:
+    async def _cancel(self, tx: Store, row: Row, definition: Workflow) -> None:
         """Honour a cancel request at this step boundary, inside the claiming transaction."""
         await tx.cancel_at_boundary(workflow_id=row["id"], lease_token=row["lease_token"], worker_id=self.id)
-        if row["requires_compensation"]:
+        if definition.requires_compensation:
             await tx.begin_compensation(workflow_id=row["id"], worker_id=self.id)
         self.log.info("workflow_cancelled", workflow_id=str(row["id"]), type=row["type"])
 
@@ -463,7 +464,7 @@ class Worker:
         # transaction that fails it.
         async with self.store.transaction() as tx:
             failed = await tx.fail_workflow(**failing)
-            if failed and assignment.row["requires_compensation"]:
+            if failed and assignment.definition.requires_compensation:
                 await tx.begin_compensation(workflow_id=assignment.workflow_id, worker_id=self.id)
             return failed
 

@@ -16,7 +16,16 @@ from engine.errors import (
     WorkflowNotFoundError,
 )
 from engine.idempotency import canonical_json, step_idempotency_key, workflow_idempotency_key
-from engine.records import ExecutionSummary, StartResult, StepRecord, WorkflowPage, WorkflowRecord
+from engine.records import (
+    ExecutionSummary,
+    StartResult,
+    StepRecord,
+    TimelineEvent,
+    WorkerInfo,
+    WorkflowPage,
+    WorkflowRecord,
+    WorkflowStats,
+)
 from engine.registry import Registry
 from engine.retry import RetryPolicy, next_retry_time, should_retry
 from engine.service import InvalidWorkflowIdError, WorkflowService
@@ -36,6 +45,8 @@ __all__ = [
     "Step",
     "StepRecord",
     "StepState",
+    "TimelineEvent",
+    "WorkerInfo",
     "Workflow",
     "WorkflowContext",
     "WorkflowEngineError",
@@ -44,6 +55,7 @@ __all__ = [
     "WorkflowRecord",
     "WorkflowService",
     "WorkflowState",
+    "WorkflowStats",
     "canonical_json",
     "next_retry_time",
     "should_retry",

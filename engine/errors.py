@@ -31,14 +31,15 @@ class InputValidationError(WorkflowEngineError):
 class IllegalTransitionError(WorkflowEngineError):
     """A state change that the state machine does not allow."""
 
-    def __init__(self, kind: str, source: str, target: str, allowed: frozenset[str]) -> None:
+    def __init__(
+        self, kind: str, source: str, target: str, allowed: frozenset[str], reason: str | None = None
+    ) -> None:
         self.kind = kind
         self.source = source
         self.target = target
         choices = ", ".join(sorted(allowed)) or "nothing (it is final)"
-        super().__init__(
-            f"a {kind} cannot go from {source} to {target}; from {source} it may go to {choices}"
-        )
+        because = reason or f"from {source} it may go to {choices}"
+        super().__init__(f"a {kind} cannot go from {source} to {target}; {because}")
 
 
 class WorkflowNotFoundError(WorkflowEngineError):

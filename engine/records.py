@@ -118,3 +118,44 @@ class ExecutionSummary(_Record):
     duration_seconds: float | None
     last_error: dict[str, Any] | None
     steps: list[StepSummary]
+
+
+class TimelineEvent(_Record):
+    """One transition of a workflow (step_index None) or of one of its steps."""
+
+    id: int
+    workflow_id: UUID
+    step_index: int | None
+    step_name: str | None
+    from_state: str | None
+    to_state: str
+    attempt: int | None
+    worker_id: str | None
+    error: dict[str, Any] | None
+    at: datetime
+
+
+class WorkerInfo(_Record):
+    """A live daemon."""
+
+    id: str
+    host: str
+    pid: int
+    types: list[str]
+    concurrency: int
+    started_at: datetime
+    last_seen_at: datetime
+
+
+class WorkflowStats(_Record):
+    """The overview an operator looks at first."""
+
+    by_state: dict[str, int]
+    by_type: dict[str, dict[str, int]]
+    completed_last_minute: int
+    failed_last_minute: int
+    completed_last_hour: int
+    failed_last_hour: int
+    oldest_due_age_seconds: float | None
+    live_workers: list[WorkerInfo]
+    unserved_types: list[str]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -10,17 +12,33 @@ from uuid import UUID
 from psycopg_pool import AsyncConnectionPool
 
 from engine.definitions import MAX_RETRIES_DEFAULT
-from engine.errors import WorkflowEngineError, WorkflowNotFoundError
+from engine.errors import IllegalTransitionError, WorkflowEngineError, WorkflowNotFoundError
 from engine.idempotency import canonical_json
-from engine.records import ExecutionSummary, StartResult, StepRecord, WorkflowPage, WorkflowRecord
+from engine.records import (
+    ExecutionSummary,
+    StartResult,
+    StepRecord,
+    TimelineEvent,
+    WorkerInfo,
+    WorkflowPage,
+    WorkflowRecord,
+    WorkflowStats,
+)
 from engine.registry import Registry
-from engine.states import WorkflowState
+from engine.states import WORKFLOW_TRANSITIONS, WorkflowState
 from engine.store import Store
 from engine.summary import summarize
 
 LIST_LIMIT_DEFAULT = 20
 LIST_LIMIT_MAX = 100
 POOL_SIZE_DEFAULT = 4
+# A worker unseen for this long is not counted as live (three default leases).
+WORKER_STALE_SECONDS_DEFAULT = 90.0
+WAIT_POLL_SECONDS_MAX = 0.5
+# States a workflow stays in until an operator acts.
+FINISHED_STATES = frozenset(
+    {WorkflowState.COMPLETED, WorkflowState.FAILED, WorkflowState.CANCELLED, WorkflowState.COMPENSATED}
+)
 
 
 class InvalidWorkflowIdError(WorkflowEngineError, ValueError):
@@ -148,3 +166,111 @@ class WorkflowService:
         workflow = await self.get_workflow(workflow_id)
         steps = [StepRecord.model_validate(row) for row in await self.store.get_steps(workflow.id)]
         return summarize(workflow, steps, self.registry.get(workflow.type))
+
+    async def get_timeline(self, workflow_id: UUID | str) -> list[TimelineEvent]:
+        """Every transition of the workflow and its steps, oldest first (who, when, attempt, error)."""
+        workflow = await self.get_workflow(workflow_id)
+        return [TimelineEvent.model_validate(row) for row in await self.store.get_timeline(workflow.id)]
+
+    async def cancel_workflow(self, workflow_id: UUID | str) -> WorkflowRecord:
+        """Cancel a workflow: a pending one at once, a running one at its next step boundary.
+
+        A running workflow gets `cancel_requested` (its running step sees it in
+        `ctx.cancel_requested`) and then compensates if its definition requires it.
+        Cancelling a finished workflow raises IllegalTransitionError.
+        """
+        key = parse_workflow_id(workflow_id)
+        async with self.store.transaction() as tx:
+            changed = await tx.cancel_workflow(key)
+            if changed is not None and changed["compensate"]:
+                await tx.begin_compensation(workflow_id=key, worker_id=None)
+            if changed is not None:
+                await tx.notify_due()
+        if changed is None:
+            workflow = await self.get_workflow(key)
+            WORKFLOW_TRANSITIONS.check(workflow.state, WorkflowState.CANCELLED)
+            if workflow.state is WorkflowState.CANCELLED:  # cancelled while we looked
+                return workflow
+        return await self.get_workflow(key)
+
+    async def retry_workflow(self, workflow_id: UUID | str) -> WorkflowRecord:
+        """Resume a failed workflow at its failed step; completed steps do not run again."""
+        key = parse_workflow_id(workflow_id)
+        async with self.store.transaction() as tx:
+            retried = await tx.retry_workflow(key)
+            if retried:
+                await tx.notify_due()
+        workflow = await self.get_workflow(key)
+        if not retried:
+            if workflow.state is WorkflowState.FAILED:
+                raise IllegalTransitionError(
+                    "workflow", "failed", "pending", frozenset(),
+                    reason="its compensation has begun; re-drive it with compensate instead",
+                )  # fmt: skip
+            WORKFLOW_TRANSITIONS.check(workflow.state, WorkflowState.PENDING)
+        return workflow
+
+    async def compensate_workflow(self, workflow_id: UUID | str) -> WorkflowRecord:
+        """Undo the completed steps of a failed or cancelled workflow, in reverse order.
+
+        Works whether or not the definition compensates by itself, and re-drives a
+        compensation that gave up (its stuck step gets a fresh retry budget).
+        """
+        key = parse_workflow_id(workflow_id)
+        async with self.store.transaction() as tx:
+            locked = await tx.lock_for_compensation(key)
+            if locked:
+                await tx.begin_compensation(workflow_id=key, worker_id=None)
+                await tx.notify_due()
+        workflow = await self.get_workflow(key)
+        if not locked:
+            WORKFLOW_TRANSITIONS.check(workflow.state, WorkflowState.COMPENSATING)
+        return workflow
+
+    async def get_stats(self, *, worker_stale_seconds: float = WORKER_STALE_SECONDS_DEFAULT) -> WorkflowStats:
+        """Counts by state and type, recent outcomes, the oldest due work, live workers,
+        and the types with due work that no live worker serves."""
+        by_state: dict[str, int] = {}
+        by_type: dict[str, dict[str, int]] = {}
+        for row in await self.store.count_by_type_and_state():
+            by_state[row["state"]] = by_state.get(row["state"], 0) + row["count"]
+            by_type.setdefault(row["type"], {})[row["state"]] = row["count"]
+        recent = await self.store.recent_outcomes()
+        workers = await self.store.live_workers(stale_seconds=worker_stale_seconds)
+        return WorkflowStats(
+            by_state=by_state,
+            by_type=by_type,
+            completed_last_minute=recent["completed_last_minute"],
+            failed_last_minute=recent["failed_last_minute"],
+            completed_last_hour=recent["completed_last_hour"],
+            failed_last_hour=recent["failed_last_hour"],
+            oldest_due_age_seconds=recent["oldest_due_age_seconds"],
+            live_workers=[WorkerInfo.model_validate(row) for row in workers],
+            unserved_types=await self.store.unserved_types(stale_seconds=worker_stale_seconds),
+        )
+
+    async def search_workflows(self, q: str, limit: int = LIST_LIMIT_DEFAULT) -> list[WorkflowRecord]:
+        """Workflows whose id, idempotency key, type, user id or wallet address equals `q`."""
+        q = q.strip()
+        if not q:
+            return []
+        try:
+            as_id: UUID | None = UUID(q)
+        except ValueError:
+            as_id = None
+        rows = await self.store.search_workflows(q=q, id=as_id, limit=min(max(limit, 1), LIST_LIMIT_MAX))
+        return [WorkflowRecord.model_validate(row) for row in rows]
+
+    async def wait_for(self, workflow_id: UUID | str, timeout: float | None = None) -> WorkflowRecord:  # noqa: ASYNC109
+        """Wait until the workflow is finished (completed, failed, cancelled or compensated)
+        and return it; TimeoutError after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.02
+        while True:
+            workflow = await self.get_workflow(workflow_id)
+            if workflow.state in FINISHED_STATES:
+                return workflow
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise TimeoutError(f"workflow {workflow.id} is still {workflow.state} after {timeout} s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, WAIT_POLL_SECONDS_MAX)

@@ -142,6 +142,52 @@ class Store:
         """The database's canonical text of a JSON value."""
         return str(await self._scalar("canonical_json", {"value": Jsonb(value)}))
 
+    # Commands of operators: cancel, retry, compensate.
+
+    async def cancel_workflow(self, workflow_id: UUID) -> Row | None:
+        """Cancel a pending workflow or flag a running one; None in any other state."""
+        return await self._one("cancel_workflow", {"id": workflow_id})
+
+    async def retry_workflow(self, workflow_id: UUID) -> bool:
+        """Resume a failed workflow at its failed step; False when it may not be retried."""
+        return await self._one("retry_workflow", {"id": workflow_id}) is not None
+
+    async def lock_for_compensation(self, workflow_id: UUID) -> bool:
+        """Lock a failed or cancelled workflow for the compensate command; False otherwise."""
+        return await self._one("lock_for_compensation", {"id": workflow_id}) is not None
+
+    async def notify_due(self) -> None:
+        """Wake the daemons: something is due now."""
+        await self._one("notify_due", {})
+
+    # Reads for operators.
+
+    async def get_timeline(self, workflow_id: UUID) -> list[Row]:
+        """Every recorded transition of a workflow and its steps, in order."""
+        return await self._all("get_timeline", {"id": workflow_id})
+
+    async def count_by_type_and_state(self) -> list[Row]:
+        """How many workflows each type has in each state."""
+        return await self._all("count_by_type_and_state", {})
+
+    async def recent_outcomes(self) -> Row:
+        """Completions and failures of the last minute and hour; age of the oldest due workflow."""
+        row = await self._one("recent_outcomes", {})
+        assert row is not None  # an aggregate always returns its row
+        return row
+
+    async def live_workers(self, *, stale_seconds: float) -> list[Row]:
+        """Workers that have not stopped and were seen within `stale_seconds`."""
+        return await self._all("live_workers", {"stale_seconds": stale_seconds})
+
+    async def unserved_types(self, *, stale_seconds: float) -> list[str]:
+        """Types with due work that no live worker serves."""
+        return [row["type"] for row in await self._all("unserved_types", {"stale_seconds": stale_seconds})]
+
+    async def search_workflows(self, *, q: str, id: UUID | None, limit: int) -> list[Row]:
+        """Workflows whose id, idempotency key, type, user id or wallet address is `q`."""
+        return await self._all("search_workflows", {"q": q, "id": id, "limit": limit})
+
     # The queue: claims, fenced results, leases and the worker registry.
 
     async def claim_due_workflows(
@@ -296,7 +342,7 @@ class Store:
         """State and attempt counters of one step."""
         return await self._one("get_step", {"id": workflow_id, "step_index": step_index})
 
-    async def begin_compensation(self, *, workflow_id: UUID, worker_id: str) -> str:
+    async def begin_compensation(self, *, workflow_id: UUID, worker_id: str | None) -> str:
         """Start undoing a failed or cancelled workflow; returns its new state."""
         return str(await self._scalar("begin_compensation", {"id": workflow_id, "worker_id": worker_id}))
 

@@ -471,3 +471,132 @@ SELECT w.state, w.lease_token, w.current_step_index,
 FROM workflows w
 LEFT JOIN workflow_steps cur ON cur.workflow_id = w.id AND cur.step_index = w.current_step_index
 WHERE w.id = %(id)s;
+
+-- name: notify_due
+-- Wake the daemons after a command made a workflow due (retry, cancel, compensate).
+SELECT pg_notify('workflowd', '');
+
+-- name: cancel_workflow
+-- A pending workflow is cancelled at once (its never-started steps skipped). A running
+-- one is flagged and stops at its next step boundary; if it is waiting for a retry it
+-- falls due now, so that boundary is now. Other states change nothing (no row).
+WITH target AS (
+    SELECT id, state FROM workflows WHERE id = %(id)s AND state IN ('pending', 'running') FOR UPDATE
+),
+changed AS (
+    UPDATE workflows w
+    SET state = CASE WHEN t.state = 'pending' THEN 'cancelled'::workflow_state ELSE w.state END,
+        completed_at = CASE WHEN t.state = 'pending' THEN now() ELSE w.completed_at END,
+        cancel_requested = t.state = 'running',
+        next_retry_at = CASE WHEN w.locked_by IS NULL THEN now() ELSE w.next_retry_at END,
+        updated_at = now()
+    FROM target t
+    WHERE w.id = t.id
+    RETURNING w.id, t.state AS previous_state, w.state,
+              -- A pending workflow that ran before (a manual retry) undoes what it did now;
+              -- a running one compensates at its step boundary, in the daemon.
+              t.state = 'pending' AND w.requires_compensation
+                  AND EXISTS (SELECT 1 FROM workflow_steps s WHERE s.workflow_id = w.id AND s.state = 'completed')
+                  AS compensate
+),
+skipped AS (
+    UPDATE workflow_steps s SET state = 'skipped', updated_at = now()
+    FROM changed c
+    WHERE s.workflow_id = c.id AND c.previous_state = 'pending' AND s.state = 'pending'
+    RETURNING s.workflow_id, s.step_index, s.step_name
+),
+events AS (
+    INSERT INTO workflow_events (workflow_id, from_state, to_state)
+    SELECT id, 'pending', 'cancelled' FROM changed WHERE previous_state = 'pending'
+    UNION ALL
+    SELECT workflow_id, 'pending', 'skipped' FROM skipped
+)
+SELECT id, previous_state, state, compensate FROM changed;
+
+-- name: retry_workflow
+-- Resume a failed workflow at its failed step: that step's counters reset, completed
+-- steps stay completed (they do not run again). Refused (no row) in any other state, or
+-- once compensation has begun (the compensate command re-drives that instead).
+WITH target AS (
+    SELECT id, current_step_index FROM workflows
+    WHERE id = %(id)s AND state = 'failed'
+      AND NOT EXISTS (SELECT 1 FROM workflow_steps s WHERE s.workflow_id = %(id)s
+                      AND s.state IN ('compensating', 'compensated'))
+    FOR UPDATE
+),
+reset_step AS (
+    UPDATE workflow_steps s
+    SET state = 'pending', retry_count = 0, error = NULL, next_retry_at = NULL, completed_at = NULL,
+        updated_at = now()
+    FROM target t
+    WHERE s.workflow_id = t.id AND s.step_index = t.current_step_index AND s.state = 'failed'
+    RETURNING s.workflow_id, s.step_index, s.step_name
+),
+changed AS (
+    UPDATE workflows w
+    SET state = 'pending', error = NULL, completed_at = NULL, cancel_requested = false,
+        retry_count = w.retry_count + 1, next_retry_at = now(), updated_at = now()
+    FROM target t
+    WHERE w.id = t.id
+    RETURNING w.id
+),
+events AS (
+    INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state)
+    SELECT id, NULL, NULL, 'failed', 'pending' FROM changed
+    UNION ALL
+    SELECT workflow_id, step_index, step_name, 'failed', 'pending' FROM reset_step
+)
+SELECT id FROM changed;
+
+-- name: lock_for_compensation
+-- The compensate command: a failed or cancelled workflow, whatever its definition says.
+-- A compensation that gave up gets a fresh retry budget for its stuck step.
+WITH target AS (
+    SELECT id FROM workflows WHERE id = %(id)s AND state IN ('failed', 'cancelled') FOR UPDATE
+),
+reset AS (
+    UPDATE workflow_steps s
+    SET compensation_retry_count = 0, error = NULL, next_retry_at = NULL, updated_at = now()
+    FROM target t
+    WHERE s.workflow_id = t.id AND s.state = 'compensating'
+)
+SELECT id FROM target;
+
+-- name: get_timeline
+SELECT id, workflow_id, step_index, step_name, from_state, to_state, attempt, worker_id, error, at
+FROM workflow_events WHERE workflow_id = %(id)s ORDER BY id;
+
+-- name: count_by_type_and_state
+SELECT type, state::text AS state, count(*) AS count FROM workflows GROUP BY type, state ORDER BY type, state;
+
+-- name: recent_outcomes
+SELECT count(*) FILTER (WHERE state = 'completed' AND completed_at > now() - interval '1 minute') AS completed_last_minute,
+       count(*) FILTER (WHERE state = 'failed' AND completed_at > now() - interval '1 minute') AS failed_last_minute,
+       count(*) FILTER (WHERE state = 'completed') AS completed_last_hour,
+       count(*) FILTER (WHERE state = 'failed') AS failed_last_hour,
+       (SELECT extract(epoch FROM now() - min(next_retry_at))::float8 FROM workflows
+         WHERE state IN ('pending', 'running', 'compensating') AND next_retry_at <= now()) AS oldest_due_age_seconds
+FROM workflows
+WHERE completed_at > now() - interval '1 hour';
+
+-- name: live_workers
+SELECT id, host, pid, types, concurrency, started_at, last_seen_at FROM workflow_workers
+WHERE stopped_at IS NULL AND last_seen_at > now() - %(stale_seconds)s * interval '1 second'
+ORDER BY started_at;
+
+-- name: unserved_types
+-- Types with due work that no live worker serves: such workflows wait forever until a
+-- daemon with their definition starts.
+SELECT DISTINCT type FROM workflows
+WHERE state IN ('pending', 'running', 'compensating') AND next_retry_at <= now()
+EXCEPT
+SELECT unnest(types) FROM workflow_workers
+WHERE stopped_at IS NULL AND last_seen_at > now() - %(stale_seconds)s * interval '1 second'
+ORDER BY 1;
+
+-- name: search_workflows
+-- Exact matches on the indexed columns; PostgreSQL ORs the index scans.
+SELECT * FROM workflows
+WHERE id = %(id)s OR idempotency_key = %(q)s OR type = %(q)s OR user_id = %(q)s OR wallet_address = %(q)s
+ORDER BY created_at DESC, id
+LIMIT %(limit)s;

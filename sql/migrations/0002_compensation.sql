@@ -42,3 +42,5 @@ $$;
 -- Search by wallet address and by type (the admin API's search and listing).
 CREATE INDEX workflows_wallet_address_idx ON workflows (wallet_address) WHERE wallet_address IS NOT NULL;
 CREATE INDEX workflows_type_created_idx ON workflows (type, created_at DESC);
+-- Completions and failures of the last minute and hour (stats).
+CREATE INDEX workflows_completed_at_idx ON workflows (completed_at) WHERE completed_at IS NOT NULL;

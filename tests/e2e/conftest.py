@@ -106,6 +106,8 @@ def daemons(db_url: str, db: psycopg.Connection[Any], tmp_path: Path) -> Iterato
         "CREATE TABLE test_effects (workflow_id uuid, step_name text, attempt int, "
         "idempotency_key text, pid int, at timestamptz DEFAULT clock_timestamp())"
     )
+    db.execute("CREATE TABLE test_switches (name text PRIMARY KEY)")
+    db.execute("CREATE TABLE test_ledger (workflow_id uuid, amount int)")
     running = Daemons(db_url, tmp_path)
     try:
         yield running
@@ -128,3 +130,23 @@ def states(db: psycopg.Connection[Any]) -> dict[str, int]:
 
 def all_finished(db: psycopg.Connection[Any], count: int, state: str = "completed") -> bool:
     return states(db).get(state, 0) == count
+
+
+def assert_timeline_is_legal(db: psycopg.Connection[Any]) -> None:
+    """Every recorded transition is an arrow of the state machines.
+
+    Two self-arrows are bookkeeping, not transitions: running -> running restarts an
+    interrupted step, compensating -> compensating records a failed compensation attempt.
+    """
+    from engine.states import STEP_TRANSITIONS, WORKFLOW_TRANSITIONS, StepState, WorkflowState  # noqa: PLC0415
+
+    for from_state, to_state, step_index in db.execute(
+        "SELECT from_state, to_state, step_index FROM workflow_events WHERE from_state IS NOT NULL"
+    ).fetchall():
+        if step_index is None:
+            assert WORKFLOW_TRANSITIONS.can(WorkflowState(from_state), WorkflowState(to_state)), (
+                from_state,
+                to_state,
+            )
+        elif from_state != to_state or from_state not in ("running", "compensating"):
+            assert STEP_TRANSITIONS.can(StepState(from_state), StepState(to_state)), (from_state, to_state)

@@ -119,3 +119,92 @@ async def returns_a_set(input: dict[str, Any], ctx: WorkflowContext) -> Any:
 
 broken_exit = Workflow(type="broken_exit", steps=[Step("exits", exits)])
 broken_output = Workflow(type="broken_output", steps=[Step("returns_a_set", returns_a_set)])
+
+
+# Sagas, switches and transactional steps for the semantics tests. A "switch" is a row in
+# test_switches that a test sets and clears to break and mend a step between attempts.
+
+
+async def switch_is_on(name: str) -> bool:
+    async with (await _effects_pool()).connection() as conn:
+        cursor = await conn.execute("SELECT 1 FROM test_switches WHERE name = %s", (name,))
+        return await cursor.fetchone() is not None
+
+
+async def saga_step(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
+    await record_effect(ctx)
+    if await switch_is_on(f"break:{ctx.step_name}"):
+        raise RuntimeError(f"{ctx.step_name} is broken")
+    if input.get("fail_at") == ctx.step_name:
+        raise PermanentError(f"{ctx.step_name} refused")
+    await asyncio.sleep(float(input.get("sleep", 0)))
+    return {"step": ctx.step_name, "attempt": ctx.attempt, "seen": sorted(ctx.outputs)}
+
+
+async def undo(input: dict[str, Any], output: Any, ctx: WorkflowContext) -> dict[str, Any]:
+    async with (await _effects_pool()).connection() as conn:
+        await conn.execute(
+            "INSERT INTO test_effects (workflow_id, step_name, attempt, idempotency_key, pid) "
+            "VALUES (%s, %s, %s, %s, %s)",
+            (ctx.workflow_id, f"undo:{ctx.step_name}", ctx.attempt, ctx.idempotency_key, os.getpid()),
+        )
+    if output is None or output["step"] != ctx.step_name:
+        raise PermanentError(f"compensation of {ctx.step_name} got the wrong output: {output}")
+    if await switch_is_on(f"break:undo:{ctx.step_name}"):
+        raise RuntimeError(f"undo of {ctx.step_name} is broken")
+    await asyncio.sleep(float(input.get("undo_sleep", 0)))
+    return {"undone": ctx.step_name}
+
+
+saga = Workflow(
+    type="saga",
+    requires_compensation=True,
+    max_retries=2,
+    steps=[
+        Step("reserve", saga_step, compensate=undo),
+        Step("notify", saga_step),  # nothing to undo
+        Step("charge", saga_step, compensate=undo),
+        Step("ship", saga_step, compensate=undo),
+    ],
+)
+plain_failing = Workflow(
+    type="plain_failing",
+    max_retries=0,
+    steps=[Step("reserve", saga_step, compensate=undo), Step("charge", saga_step, compensate=undo)],
+)
+
+
+async def watch_for_cancel(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
+    await record_effect(ctx)
+    for _ in range(int(float(input.get("sleep", 0)) / 0.05)):
+        if ctx.cancel_requested:
+            return {"step": ctx.step_name, "attempt": ctx.attempt, "saw_cancel": True, "seen": []}
+        await asyncio.sleep(0.05)
+    return {"step": ctx.step_name, "attempt": ctx.attempt, "saw_cancel": False, "seen": []}
+
+
+cancellable = Workflow(
+    type="cancellable",
+    steps=[Step("one", watch_for_cancel), Step("two", watch_for_cancel), Step("three", watch_for_cancel)],
+)
+cancellable_saga = Workflow(
+    type="cancellable_saga",
+    requires_compensation=True,
+    steps=[Step("reserve", saga_step, compensate=undo), Step("charge", saga_step, compensate=undo)],
+)
+
+
+async def credit_ledger(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
+    """Writes its ledger row in the transaction that records the step's completion."""
+    await record_effect(ctx)  # outside the transaction: counts every execution
+    assert ctx.connection is not None
+    await ctx.connection.execute(
+        "INSERT INTO test_ledger (workflow_id, amount) VALUES (%s, %s)", (ctx.workflow_id, input["amount"])
+    )
+    await asyncio.sleep(float(input.get("sleep", 0)))
+    if input.get("fail"):
+        raise PermanentError("ledger refused")
+    return {"step": ctx.step_name, "attempt": ctx.attempt, "seen": sorted(ctx.outputs)}
+
+
+ledger = Workflow(type="ledger", steps=[Step("credit", credit_ledger, transactional=True)])
