@@ -48,10 +48,16 @@ def failure(
     return StepFailed(error=summary, traceback=trace, retryable=retryable)
 
 
+# Failures that another attempt cannot fix: the step said so, the input is invalid, or
+# the code itself is broken (a missing import, a misspelt name). A deploy fixes those,
+# and the retry command resumes the workflow afterwards.
+NOT_RETRYABLE = (PermanentError, InputValidationError, ImportError, NameError, SyntaxError)
+
+
 def _failure_from(error: BaseException, step: Step, attempt: int) -> StepFailed:
-    # PermanentError and invalid input cannot be fixed by another attempt; nor can step
-    # code that tries to end the process (SystemExit and the like, not Exceptions).
-    retryable = isinstance(error, Exception) and not isinstance(error, PermanentError | InputValidationError)
+    # Step code that tries to end the process (SystemExit and the like, which are not
+    # Exceptions) is broken code too.
+    retryable = isinstance(error, Exception) and not isinstance(error, NOT_RETRYABLE)
     trace = "".join(traceback.format_exception(error))
     return failure(step.name, attempt, type(error).__name__, str(error), retryable=retryable, trace=trace)
 

@@ -133,3 +133,14 @@ async def test_cancellation_propagates() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+@pytest.mark.parametrize("broken", [ImportError("no module named 'web3'"), NameError("name 'x' is not defined")])
+async def test_broken_code_is_not_retried(broken: Exception) -> None:
+    async def execute(input: Any, ctx: WorkflowContext) -> None:
+        raise broken
+
+    outcome = await run_step(Step("s", execute), {}, context())
+    assert isinstance(outcome, StepFailed)
+    assert not outcome.retryable
+    assert outcome.error["type"] == type(broken).__name__
