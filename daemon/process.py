@@ -1,4 +1,4 @@
-"""`workflowd run`: the daemon process around a Worker (signals, pool, migrations)."""
+"""`workflowd run`: the daemon process around a Worker (signals, pool, HTTP, systemd)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,24 @@ import os
 import signal
 
 import structlog
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from daemon import systemd
+from daemon.http import EmbeddedServer, create_app, http_server
+from daemon.metrics import Metrics
 from daemon.settings import ConfigurationError, Settings
 from daemon.worker import Worker, WorkerConfig
 from engine.migrate import migrate
 from engine.registry import Registry
+from engine.service import WorkflowService
+from engine.store import Store
 
 LOG = structlog.get_logger("workflowd")
 POOL_OPEN_TIMEOUT_SECONDS = 30.0
-# The claim loop, the heartbeat and the commits share the pool; the listener has its own.
-POOL_EXTRA_CONNECTIONS = 2
+# The claim loop, the heartbeat, the commits and the admin API share the pool; the
+# listener and the queue-depth reporter have a connection each.
+POOL_EXTRA_CONNECTIONS = 3
 POOL_MAX_SIZE = 20
 
 
@@ -39,6 +46,7 @@ def install_signal_handlers(worker: Worker) -> None:
             LOG.warning("second_signal_exit", signal=signal.Signals(signum).name)
             os._exit(1)
         LOG.info("signal_received", signal=signal.Signals(signum).name)
+        systemd.notify("STOPPING=1")
         worker.request_stop()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -46,13 +54,11 @@ def install_signal_handlers(worker: Worker) -> None:
 
 
 async def run_daemon(settings: Settings, registry: Registry, conninfo: str) -> int:
-    """Migrate, then run a worker until a signal stops it; returns the exit code."""
+    """Migrate, then run a worker and its HTTP server until a signal stops them."""
     if not registry.types:
         raise ConfigurationError(
             "no workflow types to serve: set WORKFLOWD_MODULES to the modules that define them"
         )
-    from psycopg import AsyncConnection  # noqa: PLC0415
-
     async with await AsyncConnection.connect(conninfo, autocommit=True) as conn:
         applied = await migrate(conn)
     if applied:
@@ -67,9 +73,45 @@ async def run_daemon(settings: Settings, registry: Registry, conninfo: str) -> i
     )
     await pool.open(wait=True, timeout=POOL_OPEN_TIMEOUT_SECONDS)
     try:
-        worker = Worker(pool, conninfo, registry, worker_config(settings))
-        install_signal_handlers(worker)
-        await worker.run()
+        await serve(settings, registry, conninfo, pool)
     finally:
         await pool.close()
     return 0
+
+
+async def serve(settings: Settings, registry: Registry, conninfo: str, pool: AsyncConnectionPool) -> None:
+    metrics = Metrics()
+    watchdog = systemd.Watchdog()
+    worker = Worker(pool, conninfo, registry, worker_config(settings), metrics=metrics, on_loop=watchdog.ping)
+    install_signal_handlers(worker)
+    token = settings.admin_token.get_secret_value() if settings.admin_token else None
+    app = create_app(WorkflowService(Store(pool), registry), worker, metrics, token)
+    server = http_server(app, settings.host, settings.port)
+    http_task = asyncio.create_task(serve_http(server))
+    while not server.started:  # listen before claiming: a taken port stops us early
+        if http_task.done():
+            raise ConfigurationError(
+                f"cannot serve HTTP on {settings.host}:{settings.port} (is the port taken?): "
+                "set PORT and WORKFLOWD_HOST"
+            )
+        await asyncio.sleep(0.01)
+    depth_task = asyncio.create_task(metrics.queue_depth.run(conninfo))
+    worker_task = asyncio.create_task(worker.run())
+    LOG.info("http_listening", url=f"http://{settings.host}:{settings.port}", admin_api=token is not None)
+    if token is None:
+        LOG.warning("admin_api_disabled", reason="WORKFLOWD_ADMIN_TOKEN is not set")
+    systemd.notify("READY=1")
+    try:
+        await worker_task
+    finally:
+        server.should_exit = True
+        depth_task.cancel()
+        await asyncio.gather(http_task, depth_task, return_exceptions=True)
+
+
+async def serve_http(server: EmbeddedServer) -> None:
+    """uvicorn's serve(), with its sys.exit() on a failed start turned into a plain end."""
+    try:
+        await server.serve()
+    except SystemExit:
+        LOG.error("http_start_failed")

@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     poll_interval: float = Field(POLL_INTERVAL_SECONDS_DEFAULT, gt=0)
     # How long in-flight steps may finish after SIGTERM before their leases are released.
     shutdown_grace: float = Field(SHUTDOWN_GRACE_SECONDS_DEFAULT, ge=0)
+    # The bearer token of the admin API; without one the admin endpoints answer 503.
+    admin_token: SecretStr | None = None
     # Log lines as JSON (the default off a terminal) or for humans (on a terminal).
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

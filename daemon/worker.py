@@ -17,30 +17,26 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar, cast
+from dataclasses import dataclass, field
+from typing import TypeVar
 from uuid import UUID
 
-import psycopg
 import structlog
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool
 
+from daemon.driver import DATABASE_ERRORS, Assignment, Driver
+from daemon.metrics import Metrics
 from daemon.wakeup import Listener
-from engine.definitions import Step, Workflow, WorkflowContext
+from engine.definitions import Workflow
 from engine.errors import InputValidationError
-from engine.idempotency import step_idempotency_key
 from engine.registry import Registry
 from engine.retry import DEFAULT_RETRY_POLICY, RetryPolicy
-from engine.runner import StepFailed, StepOutcome, StepSucceeded, failure, run_compensation, run_step
+from engine.runner import StepFailed, failure
 from engine.store import Row, Store
 
 LOG = structlog.get_logger("workflowd.worker")
 T = TypeVar("T")
 
-# Errors that mean "the database is not answering right now", to ride out with backoff.
-DATABASE_ERRORS = (psycopg.OperationalError, PoolTimeout)
-DB_RETRY_DELAY_MAX_SECONDS = 2.0
 CLAIM_RETRY_DELAY_MAX_SECONDS = 5.0
 
 
@@ -58,56 +54,43 @@ class WorkerConfig:
     retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY
 
 
-@dataclass
-class Assignment:
-    """A claimed workflow this worker is driving, and the lease it holds on it.
-
-    `attempt` and `retry_count` count the current step's attempts, or its compensation's
-    when `compensating`.
-    """
-
-    workflow_id: UUID
-    definition: Workflow
-    row: Row
-    compensating: bool
-    step_index: int
-    attempt: int
-    retry_count: int
-    lease_token: UUID
-    # Monotonic time after which another worker may own the workflow.
-    lease_deadline: float
-    outputs: dict[str, Any]
-    cancel_requested: bool = False
-
-    @property
-    def step(self) -> Step:
-        return self.definition.steps[self.step_index]
-
-
-class LeaseLostError(Exception):
-    """The lease ran out, or was taken over, before the result could be committed."""
-
-
 class Worker:
     """Claims and runs workflows of the registry's types until asked to stop."""
 
     def __init__(
-        self, pool: AsyncConnectionPool, conninfo: str, registry: Registry, config: WorkerConfig
+        self,
+        pool: AsyncConnectionPool,
+        conninfo: str,
+        registry: Registry,
+        config: WorkerConfig,
+        *,
+        metrics: Metrics | None = None,
+        on_loop: Callable[[], None] = lambda: None,
     ) -> None:
-        self.pool = pool
         self.store = Store(pool)
         self.registry = registry
         self.config = config
         self.id = config.worker_id
+        self.metrics = metrics or Metrics()
+        # Called on every turn of the claim loop (the systemd watchdog).
+        self.on_loop = on_loop
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
         self.listener = Listener(conninfo, self.wake)
         self.in_flight: dict[UUID, Assignment] = {}
         self.tasks: set[asyncio.Task[None]] = set()
-        self.executor = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="step")
-        self.lost_leases = 0
         self.last_loop_at = time.monotonic()
         self.log = LOG.bind(worker=self.id)
+        self.driver = Driver(
+            pool,
+            worker_id=self.id,
+            concurrency=config.concurrency,
+            lease_seconds=config.lease_seconds,
+            retry_policy=config.retry_policy,
+            metrics=self.metrics,
+            stopping=self.stopping,
+            log=self.log,
+        )
 
     # The process side: run until stopped.
 
@@ -132,8 +115,13 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*side_tasks, return_exceptions=True)
             await self._ignore_database_errors(self.store.stop_worker(worker_id=self.id))
-            self.executor.shutdown(wait=False, cancel_futures=True)
-            self.log.info("worker_stopped", lost_leases=self.lost_leases)
+            self.driver.executor.shutdown(wait=False, cancel_futures=True)
+            self.log.info("worker_stopped", lost_leases=self.driver.lost_leases)
+
+    @property
+    def draining(self) -> bool:
+        """Whether shutdown has begun (readiness turns false at once)."""
+        return self.stopping.is_set()
 
     def request_stop(self) -> None:
         """Stop claiming; in-flight steps get the grace period to finish."""
@@ -153,6 +141,7 @@ class Worker:
         delay = 0.1
         while not self.stopping.is_set():
             self.last_loop_at = time.monotonic()
+            self.on_loop()
             self.wake.clear()
             free = self.config.concurrency - len(self.tasks)
             if free > 0:
@@ -160,6 +149,7 @@ class Worker:
                     claimed = await self.claim_once(free)
                     delay = 0.1
                 except DATABASE_ERRORS as error:
+                    self.metrics.database_errors.labels("claim").inc()
                     self.log.warning("claim_failed", error=str(error).strip(), retry_in=delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, CLAIM_RETRY_DELAY_MAX_SECONDS)
@@ -207,6 +197,7 @@ class Worker:
                 lease_seconds=self.config.lease_seconds,
             )
         except DATABASE_ERRORS as error:
+            self.metrics.database_errors.labels("heartbeat").inc()
             self.log.warning("heartbeat_failed", error=str(error).strip())
             return
         for assignment in assignments:
@@ -236,9 +227,19 @@ class Worker:
                 lease_seconds=self.config.lease_seconds,
             )
             assignments = await self._prepare(tx, rows, claimed_at + self.config.lease_seconds)
+        self._count_claims(rows)
         for assignment in assignments:
             self._spawn(assignment)
         return len(rows)
+
+    def _count_claims(self, rows: list[Row]) -> None:
+        if not rows:
+            return
+        self.metrics.claim_batch.observe(len(rows))
+        for row in rows:
+            self.metrics.pickup_lag.observe(max(0.0, row["pickup_lag_seconds"]))
+            if row["previous_state"] == "pending":
+                self.metrics.workflows_started.labels(row["type"]).inc()
 
     async def _prepare(self, tx: Store, rows: list[Row], deadline: float) -> list[Assignment]:
         """Turn claimed rows into assignments, inside the claiming transaction.
@@ -328,6 +329,8 @@ class Worker:
         # The definition decides: a row inserted by SQL learns requires_compensation only now.
         if definition.requires_compensation and row["state"] == "running":
             await tx.begin_compensation(workflow_id=row["id"], worker_id=self.id)
+        else:
+            self.metrics.workflows_finished.labels(row["type"], "failed").inc()
         self.log.error(
             "workflow_refused", workflow_id=str(row["id"]), type=row["type"], error=outcome.error["message"]
         )
@@ -337,6 +340,8 @@ class Worker:
         await tx.cancel_at_boundary(workflow_id=row["id"], lease_token=row["lease_token"], worker_id=self.id)
         if definition.requires_compensation:
             await tx.begin_compensation(workflow_id=row["id"], worker_id=self.id)
+        else:
+            self.metrics.workflows_finished.labels(row["type"], "cancelled").inc()
         self.log.info("workflow_cancelled", workflow_id=str(row["id"]), type=row["type"])
 
     async def _create_steps(self, tx: Store, fresh: list[tuple[Row, Workflow]]) -> None:
@@ -367,6 +372,7 @@ class Worker:
 
     def _spawn(self, assignment: Assignment) -> None:
         self.in_flight[assignment.workflow_id] = assignment
+        self.metrics.in_flight.set(len(self.in_flight))
         task = asyncio.create_task(self._drive(assignment))
         self.tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -377,221 +383,9 @@ class Worker:
         if not task.cancelled() and task.exception() is not None:
             self.log.error("workflow_task_crashed", error=repr(task.exception()))
 
-    # Driving one workflow.
-
     async def _drive(self, assignment: Assignment) -> None:
-        log = self.log.bind(workflow_id=str(assignment.workflow_id), type=assignment.definition.type)
         try:
-            go_on = True
-            while go_on:
-                step_log = log.bind(step=assignment.step.name, attempt=assignment.attempt)
-                if assignment.step.transactional and not assignment.compensating:
-                    go_on = await self._run_transactional(assignment, step_log)
-                    continue
-                outcome = await self._run(assignment)
-                # The write is shielded: a shutdown cancels further steps, not a result.
-                write = asyncio.ensure_future(self._record(assignment, outcome, step_log))
-                try:
-                    go_on = await asyncio.shield(write)
-                except asyncio.CancelledError:
-                    await write
-                    raise
-        except LeaseLostError:
-            self.lost_leases += 1
-            log.warning("lease_lost", step=assignment.step.name, attempt=assignment.attempt)
+            await self.driver.drive(assignment)
         finally:
             self.in_flight.pop(assignment.workflow_id, None)
-
-    async def _run(self, assignment: Assignment) -> StepOutcome:
-        ctx = self._context(assignment)
-        input = assignment.row["input"]
-        if assignment.compensating:
-            output = assignment.outputs.get(assignment.step.name)
-            return await run_compensation(assignment.step, input, output, ctx, self.executor)
-        return await run_step(assignment.step, input, ctx, self.executor)
-
-    def _context(self, assignment: Assignment) -> WorkflowContext:
-        row = assignment.row
-        step = assignment.step
-        return WorkflowContext(
-            workflow_id=assignment.workflow_id,
-            workflow_type=assignment.definition.type,
-            step_name=step.name,
-            step_index=assignment.step_index,
-            # The same function as the SQL that filled the step row's key (a test proves it).
-            idempotency_key=step_idempotency_key(row["idempotency_key"], step.name, row["input"]),
-            attempt=assignment.attempt,
-            outputs=dict(assignment.outputs),
-            config=step.config,
-            user_id=row["user_id"],
-            wallet_address=row["wallet_address"],
-            cancel_check=lambda: assignment.cancel_requested,
-        )
-
-    async def _record(
-        self, assignment: Assignment, outcome: StepOutcome, log: Any, store: Store | None = None
-    ) -> bool:
-        """Commit an attempt's outcome; returns whether to go straight on to the next step."""
-        if isinstance(outcome, StepSucceeded):
-            return await self._complete(assignment, outcome.output, log, store or self.store)
-        step = assignment.step
-        retries = step.retries(assignment.definition.max_retries)
-        failing: dict[str, Any] = {
-            "workflow_id": assignment.workflow_id,
-            "lease_token": assignment.lease_token,
-            "step_index": assignment.step_index,
-            "attempt": assignment.attempt,
-            "error": outcome.error,
-            "traceback": outcome.traceback,
-            "worker_id": self.id,
-            "compensation": assignment.compensating,
-        }
-        if outcome.retryable and assignment.retry_count < retries:
-            delay = self.config.retry_policy.delay(assignment.retry_count)
-            await self._fenced(assignment, lambda: self.store.schedule_retry(**failing, delay_seconds=delay))
-            log.warning("step_retry_scheduled", error=outcome.error["message"], delay_seconds=round(delay, 3))
-            return False
-        if assignment.compensating:
-            await self._fenced(assignment, lambda: self.store.fail_workflow(**failing))
-            log.error("compensation_failed", error=outcome.error["message"])
-            return False
-        await self._fenced(assignment, lambda: self._fail_forward(failing, assignment))
-        log.error("workflow_failed", error=outcome.error["message"])
-        return False
-
-    async def _fail_forward(self, failing: dict[str, Any], assignment: Assignment) -> bool:
-        # A workflow that requires compensation starts undoing its steps in the same
-        # transaction that fails it.
-        async with self.store.transaction() as tx:
-            failed = await tx.fail_workflow(**failing)
-            if failed and assignment.definition.requires_compensation:
-                await tx.begin_compensation(workflow_id=assignment.workflow_id, worker_id=self.id)
-            return failed
-
-    async def _complete(self, assignment: Assignment, output: Any, log: Any, store: Store) -> bool:
-        go_on = not self.stopping.is_set()
-        common: dict[str, Any] = {
-            "workflow_id": assignment.workflow_id,
-            "lease_token": assignment.lease_token,
-            "step_index": assignment.step_index,
-            "attempt": assignment.attempt,
-            "go_on": go_on,
-            "lease_seconds": self.config.lease_seconds,
-            "worker_id": self.id,
-        }
-        if assignment.compensating:
-            write: Callable[[], Awaitable[Row | None]] = lambda: store.complete_compensation(**common)  # noqa: E731
-        else:
-            write = lambda: store.complete_step(**common, output=output)  # noqa: E731
-        result = await write() if store is not self.store else await self._fenced(assignment, write)
-        if result is None:
-            raise LeaseLostError
-        if not assignment.compensating:
-            assignment.outputs[assignment.step.name] = output
-        log.debug("step_completed", compensating=assignment.compensating)
-        if result["was_last"]:
-            log.info("workflow_compensated" if assignment.compensating else "workflow_completed")
-        if result["next_step_index"] is None:
-            return False
-        assignment.step_index = result["next_step_index"]
-        assignment.attempt = result["next_attempt"]
-        assignment.retry_count = result["next_retry_count"]
-        assignment.lease_deadline = time.monotonic() + self.config.lease_seconds
-        return True
-
-    async def _run_transactional(self, assignment: Assignment, log: Any) -> bool:
-        """Run a transactional step inside the transaction that records its completion.
-
-        The step's own writes and its completion commit together or not at all: a lost
-        lease or a crash rolls both back, so its database effects happen exactly once.
-        """
-        before = (assignment.step_index, assignment.attempt, assignment.retry_count, dict(assignment.outputs))
-        try:
-            async with self.pool.connection() as conn:
-                return await self._transactional_attempt(conn, assignment, log)
-        except DATABASE_ERRORS as error:
-            # The connection broke mid-transaction: nothing of it committed, unless the
-            # break came with the COMMIT itself. Settle which from the rows.
-            log.warning("transactional_step_interrupted", error=str(error).strip())
-            assignment.step_index, assignment.attempt, assignment.retry_count, assignment.outputs = before
-            step = await self._fenced(
-                assignment, lambda: self.store.get_step(assignment.workflow_id, assignment.step_index)
-            )
-            if step is not None and step["state"] == "running" and step["attempt"] == assignment.attempt:
-                retry = failure(
-                    assignment.step.name, assignment.attempt, type(error).__name__, str(error), retryable=True
-                )
-                return await self._record(assignment, retry, log)
-            settled = await self._settle(assignment)
-            return settled is not None and self._advance(assignment, settled)
-
-    async def _transactional_attempt(
-        self, conn: psycopg.AsyncConnection[Any], assignment: Assignment, log: Any
-    ) -> bool:
-        outcome: StepOutcome | None = None
-        async with conn.transaction():
-            ctx = replace(self._context(assignment), connection=conn)
-            outcome = await run_step(assignment.step, assignment.row["input"], ctx, self.executor)
-            if isinstance(outcome, StepSucceeded):
-                return await self._record(assignment, outcome, log, store=Store(conn))
-            raise psycopg.Rollback  # a failed attempt's writes are undone
-        assert isinstance(outcome, StepFailed)
-        return await self._record(assignment, outcome, log)
-
-    def _advance(self, assignment: Assignment, settled: Row) -> bool:
-        assignment.step_index = settled["next_step_index"]
-        assignment.attempt = settled["next_attempt"]
-        assignment.retry_count = settled["next_retry_count"]
-        assignment.lease_deadline = time.monotonic() + self.config.lease_seconds
-        return True
-
-    async def _fenced(self, assignment: Assignment, write: Callable[[], Awaitable[T]]) -> T:
-        """Run a lease-fenced write, retrying through database outages while the lease lasts.
-
-        Raises LeaseLostError when the write finds the lease gone. A write whose
-        connection dropped may have landed anyway: when its retry then finds nothing to
-        fence on, the answer is settled by reading the workflow back.
-        """
-        delay = 0.05
-        uncertain = False
-        while True:
-            try:
-                result = await write()
-            except DATABASE_ERRORS as error:
-                if time.monotonic() + delay >= assignment.lease_deadline:
-                    raise LeaseLostError from error
-                self.log.warning(
-                    "commit_retry", workflow_id=str(assignment.workflow_id), error=str(error).strip()
-                )
-                uncertain = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, DB_RETRY_DELAY_MAX_SECONDS)
-                continue
-            if result:
-                return result
-            # A failure write that landed before its connection dropped reads as a lost
-            # lease here: either way this worker is done with the workflow.
-            if uncertain and (settled := await self._settle(assignment)) is not None:
-                return cast(T, settled)
-            raise LeaseLostError
-
-    async def _settle(self, assignment: Assignment) -> Row | None:
-        # The retried write found nothing to fence on: did our first try land? Only a
-        # completion that went straight on still holds our lease; follow it from the row.
-        progress = await self.store.get_step_progress(assignment.workflow_id)
-        if (
-            progress is not None
-            and progress["lease_token"] == assignment.lease_token
-            and progress["current_step_index"] != assignment.step_index
-            and progress["step_state"] in ("running", "compensating")
-        ):
-            compensating = progress["step_state"] == "compensating"
-            return {
-                "was_last": False,
-                "next_step_index": progress["current_step_index"],
-                "next_attempt": progress["step_compensation_attempt" if compensating else "step_attempt"],
-                "next_retry_count": progress[
-                    "step_compensation_retry_count" if compensating else "step_retry_count"
-                ],
-            }
-        return None
+            self.metrics.in_flight.set(len(self.in_flight))

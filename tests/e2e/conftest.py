@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 import psycopg
 import pytest
 
+from daemon.local_postgres import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
@@ -67,6 +69,7 @@ class Daemons:
             "WORKFLOWD_LOG_LEVEL": "debug",
             "WORKFLOWD_LEASE_SECONDS": "2",
             "WORKFLOWD_POLL_INTERVAL": "0.2",
+            "PORT": str(free_port()),
         }
         env.update({f"WORKFLOWD_{name.upper()}": str(value) for name, value in settings.items()})
         log_path = self.log_dir / f"daemon-{len(self.started)}.log"

@@ -261,7 +261,9 @@ def test_a_manual_retry_resumes_at_the_failed_step_without_rerunning_completed_o
             # The failed step's counters were reset: it succeeded on its first retry-free try.
             assert (steps[1].retry_count, steps[1].error) == (0, None)
             timeline = await service.get_timeline(workflow.id)
-            assert ("charge", "failed", "pending") in [(e.step_name, e.from_state, e.to_state) for e in timeline]
+            assert ("charge", "failed", "pending") in [
+                (e.step_name, e.from_state, e.to_state) for e in timeline
+            ]
             return finished.state
 
     assert asyncio.run(retry()) is WorkflowState.COMPLETED

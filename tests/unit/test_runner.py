@@ -135,7 +135,9 @@ async def test_cancellation_propagates() -> None:
         await task
 
 
-@pytest.mark.parametrize("broken", [ImportError("no module named 'web3'"), NameError("name 'x' is not defined")])
+@pytest.mark.parametrize(
+    "broken", [ImportError("no module named 'web3'"), NameError("name 'x' is not defined")]
+)
 async def test_broken_code_is_not_retried(broken: Exception) -> None:
     async def execute(input: Any, ctx: WorkflowContext) -> None:
         raise broken
