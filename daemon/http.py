@@ -16,11 +16,13 @@ from enum import Enum
 from typing import Annotated, Any, Protocol
 from uuid import UUID
 
+import psycopg
 import uvicorn
 from fastapi import Depends, FastAPI, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from psycopg_pool import PoolTimeout
 from pydantic import BaseModel, Field, JsonValue
 
 from daemon.metrics import Metrics
@@ -28,6 +30,7 @@ from engine import (
     IllegalTransitionError,
     InputValidationError,
     InvalidWorkflowIdError,
+    UnstorableValueError,
     WorkflowNotFoundError,
     WorkflowService,
     WorkflowState,
@@ -41,7 +44,7 @@ from engine.records import (
     WorkflowRecord,
     WorkflowStats,
 )
-from engine.service import LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX
+from engine.service import LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, LIST_PAGE_MAX
 
 READINESS_TIMEOUT_SECONDS = 2.0
 LIVENESS_STALL_SECONDS_MIN = 30.0
@@ -98,20 +101,25 @@ COMMAND_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def bearer_auth(token: str | None) -> Any:
-    """A dependency that checks the bearer token in constant time."""
-    scheme = HTTPBearer(auto_error=False)
+BEARER = HTTPBearer(auto_error=False)
 
-    async def check(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(scheme)]) -> None:
-        if token is None:
+
+class BearerAuth:
+    """A dependency that checks the bearer token in constant time."""
+
+    def __init__(self, token: str | None) -> None:
+        self.token = token
+
+    async def __call__(
+        self, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
+    ) -> None:
+        if self.token is None:
             raise _Refusal(status.HTTP_503_SERVICE_UNAVAILABLE, ADMIN_DISABLED_MESSAGE)
         given = credentials.credentials if credentials else ""
-        if not secrets.compare_digest(given.encode(), token.encode()):
+        if not secrets.compare_digest(given.encode(), self.token.encode()):
             raise _Refusal(
                 status.HTTP_401_UNAUTHORIZED, "a valid 'Authorization: Bearer <token>' header is required"
             )
-
-    return check
 
 
 class _Refusal(Exception):
@@ -144,6 +152,19 @@ def install_error_handlers(app: FastAPI) -> None:
     async def conflict(request: Request, error: IllegalTransitionError) -> JSONResponse:
         return _problem(status.HTTP_409_CONFLICT, str(error))
 
+    @app.exception_handler(psycopg.OperationalError)
+    async def database_unavailable(request: Request, error: psycopg.OperationalError) -> JSONResponse:
+        detail = " ".join(str(error).split()) or "the database is unavailable"
+        return _problem(status.HTTP_503_SERVICE_UNAVAILABLE, f"database unavailable: {detail}")
+
+    @app.exception_handler(PoolTimeout)
+    async def database_busy(request: Request, error: PoolTimeout) -> JSONResponse:
+        return _problem(status.HTTP_503_SERVICE_UNAVAILABLE, "database unavailable: no connection in time")
+
+    @app.exception_handler(UnstorableValueError)
+    async def unstorable(request: Request, error: UnstorableValueError) -> JSONResponse:
+        return _problem(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error))
+
     @app.exception_handler(InputValidationError)
     async def invalid_input(request: Request, error: InputValidationError) -> JSONResponse:
         return _problem(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error), errors=error.messages)
@@ -161,7 +182,7 @@ def create_app(
     )
     install_error_handlers(app)
     add_health_routes(app, service, daemon, metrics)
-    add_admin_routes(app, service, Depends(bearer_auth(admin_token)))
+    add_admin_routes(app, service, Depends(BearerAuth(admin_token)))
     return app
 
 
@@ -217,7 +238,7 @@ def add_admin_routes(app: FastAPI, service: WorkflowService, auth: Any) -> None:
 
     @app.get(prefix, dependencies=[auth], tags=tags, responses=ERRORS)
     async def list_workflows(
-        page: Annotated[int, Query(ge=1)] = 1,
+        page: Annotated[int, Query(ge=1, le=LIST_PAGE_MAX)] = 1,
         limit: Annotated[
             int, Query(ge=1, description=f"page size, capped at {LIST_LIMIT_MAX}")
         ] = LIST_LIMIT_DEFAULT,

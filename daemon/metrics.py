@@ -36,7 +36,7 @@ WHERE state IN ('pending', 'running', 'compensating') GROUP BY type, state
 class Metrics:
     """The daemon's metrics, registered in their own registry (one per process)."""
 
-    def __init__(self) -> None:
+    def __init__(self, queue_depth_refresh_seconds: float = QUEUE_DEPTH_REFRESH_SECONDS) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.workflows_started = Counter(
@@ -88,14 +88,15 @@ class Metrics:
             ["operation"],
             registry=r,
         )
-        self.queue_depth = QueueDepthCollector()
+        self.queue_depth = QueueDepthCollector(queue_depth_refresh_seconds)
         r.register(self.queue_depth)
 
 
 class QueueDepthCollector(Collector):
     """`workflowd_queue_depth{type,state}`, exported only while this process holds the lock."""
 
-    def __init__(self) -> None:
+    def __init__(self, refresh_seconds: float = QUEUE_DEPTH_REFRESH_SECONDS) -> None:
+        self.refresh_seconds = refresh_seconds
         self.holder = False
         self.depths: dict[tuple[str, str], int] = {}
 
@@ -128,8 +129,8 @@ class QueueDepthCollector(Collector):
                 ) as conn:
                     while True:
                         await self.run_once(conn)
-                        await asyncio.sleep(QUEUE_DEPTH_REFRESH_SECONDS)
+                        await asyncio.sleep(self.refresh_seconds)
             except psycopg.OperationalError as error:
                 self.holder = False
                 LOG.warning("queue_depth_unavailable", error=str(error).strip())
-                await asyncio.sleep(QUEUE_DEPTH_REFRESH_SECONDS)
+                await asyncio.sleep(self.refresh_seconds)

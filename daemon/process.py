@@ -22,9 +22,10 @@ from engine.store import Store
 
 LOG = structlog.get_logger("workflowd")
 POOL_OPEN_TIMEOUT_SECONDS = 30.0
-# The claim loop, the heartbeat, the commits and the admin API share the pool; the
-# listener and the queue-depth reporter have a connection each.
-POOL_EXTRA_CONNECTIONS = 3
+# The claim loop, the heartbeat and the commits share the pool; the listener and the
+# queue-depth reporter have a connection each.
+POOL_EXTRA_CONNECTIONS = 2
+API_POOL_MAX_SIZE = 4
 POOL_MAX_SIZE = 20
 
 
@@ -71,21 +72,40 @@ async def run_daemon(settings: Settings, registry: Registry, conninfo: str) -> i
         # The application name shows which backends are daemons' in pg_stat_activity.
         kwargs={"autocommit": True, "application_name": "workflowd"},
     )
+    # The admin API has a small pool of its own that checks a connection before lending
+    # it, so a request never meets a connection the server dropped while it sat idle;
+    # the worker's hot path does not pay for that check.
+    api_pool = AsyncConnectionPool(
+        conninfo,
+        min_size=1,
+        max_size=API_POOL_MAX_SIZE,
+        open=False,
+        check=AsyncConnectionPool.check_connection,
+        kwargs={"autocommit": True, "application_name": "workflowd-api"},
+    )
     await pool.open(wait=True, timeout=POOL_OPEN_TIMEOUT_SECONDS)
+    await api_pool.open(wait=True, timeout=POOL_OPEN_TIMEOUT_SECONDS)
     try:
-        await serve(settings, registry, conninfo, pool)
+        await serve(settings, registry, conninfo, pool, api_pool)
     finally:
+        await api_pool.close()
         await pool.close()
     return 0
 
 
-async def serve(settings: Settings, registry: Registry, conninfo: str, pool: AsyncConnectionPool) -> None:
-    metrics = Metrics()
+async def serve(
+    settings: Settings,
+    registry: Registry,
+    conninfo: str,
+    pool: AsyncConnectionPool,
+    api_pool: AsyncConnectionPool,
+) -> None:
+    metrics = Metrics(queue_depth_refresh_seconds=settings.queue_depth_interval)
     watchdog = systemd.Watchdog()
     worker = Worker(pool, conninfo, registry, worker_config(settings), metrics=metrics, on_loop=watchdog.ping)
     install_signal_handlers(worker)
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
-    app = create_app(WorkflowService(Store(pool), registry), worker, metrics, token)
+    app = create_app(WorkflowService(Store(api_pool), registry), worker, metrics, token)
     server = http_server(app, settings.host, settings.port)
     http_task = asyncio.create_task(serve_http(server))
     while not server.started:  # listen before claiming: a taken port stops us early

@@ -19,6 +19,7 @@ CONCURRENCY_DEFAULT = 10
 LEASE_SECONDS_DEFAULT = 30.0
 POLL_INTERVAL_SECONDS_DEFAULT = 1.0
 SHUTDOWN_GRACE_SECONDS_DEFAULT = 25.0
+QUEUE_DEPTH_INTERVAL_SECONDS_DEFAULT = 15.0
 
 
 class ConfigurationError(Exception):
@@ -51,6 +52,8 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(SHUTDOWN_GRACE_SECONDS_DEFAULT, ge=0)
     # The bearer token of the admin API; without one the admin endpoints answer 503.
     admin_token: SecretStr | None = None
+    # How often the one exporting daemon refreshes the queue-depth gauges.
+    queue_depth_interval: float = Field(QUEUE_DEPTH_INTERVAL_SECONDS_DEFAULT, gt=0)
     # Log lines as JSON (the default off a terminal) or for humans (on a terminal).
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

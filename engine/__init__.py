@@ -12,6 +12,7 @@ from engine.errors import (
     InputValidationError,
     MigrationError,
     PermanentError,
+    UnstorableValueError,
     WorkflowEngineError,
     WorkflowNotFoundError,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "StepRecord",
     "StepState",
     "TimelineEvent",
+    "UnstorableValueError",
     "WorkerInfo",
     "Workflow",
     "WorkflowContext",

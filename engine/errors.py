@@ -19,6 +19,10 @@ class DefinitionError(WorkflowEngineError):
     """A workflow definition is malformed, or two definitions claim one type name."""
 
 
+class UnstorableValueError(WorkflowEngineError, ValueError):
+    """A value PostgreSQL cannot store: NaN or infinity in JSON, or a NUL character in text."""
+
+
 class InputValidationError(WorkflowEngineError):
     """A workflow's input does not match its definition's input model."""
 

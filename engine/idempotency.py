@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
+from engine.errors import UnstorableValueError
+
 
 def canonical_json(value: Any) -> str:
     """The canonical JSON text of a JSON-compatible value."""
@@ -40,7 +42,18 @@ def _check_key(key: object) -> str:
     return key
 
 
+def check_storable_text(text: str, what: str = "a JSON string") -> None:
+    """Refuse text PostgreSQL cannot store: a NUL character, or a lone surrogate (not UTF-8)."""
+    if "\x00" in text:
+        raise UnstorableValueError(f"{what} cannot contain the NUL character (\\u0000)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnstorableValueError(f"{what} is not valid Unicode (it holds a lone surrogate)") from None
+
+
 def _string(text: str) -> str:
+    check_storable_text(text)
     # jsonb escapes ", \ and control characters as json.dumps does, keeping the rest.
     return json.dumps(text, ensure_ascii=False)
 
@@ -52,7 +65,7 @@ def _number(number: float | Decimal) -> str:
     # exact decimal: going through the same text keeps both sides on the same value.
     exact = Decimal(repr(number)) if isinstance(number, float) else number
     if not exact.is_finite():
-        raise ValueError(f"{number} is not a JSON number")
+        raise UnstorableValueError(f"{number} is not a JSON number")
     if exact == 0:
         return "0"  # PostgreSQL's numeric has no negative zero.
     # Fixed-point with every digit (no context rounding), then trim_scale's trimming.

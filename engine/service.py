@@ -12,8 +12,13 @@ from uuid import UUID
 from psycopg_pool import AsyncConnectionPool
 
 from engine.definitions import MAX_RETRIES_DEFAULT
-from engine.errors import IllegalTransitionError, WorkflowEngineError, WorkflowNotFoundError
-from engine.idempotency import canonical_json
+from engine.errors import (
+    IllegalTransitionError,
+    UnstorableValueError,
+    WorkflowEngineError,
+    WorkflowNotFoundError,
+)
+from engine.idempotency import canonical_json, check_storable_text
 from engine.records import (
     ExecutionSummary,
     StartResult,
@@ -31,6 +36,8 @@ from engine.summary import summarize
 
 LIST_LIMIT_DEFAULT = 20
 LIST_LIMIT_MAX = 100
+# Deeper pages than this are better served by a narrower filter.
+LIST_PAGE_MAX = 100_000
 POOL_SIZE_DEFAULT = 4
 # A worker unseen for this long is not counted as live (three default leases).
 WORKER_STALE_SECONDS_DEFAULT = 90.0
@@ -43,6 +50,13 @@ FINISHED_STATES = frozenset(
 
 class InvalidWorkflowIdError(WorkflowEngineError, ValueError):
     """A workflow id that is not a UUID."""
+
+
+def check_text(**fields: str | None) -> None:
+    """Refuse text PostgreSQL cannot hold, naming the field."""
+    for name, value in fields.items():
+        if value is not None:
+            check_storable_text(value, name)
 
 
 def parse_workflow_id(workflow_id: UUID | str) -> UUID:
@@ -93,6 +107,7 @@ class WorkflowService:
         priority: int = 0,
     ) -> StartResult:
         """Start a workflow, or find the one this start duplicates."""
+        check_text(type=type, user_id=user_id, wallet_address=wallet_address)
         canonical_json(input)  # refuses what is not JSON before it reaches the database
         definition = self.registry.get(type)
         if definition is not None:
@@ -151,9 +166,10 @@ class WorkflowService:
         user_id: str | None = None,
     ) -> WorkflowPage:
         """Workflows newest first, a page at a time; `limit` is capped at LIST_LIMIT_MAX."""
-        if page < 1 or limit < 1:
-            raise ValueError("page and limit start at 1")
+        if not 1 <= page <= LIST_PAGE_MAX or limit < 1:
+            raise UnstorableValueError(f"page must be in 1..{LIST_PAGE_MAX} and limit at least 1")
         limit = min(limit, LIST_LIMIT_MAX)
+        check_text(type=type, user_id=user_id)
         state_name = WorkflowState(state).value if state is not None else None
         filters = {"state": state_name, "type": type, "user_id": user_id}
         rows = await self.store.list_workflows(**filters, limit=limit, offset=(page - 1) * limit)
@@ -252,6 +268,10 @@ class WorkflowService:
     async def search_workflows(self, q: str, limit: int = LIST_LIMIT_DEFAULT) -> list[WorkflowRecord]:
         """Workflows whose id, idempotency key, type, user id or wallet address equals `q`."""
         q = q.strip()
+        try:
+            check_text(q=q)
+        except UnstorableValueError:
+            return []  # nothing stored can hold such text
         if not q:
             return []
         try:

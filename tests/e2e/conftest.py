@@ -38,6 +38,11 @@ def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: 
 class Daemon:
     process: subprocess.Popen[bytes]
     log_path: Path
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -59,7 +64,8 @@ class Daemons:
     log_dir: Path
     started: list[Daemon] = field(default_factory=list)
 
-    def start(self, **settings: Any) -> Daemon:
+    def start(self, env_extra: dict[str, str] | None = None, **settings: Any) -> Daemon:
+        port = free_port()
         env = {
             **os.environ,
             "DATABASE_URL": self.db_url,
@@ -69,7 +75,8 @@ class Daemons:
             "WORKFLOWD_LOG_LEVEL": "debug",
             "WORKFLOWD_LEASE_SECONDS": "2",
             "WORKFLOWD_POLL_INTERVAL": "0.2",
-            "PORT": str(free_port()),
+            "PORT": str(port),
+            **(env_extra or {}),
         }
         env.update({f"WORKFLOWD_{name.upper()}": str(value) for name, value in settings.items()})
         log_path = self.log_dir / f"daemon-{len(self.started)}.log"
@@ -81,7 +88,7 @@ class Daemons:
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,
             )
-        daemon = Daemon(process, log_path)
+        daemon = Daemon(process, log_path, port)
         self.started.append(daemon)
         wait_until(lambda: self.registered(daemon), 20, f"daemon {daemon.pid} to register")
         return daemon

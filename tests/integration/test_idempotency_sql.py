@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import psycopg
@@ -59,7 +60,11 @@ def test_canonical_json_agrees_on_awkward_inputs(db: psycopg.Connection[Any], va
     assert canonical_json(value) == _sql_canonical(db, value)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=int(os.environ.get("CANONICAL_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(value=json_values)
 def test_canonical_json_agrees_on_generated_values(db: psycopg.Connection[Any], value: Any) -> None:
     assert canonical_json(value) == _sql_canonical(db, value)

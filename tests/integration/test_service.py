@@ -156,7 +156,7 @@ async def test_list_workflows_pages_filters_and_caps(
     assert {w.type for w in failed.items} == {"beta"}
     assert (await service.list_workflows(user_id="ua", state=WorkflowState.FAILED)).total == 0
     assert (await service.list_workflows(limit=10_000)).limit == LIST_LIMIT_MAX
-    with pytest.raises(ValueError, match="start at 1"):
+    with pytest.raises(ValueError, match="page must be in"):
         await service.list_workflows(page=0)
     with pytest.raises(ValueError, match="is not a valid WorkflowState"):
         await service.list_workflows(state="bogus")

@@ -13,25 +13,29 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.errors import UnstorableValueError
 from engine.idempotency import canonical_json, step_idempotency_key, workflow_idempotency_key
 
 HEX64 = r"[0-9a-f]{64}"
+# PostgreSQL text cannot hold NUL, so canonical_json refuses it (tested below).
+storable_text = st.characters(exclude_characters="\x00", exclude_categories=("Cs",))
 
 scalars = (
     st.none()
     | st.booleans()
     | st.integers(min_value=-(10**30), max_value=10**30)
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=12)
+    | st.text(storable_text, max_size=12)
 )
 json_values = st.recursive(
     scalars,
     lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4)
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(storable_text, max_size=6), children, max_size=4)
     ),
     max_leaves=8,
 )
-json_objects = st.dictionaries(st.text(max_size=6), json_values, max_size=3)
+json_objects = st.dictionaries(st.text(storable_text, max_size=6), json_values, max_size=3)
 
 
 def _sha256(text: str) -> str:
@@ -99,7 +103,7 @@ def test_keys_are_sorted_by_code_point() -> None:
     assert canonical_json(value) == '{"":0,"B":1,"a":5,"ab":6,"b":2,"é":3,"😀":4}'
 
 
-@given(keys=st.lists(st.text(max_size=4), unique=True, max_size=8))
+@given(keys=st.lists(st.text(storable_text, max_size=4), unique=True, max_size=8))
 def test_keys_come_out_in_code_point_order(keys: list[str]) -> None:
     text = canonical_json(dict.fromkeys(keys, 0))
     decoded = json.loads(text, object_pairs_hook=lambda pairs: [key for key, _ in pairs])
@@ -188,12 +192,18 @@ def test_unicode_is_kept_as_is() -> None:
 
 
 def test_control_characters_quotes_and_backslashes_are_escaped() -> None:
-    text = 'a\n\t\r\x00\x1f"\\'
-    assert canonical_json(text) == r'"a\n\t\r\u0000\u001f\"\\"'
+    text = 'a\n\t\r\x01\x1f"\\'
+    assert canonical_json(text) == r'"a\n\t\r\u0001\u001f\"\\"'
     assert canonical_json({text: 1}) == "{" + json.dumps(text) + ":1}"
 
 
-@given(text=st.text())
+@pytest.mark.parametrize("value", ["a\x00b", {"k\x00": 1}, {"k": ["\x00"]}])
+def test_nul_characters_are_refused_as_postgresql_cannot_store_them(value: Any) -> None:
+    with pytest.raises(UnstorableValueError, match="NUL"):
+        canonical_json(value)
+
+
+@given(text=st.text(storable_text))
 def test_strings_are_escaped_as_json_dumps_without_ascii_escapes(text: str) -> None:
     assert canonical_json(text) == json.dumps(text, ensure_ascii=False)
     assert json.loads(canonical_json(text)) == text
