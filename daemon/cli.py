@@ -19,6 +19,7 @@ import psycopg
 from psycopg import AsyncConnection
 from pydantic import ValidationError
 
+from daemon.commands import add_operator_commands
 from daemon.logs import configure_logging
 from daemon.process import run_daemon
 from daemon.settings import ConfigurationError, Settings, describe_database
@@ -90,14 +91,17 @@ def _print_start(result: StartResult, as_json: bool) -> None:
 async def cmd_start(args: argparse.Namespace, settings: Settings) -> int:
     registry = load_registry(settings)
     async with connect(settings) as conn:
-        service = WorkflowService(Store(conn), registry)
-        try:
-            result = await service.start(args.type, args.input, args.user, args.wallet)
-        except psycopg.errors.UndefinedTable:
-            raise DatabaseUnavailableError(
-                "the database has no workflow schema yet: run `workflowd migrate` first"
-            ) from None
+        result = await WorkflowService(Store(conn), registry).start(
+            args.type, args.input, args.user, args.wallet
+        )
     _print_start(result, args.json)
+    return 0
+
+
+async def cmd_operator(args: argparse.Namespace, settings: Settings) -> int:
+    """Run one of the operator commands (status, list, ...) on a single connection."""
+    async with connect(settings) as conn:
+        print(await args.service_handler(args, WorkflowService(Store(conn), load_registry(settings))))
     return 0
 
 
@@ -140,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--wallet", default=None, help="the user's wallet address")
     start.add_argument("--json", action="store_true", help="print the workflow as JSON")
     start.set_defaults(handler=cmd_start)
+
+    add_operator_commands(commands)
     return parser
 
 
@@ -151,26 +157,31 @@ def _settings_error(error: ValidationError) -> str:
     return "invalid setting " + "; ".join(problems)
 
 
+def explain(error: Exception) -> tuple[int, str]:
+    """The exit code and the one line a user sees for an error they can act on."""
+    if isinstance(error, ValidationError):
+        return EXIT_USAGE, _settings_error(error)
+    if isinstance(error, ConfigurationError | DatabaseUnavailableError):
+        return EXIT_USAGE, str(error)
+    if isinstance(error, WorkflowEngineError):
+        return EXIT_FAILURE, str(error)
+    if isinstance(error, psycopg.errors.UndefinedTable):
+        return EXIT_USAGE, "the database has no workflow schema yet: run `workflowd migrate` first"
+    if isinstance(error, psycopg.Error):
+        # The database went away or refused something mid-command.
+        return EXIT_FAILURE, "database error: " + (" ".join(str(error).split()) or type(error).__name__)
+    raise error
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the process exit code."""
     args = build_parser().parse_args(argv)
-    handler: Handler = args.handler
+    handler: Handler = cmd_operator if hasattr(args, "service_handler") else args.handler
     try:
-        settings = Settings()
-        return asyncio.run(handler(args, settings))
-    except ValidationError as error:
-        print(f"workflowd: {_settings_error(error)}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ConfigurationError, DatabaseUnavailableError) as error:
-        print(f"workflowd: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except WorkflowEngineError as error:
-        print(f"workflowd: {error}", file=sys.stderr)
-        return EXIT_FAILURE
-    except psycopg.Error as error:
-        # The database went away or refused something mid-command: one line, not a traceback.
-        reason = " ".join(line.strip() for line in str(error).splitlines()) or type(error).__name__
-        print(f"workflowd: database error: {reason}", file=sys.stderr)
-        return EXIT_FAILURE
+        return asyncio.run(handler(args, Settings()))
     except KeyboardInterrupt:
         return 130
+    except Exception as error:
+        code, message = explain(error)
+        print(f"workflowd: {message}", file=sys.stderr)
+        return code

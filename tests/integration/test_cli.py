@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from daemon.local_postgres import free_port
+from tests.factories import insert_step, insert_workflow
 
 DB_VARIABLES = (
     "DATABASE_URL",
@@ -157,3 +158,65 @@ def test_a_database_without_the_schema_says_to_migrate(empty_db_url: str) -> Non
 def test_an_invalid_setting_is_one_clear_line(db_url: str) -> None:
     result = workflowd("migrate", env={"DATABASE_URL": db_url, "PORT": "eighty"})
     assert_one_line_error(result, 2, "invalid setting PORT")
+
+
+def test_operator_commands_print_tables_and_json(db_url: str, db: psycopg.Connection[Any]) -> None:
+    env = {"DATABASE_URL": db_url}
+    failed = insert_workflow(db, type="payout", user_id="u-cli", wallet_address="0xcli", state="failed",
+                             total_steps=2, current_step_index=1, error={"type": "Boom", "message": "exchange down"})  # fmt: skip
+    insert_step(db, failed, 0, "quote", state="completed", attempt=1)
+    insert_step(
+        db, failed, 1, "pay", state="failed", attempt=3, retry_count=2, error={"message": "exchange down"}
+    )
+    pending = insert_workflow(db, type="payout", user_id="u-other")
+    status = workflowd("status", str(failed["id"]), env=env)
+    assert status.returncode == 0, status.stderr
+    assert "state            failed" in status.stdout
+    assert "progress         1/2 steps (50 %)" in status.stdout
+    assert "exchange down" in status.stdout
+    assert (
+        json.loads(workflowd("status", str(failed["id"]), "--json", env=env).stdout)["summary"]["retries"]
+        == 2
+    )
+    listing = workflowd("list", "--state", "failed", env=env).stdout
+    assert str(failed["id"]) in listing
+    assert str(pending["id"]) not in listing
+    assert "page 1, 1 of 1 workflows" in listing
+    assert json.loads(workflowd("list", "--json", "--limit", "1", env=env).stdout)["total"] == 2
+    found = workflowd("search", "0xcli", env=env).stdout
+    assert str(failed["id"]) in found
+    assert "no workflow matches" in workflowd("search", "nobody", env=env).stdout
+    stats = workflowd("stats", env=env).stdout
+    assert "payout" in stats
+    assert "types with due work and no live worker: payout" in stats
+    assert json.loads(workflowd("stats", "--json", env=env).stdout)["by_state"] == {"failed": 1, "pending": 1}
+    retried = workflowd("retry", str(failed["id"]), env=env)
+    assert retried.stdout == f"workflow {failed['id']} is pending\n"
+    timeline = workflowd("timeline", str(failed["id"]), env=env).stdout
+    assert "failed -> pending" in timeline
+    assert (
+        json.loads(workflowd("timeline", str(failed["id"]), "--json", env=env).stdout)[0]["to_state"]
+        == "pending"
+    )
+    assert (
+        json.loads(workflowd("cancel", str(pending["id"]), "--json", env=env).stdout)["state"] == "cancelled"
+    )
+    assert (
+        workflowd("compensate", str(pending["id"]), env=env).stdout
+        == f"workflow {pending['id']} is compensated\n"
+    )
+
+
+def test_operator_commands_explain_refusals_in_one_line(db_url: str, db: psycopg.Connection[Any]) -> None:
+    env = {"DATABASE_URL": db_url}
+    done = insert_workflow(db, state="completed")
+    assert_one_line_error(
+        workflowd("retry", str(done["id"]), env=env), 1, "cannot go from completed to pending"
+    )
+    assert_one_line_error(
+        workflowd("cancel", str(done["id"]), env=env), 1, "cannot go from completed to cancelled"
+    )
+    assert_one_line_error(
+        workflowd("status", "00000000-0000-0000-0000-000000000000", env=env), 1, "no workflow with id"
+    )
+    assert_one_line_error(workflowd("timeline", "not-an-id", env=env), 1, "is not a workflow id")

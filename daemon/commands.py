@@ -1,0 +1,212 @@
+"""The operator commands of the CLI: status, list, timeline, retry, cancel, compensate,
+stats, search. They talk to the database directly (no daemon needed) and print readable
+tables, or JSON with --json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from engine import WorkflowService
+from engine.records import StepRecord, TimelineEvent, WorkflowRecord
+
+MESSAGE_WIDTH = 60
+
+
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Left-aligned columns under upper-case headers; None prints as '-'."""
+    cells = [[_cell(value) for value in row] for row in rows]
+    widths = [max([len(header), *(len(row[i]) for row in cells)]) for i, header in enumerate(headers)]
+    lines = ["  ".join(header.upper().ljust(width) for header, width in zip(headers, widths, strict=True))]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    text = str(value)
+    return text if len(text) <= MESSAGE_WIDTH else text[: MESSAGE_WIDTH - 1] + "…"
+
+
+def to_json(value: BaseModel | Sequence[BaseModel] | dict[str, Any]) -> str:
+    """Records (or a list or dict of them) as indented JSON."""
+
+    def plain(item: Any) -> Any:
+        if isinstance(item, BaseModel):
+            return item.model_dump(mode="json")
+        if isinstance(item, dict):
+            return {key: plain(inner) for key, inner in item.items()}
+        if isinstance(item, list | tuple):
+            return [plain(inner) for inner in item]
+        return item
+
+    return json.dumps(plain(value), indent=2, ensure_ascii=False, sort_keys=True)
+
+
+def _message(error: dict[str, Any] | None) -> str | None:
+    return None if error is None else str(error.get("message", error))
+
+
+def workflows_table(workflows: Sequence[WorkflowRecord]) -> str:
+    rows = [
+        (
+            w.id,
+            w.type,
+            w.state,
+            w.user_id,
+            f"{min(w.current_step_index, w.total_steps)}/{w.total_steps}",
+            w.created_at,
+        )
+        for w in workflows
+    ]
+    return render_table(("id", "type", "state", "user", "step", "created"), rows)
+
+
+def steps_table(steps: Sequence[StepRecord]) -> str:
+    rows = [(s.step_index, s.step_name, s.state, s.attempt, s.retry_count, _message(s.error)) for s in steps]
+    return render_table(("#", "step", "state", "attempts", "retries", "error"), rows)
+
+
+def timeline_table(events: Sequence[TimelineEvent]) -> str:
+    rows = [
+        (
+            e.at,
+            e.step_name or "(workflow)",
+            f"{e.from_state or '-'} -> {e.to_state}",
+            e.attempt,
+            e.worker_id,
+            _message(e.error),
+        )
+        for e in events
+    ]
+    return render_table(("at", "what", "transition", "attempt", "worker", "error"), rows)
+
+
+async def cmd_status(args: argparse.Namespace, service: WorkflowService) -> str:
+    workflow = await service.get_workflow(args.id)
+    steps = await service.get_steps(workflow.id)
+    summary = await service.get_execution_summary(workflow.id)
+    if args.json:
+        return to_json({"workflow": workflow, "steps": steps, "summary": summary})
+    facts = [
+        ("workflow", workflow.id),
+        ("type", workflow.type),
+        (
+            "state",
+            workflow.state
+            + (" (cancel requested)" if workflow.cancel_requested and workflow.state == "running" else ""),
+        ),
+        ("user", workflow.user_id),
+        ("wallet", workflow.wallet_address),
+        (
+            "progress",
+            f"{summary.completed_steps}/{summary.total_steps} steps ({summary.progress_percentage:g} %)",
+        ),
+        ("current step", summary.current_step),
+        ("retries", summary.retries),
+        ("duration", None if summary.duration_seconds is None else f"{summary.duration_seconds:g} s"),
+        ("error", _message(workflow.error)),
+        ("idempotency key", workflow.idempotency_key),
+    ]
+    block = "\n".join(f"{name:<16} {'-' if value is None else value}" for name, value in facts)
+    return block + ("\n\n" + steps_table(steps) if steps else "")
+
+
+async def cmd_list(args: argparse.Namespace, service: WorkflowService) -> str:
+    page = await service.list_workflows(
+        page=args.page, limit=args.limit, state=args.state, type=args.type, user_id=args.user
+    )
+    if args.json:
+        return to_json(page)
+    shown = f"page {page.page}, {len(page.items)} of {page.total} workflows"
+    return (workflows_table(page.items) + "\n" if page.items else "") + shown
+
+
+async def cmd_timeline(args: argparse.Namespace, service: WorkflowService) -> str:
+    events = await service.get_timeline(args.id)
+    return to_json(events) if args.json else timeline_table(events)
+
+
+async def cmd_retry(args: argparse.Namespace, service: WorkflowService) -> str:
+    return _after_command(await service.retry_workflow(args.id), args.json)
+
+
+async def cmd_cancel(args: argparse.Namespace, service: WorkflowService) -> str:
+    return _after_command(await service.cancel_workflow(args.id), args.json)
+
+
+async def cmd_compensate(args: argparse.Namespace, service: WorkflowService) -> str:
+    return _after_command(await service.compensate_workflow(args.id), args.json)
+
+
+def _after_command(workflow: WorkflowRecord, as_json: bool) -> str:
+    if as_json:
+        return to_json(workflow)
+    note = " (cancel requested: it stops at its next step boundary)" if workflow.cancel_requested else ""
+    return f"workflow {workflow.id} is {workflow.state}{note}"
+
+
+async def cmd_stats(args: argparse.Namespace, service: WorkflowService) -> str:
+    stats = await service.get_stats()
+    if args.json:
+        return to_json(stats)
+    states = sorted({state for counts in stats.by_type.values() for state in counts})
+    by_type = [(t, *(counts.get(s, 0) for s in states)) for t, counts in sorted(stats.by_type.items())]
+    workers = [(w.id, w.host, w.pid, ",".join(w.types), w.last_seen_at) for w in stats.live_workers]
+    oldest = stats.oldest_due_age_seconds
+    parts = [
+        render_table(("type", *states), by_type) if by_type else "no workflows",
+        f"last minute: {stats.completed_last_minute} completed, {stats.failed_last_minute} failed; "
+        f"last hour: {stats.completed_last_hour} completed, {stats.failed_last_hour} failed",
+        "oldest due workflow: " + ("none" if oldest is None else f"{oldest:.1f} s overdue"),
+        render_table(("worker", "host", "pid", "types", "last seen"), workers)
+        if workers
+        else "no live workers",
+    ]
+    if stats.unserved_types:
+        parts.append("types with due work and no live worker: " + ", ".join(stats.unserved_types))
+    return "\n\n".join(parts)
+
+
+async def cmd_search(args: argparse.Namespace, service: WorkflowService) -> str:
+    found = await service.search_workflows(args.query)
+    if args.json:
+        return to_json(found)
+    return workflows_table(found) if found else f"no workflow matches {args.query!r}"
+
+
+def add_operator_commands(commands: Any) -> None:
+    """Register the operator commands on the CLI's subparsers."""
+
+    def command(name: str, handler: Any, help: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = commands.add_parser(name, help=help)
+        parser.add_argument("--json", action="store_true", help="print JSON")
+        parser.set_defaults(service_handler=handler)
+        return parser
+
+    for name, handler, help in (
+        ("status", cmd_status, "a workflow with its steps and progress"),
+        ("timeline", cmd_timeline, "every transition of a workflow, in order"),
+        ("retry", cmd_retry, "resume a failed workflow at its failed step"),
+        ("cancel", cmd_cancel, "cancel a workflow (at its next step boundary if running)"),
+        ("compensate", cmd_compensate, "undo the completed steps of a failed or cancelled workflow"),
+    ):
+        command(name, handler, help).add_argument("id", metavar="ID", help="the workflow id")
+    listing = command("list", cmd_list, "workflows, newest first")
+    listing.add_argument("--state", default=None, help="only this state")
+    listing.add_argument("--type", default=None, help="only this type")
+    listing.add_argument("--user", default=None, help="only this user id")
+    listing.add_argument("--page", type=int, default=1)
+    listing.add_argument("--limit", type=int, default=20, help="page size (at most 100)")
+    command("stats", cmd_stats, "counts, recent outcomes, live workers, unserved types")
+    command("search", cmd_search, "workflows by id, idempotency key, type, user id or wallet").add_argument(
+        "query", metavar="Q"
+    )
