@@ -32,27 +32,28 @@ class CuttableProxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._cut:
-            writer.close()
+            writer.transport.abort()
             return
+        self._writers.add(writer)
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)
         except OSError:
-            writer.close()
+            writer.transport.abort()
             return
-        self._writers |= {writer, up_writer}
+        self._writers.add(up_writer)
         try:
             await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
         finally:
             for end in (writer, up_writer):
                 end.transport.abort()
+                self._writers.discard(end)
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with suppress(OSError, asyncio.IncompleteReadError):
             while data := await reader.read(65536):
                 writer.write(data)
                 await writer.drain()
-        writer.close()
-        self._writers.discard(writer)
+        writer.transport.abort()
 
     def cut(self) -> None:
         """Drop every open connection and refuse new ones, as a dead network would."""
@@ -87,3 +88,7 @@ class CuttableProxy:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for writer in list(self._writers):
+            writer.transport.abort()
+        # Transports close their sockets on the next turns of the loop: let them.
+        await asyncio.sleep(0.05)
