@@ -24,6 +24,7 @@ from daemon.logs import configure_logging
 from daemon.process import run_daemon
 from daemon.settings import ConfigurationError, Settings, describe_database
 from engine import Registry, WorkflowEngineError, WorkflowService
+from engine.builtin import Adapters, builtin_workflows, sandbox_adapters
 from engine.migrate import migrate
 from engine.records import StartResult
 from engine.store import Store
@@ -57,10 +58,20 @@ async def connect(settings: Settings) -> AsyncIterator[AsyncConnection[Any]]:
 
 
 def load_registry(settings: Settings) -> Registry:
-    """The definitions of the modules named in WORKFLOWD_MODULES."""
-    registry = Registry()
+    """The built-in types (unless turned off) and the definitions of WORKFLOWD_MODULES."""
+    registry = Registry(builtin_workflows(build_adapters(settings)) if settings.builtins else ())
     registry.load_modules(settings.modules)
     return registry
+
+
+def build_adapters(settings: Settings) -> Adapters:
+    """The outside services of the built-in types, as WORKFLOWD_ADAPTERS chooses."""
+    if settings.adapters == "http":
+        raise ConfigurationError(
+            "WORKFLOWD_ADAPTERS=http is not available in this version: use the sandbox "
+            "adapters (the default), or WORKFLOWD_BUILTINS=false with your own definitions"
+        )
+    return sandbox_adapters(settings.sandbox_latency_ms / 1000, settings.sandbox_failure_rate)
 
 
 async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:

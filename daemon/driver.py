@@ -98,7 +98,7 @@ class Driver:
             go_on = True
             while go_on:
                 step_log = log.bind(step=assignment.step.name, attempt=assignment.attempt)
-                if assignment.step.transactional and not assignment.compensating:
+                if assignment.step.transactional:
                     go_on = await self._run_transactional(assignment, step_log)
                     continue
                 outcome = await self._run(assignment)
@@ -114,8 +114,9 @@ class Driver:
             self.metrics.lost_leases.inc()
             log.warning("lease_lost", step=assignment.step.name, attempt=assignment.attempt)
 
-    async def _run(self, assignment: Assignment) -> StepOutcome:
-        ctx = self._context(assignment)
+    async def _run(self, assignment: Assignment, ctx: WorkflowContext | None = None) -> StepOutcome:
+        """One attempt of the current step, or of its compensation."""
+        ctx = ctx or self._context(assignment)
         input = assignment.row["input"]
         started = time.monotonic()
         if assignment.compensating:
@@ -231,7 +232,8 @@ class Driver:
         return True
 
     async def _run_transactional(self, assignment: Assignment, log: Any) -> bool:
-        """Run a transactional step inside the transaction that records its completion.
+        """Run a transactional step (or its compensation) inside the transaction that
+        records its completion.
 
         The step's own writes and its completion commit together or not at all: a lost
         lease or a crash rolls both back, so its database effects happen exactly once.
@@ -248,7 +250,16 @@ class Driver:
             step = await self._fenced(
                 assignment, lambda: self.store.get_step(assignment.workflow_id, assignment.step_index)
             )
-            if step is not None and step["state"] == "running" and step["attempt"] == assignment.attempt:
+            in_flight = (
+                ("compensating", "compensation_attempt")
+                if assignment.compensating
+                else ("running", "attempt")
+            )
+            if (
+                step is not None
+                and step["state"] == in_flight[0]
+                and step[in_flight[1]] == assignment.attempt
+            ):
                 retry = failure(
                     assignment.step.name, assignment.attempt, type(error).__name__, str(error), retryable=True
                 )
@@ -261,8 +272,7 @@ class Driver:
     ) -> bool:
         outcome: StepOutcome | None = None
         async with conn.transaction():
-            ctx = replace(self._context(assignment), connection=conn)
-            outcome = await run_step(assignment.step, assignment.row["input"], ctx, self.executor)
+            outcome = await self._run(assignment, replace(self._context(assignment), connection=conn))
             if isinstance(outcome, StepSucceeded):
                 return await self._record(assignment, outcome, log, store=Store(conn))
             raise psycopg.Rollback  # a failed attempt's writes are undone

@@ -64,6 +64,12 @@ async def run_daemon(settings: Settings, registry: Registry, conninfo: str) -> i
         applied = await migrate(conn)
     if applied:
         LOG.info("migrations_applied", names=applied)
+    if settings.builtins and settings.adapters == "sandbox":
+        LOG.warning(
+            "sandbox_adapters",
+            message="THE BUILT-IN WORKFLOW TYPES TALK TO SANDBOXES, NOT TO REAL SERVICES: "
+            "no chain, exchange or AI service is called (set WORKFLOWD_ADAPTERS=http for real ones)",
+        )
     pool = AsyncConnectionPool(
         conninfo,
         min_size=2,

@@ -50,6 +50,15 @@ class Settings(BaseSettings):
     poll_interval: float = Field(POLL_INTERVAL_SECONDS_DEFAULT, gt=0)
     # How long in-flight steps may finish after SIGTERM before their leases are released.
     shutdown_grace: float = Field(SHUTDOWN_GRACE_SECONDS_DEFAULT, ge=0)
+    # Serve the five built-in workflow types (contract_deployment, trade_execution,
+    # ai_job_chain, indexing_verification, reward_grant).
+    builtins: bool = True
+    # Their outside services: deterministic sandboxes, or real services over HTTP.
+    adapters: Literal["sandbox", "http"] = "sandbox"
+    # Sandbox realism for demos and tests: latency per call, and a rate of injected
+    # transient failures (0 to 1).
+    sandbox_latency_ms: float = Field(0.0, ge=0)
+    sandbox_failure_rate: float = Field(0.0, ge=0, le=1)
     # The bearer token of the admin API; without one the admin endpoints answer 503.
     admin_token: SecretStr | None = None
     # How often the one exporting daemon refreshes the queue-depth gauges.

@@ -74,7 +74,8 @@ class Step:
     runs longer fails and is retried. `is_idempotent=False` promises at most one
     execution: a step interrupted by a crash is not run again blindly. A
     `transactional` step must be `async def`; it gets the completing transaction in
-    `ctx.connection`, so its database writes commit exactly once with the step.
+    `ctx.connection`, so its database writes commit exactly once with the step (its
+    compensate function, too, runs in the transaction that records the compensation).
     """
 
     name: str
@@ -97,10 +98,11 @@ class Step:
             raise DefinitionError(f"step {self.name!r}: max_retries cannot be negative")
         if self.timeout is not None and self.timeout <= 0:
             raise DefinitionError(f"step {self.name!r}: timeout must be positive seconds")
-        if self.transactional and not inspect.iscoroutinefunction(self.execute):
+        plain = [fn for fn in (self.execute, self.compensate) if fn and not inspect.iscoroutinefunction(fn)]
+        if self.transactional and plain:
             raise DefinitionError(
-                f"step {self.name!r}: a transactional step must be an async def, "
-                "because it shares the daemon's async database connection"
+                f"step {self.name!r}: a transactional step's execute and compensate must be async defs, "
+                "because they share the daemon's async database connection"
             )
         object.__setattr__(self, "config", MappingProxyType(dict(self.config)))
 

@@ -1,0 +1,80 @@
+"""The outside services of the built-in workflow types, as small interfaces.
+
+Every call takes the calling step's idempotency key, so that a service can deduplicate a
+call that a crash made the engine repeat. Two families implement them: deterministic
+sandboxes (engine.builtin.sandbox) for development, demos and tests, and clients of real
+services over HTTP (engine.builtin.http_clients).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class ChainClient(Protocol):
+    """An EVM chain: deploy and inspect contracts, read event logs."""
+
+    async def deploy_contract(
+        self, bytecode: str, constructor_args: list[Any], *, idempotency_key: str
+    ) -> str:
+        """Send the deployment transaction; returns its hash."""
+
+    async def get_receipt(self, tx_hash: str, *, idempotency_key: str) -> dict[str, Any] | None:
+        """The receipt ({status, contractAddress, blockNumber}), or None while pending."""
+
+    async def get_code(self, address: str, *, idempotency_key: str) -> str:
+        """The code deployed at an address ('0x' when none)."""
+
+    async def block_number(self, *, idempotency_key: str) -> int:
+        """The latest block number."""
+
+    async def get_logs(self, from_block: int, to_block: int, *, idempotency_key: str) -> list[dict[str, Any]]:
+        """The event logs of a block range."""
+
+
+class Exchange(Protocol):
+    """A trading venue."""
+
+    async def execute_trade(
+        self, token_a: str, token_b: str, amount: float, slippage: float, *, idempotency_key: str
+    ) -> dict[str, Any]:
+        """Swap `amount` of token_a for token_b; returns {trade_id, amount_in, amount_out, price}."""
+
+    async def confirm_trade(self, trade_id: str, *, idempotency_key: str) -> dict[str, Any]:
+        """Wait for settlement; returns {trade_id, status}."""
+
+    async def unwind_trade(self, trade_id: str, *, idempotency_key: str) -> dict[str, Any]:
+        """Reverse a trade (the saga's undo); returns {trade_id, status}."""
+
+
+class AIClient(Protocol):
+    """Speech-to-text, a language model and text-to-speech (OpenAI-compatible)."""
+
+    async def transcribe(self, audio_base64: str, *, idempotency_key: str) -> str:
+        """The transcript of an audio clip."""
+
+    async def complete(self, prompt: str, *, idempotency_key: str) -> str:
+        """A chat completion of a prompt."""
+
+    async def speak(self, text: str, *, idempotency_key: str) -> str:
+        """Speech for a text, base64-encoded."""
+
+
+class Notifier(Protocol):
+    """Tells a user about something (a reward granted)."""
+
+    async def notify(self, user_id: str, message: str, *, idempotency_key: str) -> None:
+        """Deliver one message."""
+
+
+@dataclass(frozen=True)
+class Adapters:
+    """The services the built-in workflow types use."""
+
+    chain: ChainClient
+    exchange: Exchange
+    ai: AIClient
+    notifier: Notifier
+    # Shown in logs and by `workflowd dev`: "sandbox" or "http".
+    kind: str

@@ -1,0 +1,65 @@
+"""Built-in reward_grant: validate -> grant -> notify; a failed notification revokes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from engine import PermanentError, Step, Workflow, WorkflowContext
+from engine.builtin.adapters import Notifier
+
+MAX_REWARD_AMOUNT = 10_000
+
+
+class RewardInput(BaseModel):
+    """A reward for the workflow's user."""
+
+    amount: float = Field(gt=0)
+    reason: str = Field(min_length=1, max_length=500)
+
+
+def reward_grant(notifier: Notifier) -> Workflow:
+    """Validate the grant, book it in the reward ledger, tell the user; undo revokes it."""
+
+    async def validate(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
+        if not ctx.user_id:
+            raise PermanentError("a reward needs a user_id")
+        if input["amount"] > MAX_REWARD_AMOUNT:
+            raise PermanentError(f"a reward is at most {MAX_REWARD_AMOUNT}, not {input['amount']}")
+        return {"user_id": ctx.user_id, "amount": input["amount"]}
+
+    async def grant(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
+        assert ctx.connection is not None  # transactional: booked exactly once with the step
+        await ctx.connection.execute(
+            "INSERT INTO reward_grants (workflow_id, user_id, amount, reason) VALUES (%s, %s, %s, %s)",
+            (ctx.workflow_id, ctx.user_id, input["amount"], input["reason"]),
+        )
+        return {"granted": input["amount"], "user_id": ctx.user_id}
+
+    async def revoke(input: dict[str, Any], output: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
+        assert ctx.connection is not None  # transactional
+        await ctx.connection.execute(
+            "UPDATE reward_grants SET status = 'revoked', revoked_at = now() "
+            "WHERE workflow_id = %s AND status = 'granted'",
+            (ctx.workflow_id,),
+        )
+        return {"revoked": output["granted"]}
+
+    async def notify(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
+        message = f"You received {input['amount']:g} for {input['reason']}."
+        await notifier.notify(ctx.user_id or "", message, idempotency_key=ctx.idempotency_key)
+        return {"notified": ctx.user_id, "message": message}
+
+    return Workflow(
+        type="reward_grant",
+        name="Reward grant",
+        description="Validate a reward, grant it in the ledger, notify the user; revoke if that fails.",
+        input_model=RewardInput,
+        requires_compensation=True,
+        steps=[
+            Step("validate", validate),
+            Step("grant", grant, compensate=revoke, transactional=True),
+            Step("notify", notify, timeout=30),
+        ],
+    )
