@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 install:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,embedded]'
 
 # The test command the README gives and CI runs.
 test:

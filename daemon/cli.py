@@ -20,6 +20,7 @@ from psycopg import AsyncConnection
 from pydantic import ValidationError
 
 from daemon.commands import add_operator_commands
+from daemon.dev import run_dev
 from daemon.logs import configure_logging
 from daemon.process import run_daemon
 from daemon.settings import ConfigurationError, Settings, describe_database
@@ -33,7 +34,7 @@ CONNECT_TIMEOUT_SECONDS = 10
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
-Handler = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
+Handler = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int] | int]
 
 
 class DatabaseUnavailableError(Exception):
@@ -116,6 +117,10 @@ async def cmd_operator(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
+    return run_dev(settings)
+
+
 async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     configure_logging(settings.log_format, settings.log_level)
     registry = load_registry(settings)
@@ -144,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the daemon: claim and run workflows until stopped")
     run.set_defaults(handler=cmd_run)
+
+    dev = commands.add_parser(
+        "dev", help="the whole system in one command: a local database, a daemon, a demo (Ctrl-C stops)"
+    )
+    dev.set_defaults(handler=cmd_dev)
 
     migrate_parser = commands.add_parser("migrate", help="apply pending schema migrations")
     migrate_parser.set_defaults(handler=cmd_migrate)
@@ -189,7 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Handler = cmd_operator if hasattr(args, "service_handler") else args.handler
     try:
-        return asyncio.run(handler(args, Settings()))
+        result = handler(args, Settings())
+        return asyncio.run(result) if asyncio.iscoroutine(result) else result
     except KeyboardInterrupt:
         return 130
     except Exception as error:

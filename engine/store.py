@@ -166,9 +166,9 @@ class Store:
         """Every recorded transition of a workflow and its steps, in order."""
         return await self._all("get_timeline", {"id": workflow_id})
 
-    async def count_by_type_and_state(self) -> list[Row]:
-        """How many workflows each type has in each state."""
-        return await self._all("count_by_type_and_state", {})
+    async def count_by_type_and_state(self, ids: list[UUID] | None = None) -> list[Row]:
+        """How many workflows (all, or those of `ids`) each type has in each state."""
+        return await self._all("count_by_type_and_state", {"ids": ids})
 
     async def recent_outcomes(self) -> Row:
         """Completions and failures of the last minute and hour; age of the oldest due workflow."""

@@ -567,7 +567,10 @@ SELECT id, workflow_id, step_index, step_name, from_state, to_state, attempt, wo
 FROM workflow_events WHERE workflow_id = %(id)s ORDER BY id;
 
 -- name: count_by_type_and_state
-SELECT type, state::text AS state, count(*) AS count FROM workflows GROUP BY type, state ORDER BY type, state;
+-- All workflows, or only those of the given ids.
+SELECT type, state::text AS state, count(*) AS count FROM workflows
+WHERE %(ids)s::uuid[] IS NULL OR id = ANY(%(ids)s::uuid[])
+GROUP BY type, state ORDER BY type, state;
 
 -- name: recent_outcomes
 SELECT count(*) FILTER (WHERE state = 'completed' AND completed_at > now() - interval '1 minute') AS completed_last_minute,

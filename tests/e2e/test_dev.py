@@ -1,0 +1,113 @@
+"""`workflowd dev` as a new user runs it: no database configured, one command."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from daemon.local_postgres import free_port
+from tests.e2e.conftest import ROOT
+
+SAMPLE_SIZE = 20
+UNSET = (
+    "DATABASE_URL",
+    "DB_HOST",
+    "TEST_DATABASE_URL",
+    "WORKFLOWD_ADMIN_TOKEN",
+    "WORKFLOWD_MODULES",
+    "NOTIFY_SOCKET",
+    "INVOCATION_ID",
+)
+
+
+@pytest.fixture
+def project() -> Iterator[Path]:
+    # Not under pytest's tmp_path: as root the database runs as another user, who must
+    # be able to reach the data folder.
+    folder = Path(tempfile.mkdtemp(prefix="workflowd-dev-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def start_dev(folder: Path, port: int) -> subprocess.Popen[str]:
+    env = {name: value for name, value in os.environ.items() if name not in UNSET}
+    env |= {"PORT": str(port), "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "daemon", "dev"],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def read_until(process: subprocess.Popen[str], marker: str, timeout: float) -> str:
+    assert process.stdout is not None
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line and process.poll() is not None:
+            break
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    pytest.fail(f"no {marker!r} within {timeout} s:\n{''.join(seen)}")
+
+
+def run_once(folder: Path, expected_total: int) -> str:
+    port = free_port()
+    process = start_dev(folder, port)
+    try:
+        shown = read_until(process, "summary", 120)
+        token = re.search(r"token: ([\w-]+)\)", shown)
+        assert token is not None, shown
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{url}/healthz").json()["status"] == "ready"
+        stats = httpx.get(
+            f"{url}/admin/workflows/stats/overview", headers={"Authorization": f"Bearer {token[1]}"}
+        ).json()
+        assert sum(stats["by_state"].values()) == expected_total
+        process.send_signal(signal.SIGINT)
+        assert process.stdout is not None
+        rest = process.stdout.read()  # what readline() buffered, then the rest until exit
+        assert process.wait(timeout=30) == 0, shown + rest
+        return shown + rest
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout:
+            process.stdout.close()
+
+
+def test_dev_runs_the_whole_system_and_keeps_its_data_for_the_next_run(project: Path) -> None:
+    first = run_once(project, SAMPLE_SIZE)
+    assert "new data in .workflowd/pgdata" in first
+    summary = first.split("summary", 1)[1]
+    for workflow_type in (
+        "contract_deployment",
+        "trade_execution",
+        "ai_job_chain",
+        "indexing_verification",
+        "reward_grant",
+    ):
+        assert re.search(rf"{workflow_type}\s+3\s+", summary), summary
+    assert (project / ".workflowd" / "pgdata" / "PG_VERSION").exists()
+    second = run_once(project, 2 * SAMPLE_SIZE)
+    assert "existing data in .workflowd/pgdata" in second
