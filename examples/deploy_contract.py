@@ -31,9 +31,8 @@ async def main() -> None:
                 break
             await asyncio.sleep(0.2)
         finished = await service.get_workflow(workflow.id)
-        print(
-            f"contract address {finished.output['contractAddress']}, verified {finished.output['verification']['verified']}"
-        )
+        output = finished.output
+        print(f"contract address {output['contractAddress']}, verified {output['verification']['verified']}")
 
 
 if __name__ == "__main__":
