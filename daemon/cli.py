@@ -19,13 +19,13 @@ import psycopg
 from psycopg import AsyncConnection
 from pydantic import ValidationError
 
+from daemon.catalog import load_registry
 from daemon.commands import add_operator_commands
 from daemon.dev import run_dev
 from daemon.logs import configure_logging
 from daemon.process import run_daemon
 from daemon.settings import ConfigurationError, Settings, describe_database
-from engine import Registry, WorkflowEngineError, WorkflowService
-from engine.builtin import Adapters, builtin_workflows, sandbox_adapters
+from engine import WorkflowEngineError, WorkflowService
 from engine.migrate import migrate
 from engine.records import StartResult
 from engine.store import Store
@@ -56,23 +56,6 @@ async def connect(settings: Settings) -> AsyncIterator[AsyncConnection[Any]]:
         ) from None
     async with conn:
         yield conn
-
-
-def load_registry(settings: Settings) -> Registry:
-    """The built-in types (unless turned off) and the definitions of WORKFLOWD_MODULES."""
-    registry = Registry(builtin_workflows(build_adapters(settings)) if settings.builtins else ())
-    registry.load_modules(settings.modules)
-    return registry
-
-
-def build_adapters(settings: Settings) -> Adapters:
-    """The outside services of the built-in types, as WORKFLOWD_ADAPTERS chooses."""
-    if settings.adapters == "http":
-        raise ConfigurationError(
-            "WORKFLOWD_ADAPTERS=http is not available in this version: use the sandbox "
-            "adapters (the default), or WORKFLOWD_BUILTINS=false with your own definitions"
-        )
-    return sandbox_adapters(settings.sandbox_latency_ms / 1000, settings.sandbox_failure_rate)
 
 
 async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:

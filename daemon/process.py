@@ -81,6 +81,11 @@ async def run_daemon(
             message="THE BUILT-IN WORKFLOW TYPES TALK TO SANDBOXES, NOT TO REAL SERVICES: "
             "no chain, exchange or AI service is called (set WORKFLOWD_ADAPTERS=http for real ones)",
         )
+    elif settings.builtins:
+        LOG.warning(
+            "sandbox_adapters",
+            message="the exchange and the notifier of the built-in types have no HTTP adapter yet: SANDBOXES",
+        )
     pool = AsyncConnectionPool(
         conninfo,
         min_size=2,

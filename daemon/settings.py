@@ -59,6 +59,16 @@ class Settings(BaseSettings):
     # transient failures (0 to 1).
     sandbox_latency_ms: float = Field(0.0, ge=0)
     sandbox_failure_rate: float = Field(0.0, ge=0, le=1)
+    # The HTTP adapters: an EVM JSON-RPC node (deployments are sent from `chain_deployer`,
+    # an account the node or its signing proxy holds) and an OpenAI-compatible AI API.
+    chain_rpc_url: str | None = None
+    chain_deployer: str | None = None
+    ai_base_url: str | None = None
+    ai_api_key: SecretStr | None = None
+    ai_chat_model: str = "gpt-4o-mini"
+    ai_transcription_model: str = "whisper-1"
+    ai_speech_model: str = "tts-1"
+    http_timeout: float = Field(30.0, gt=0)
     # The bearer token of the admin API; without one the admin endpoints answer 503.
     admin_token: SecretStr | None = None
     # How often the one exporting daemon refreshes the queue-depth gauges.
