@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from daemon.catalog import load_registry
 from daemon.commands import add_operator_commands
 from daemon.dev import run_dev
+from daemon.local_postgres import PostgresBinariesNotFoundError
 from daemon.logs import configure_logging
 from daemon.process import run_daemon
 from daemon.settings import ConfigurationError, Settings, describe_database
@@ -165,7 +166,7 @@ def explain(error: Exception) -> tuple[int, str]:
     """The exit code and the one line a user sees for an error they can act on."""
     if isinstance(error, ValidationError):
         return EXIT_USAGE, _settings_error(error)
-    if isinstance(error, ConfigurationError | DatabaseUnavailableError):
+    if isinstance(error, ConfigurationError | DatabaseUnavailableError | PostgresBinariesNotFoundError):
         return EXIT_USAGE, str(error)
     if isinstance(error, WorkflowEngineError):
         return EXIT_FAILURE, str(error)

@@ -21,6 +21,7 @@ from pathlib import Path
 from psycopg.conninfo import make_conninfo
 
 START_TIMEOUT_SECONDS = 60
+DEBIAN_POSTGRESQL = Path("/usr/lib/postgresql")
 SUPERUSER = "postgres"
 
 # For throwaway clusters whose data may be lost on a crash: tests, not benchmarks.
@@ -53,7 +54,7 @@ def find_bindir() -> Path:
     candidates.extend(embedded_bindirs())
     if on_path := shutil.which("initdb"):
         candidates.append(Path(on_path).parent)
-    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True)
+    debian = sorted(DEBIAN_POSTGRESQL.glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True)
     candidates.extend(debian)
     for folder in candidates:
         if (folder / "initdb").is_file() and (folder / "pg_ctl").is_file():

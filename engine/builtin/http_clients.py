@@ -29,19 +29,13 @@ async def _post(client: httpx.AsyncClient, path: str, key: str, **kwargs: Any) -
     try:
         response = await client.post(path, headers={"Idempotency-Key": key}, **kwargs)
     except httpx.TimeoutException as error:
-        raise ServiceUnavailableError(
-            f"{where}: no answer in time ({type(error).__name__})"
-        ) from error
+        raise ServiceUnavailableError(f"{where}: no answer in time ({type(error).__name__})") from error
     except httpx.TransportError as error:
         raise ServiceUnavailableError(f"{where}: {error}") from error
     if response.status_code in RETRYABLE_STATUS:
-        raise ServiceUnavailableError(
-            f"{where} answered {response.status_code}: {response.text[:200]}"
-        )
+        raise ServiceUnavailableError(f"{where} answered {response.status_code}: {response.text[:200]}")
     if response.is_error:
-        raise PermanentError(
-            f"{where} refused the request ({response.status_code}): {response.text[:200]}"
-        )
+        raise PermanentError(f"{where} refused the request ({response.status_code}): {response.text[:200]}")
     return response
 
 

@@ -20,6 +20,7 @@ from engine.builtin.adapters import Adapters
 from engine.errors import PermanentError
 
 SANDBOX_BLOCK_HEIGHT = 1_000_000
+MAX_INJECTED_FAILURES_PER_KEY = 2
 # The sandbox refuses slippage tolerances below this, at confirmation: a realistic way
 # to make a trade fail after it executed, so its compensation (an unwind) runs.
 SANDBOX_MIN_SLIPPAGE_PERCENT = 0.1
@@ -39,12 +40,14 @@ class SandboxFaults:
     """Latency and injected transient failures shared by the sandboxes of one process.
 
     Whether the n-th call of an operation with a given idempotency key fails is a pure
-    function of (operation, key, n), so a run is reproducible.
+    function of (operation, key, n) and of the failures already injected for that key,
+    so a run is reproducible.
     """
 
     latency_seconds: float = 0.0
     failure_rate: float = 0.0
     calls: Counter[tuple[str, str]] = field(default_factory=Counter)
+    injected: Counter[str] = field(default_factory=Counter)
 
     async def enter(self, operation: str, idempotency_key: str) -> None:
         if self.latency_seconds:
@@ -54,7 +57,10 @@ class SandboxFaults:
             int(digest(operation, idempotency_key, self.calls[operation, idempotency_key])[:8], 16)
             / 0xFFFFFFFF
         )
-        if draw < self.failure_rate:
+        # At most MAX_INJECTED_FAILURES_PER_KEY for one step (one key): with the default
+        # three retries, injected failures show retries but never fail a workflow.
+        if draw < self.failure_rate and self.injected[idempotency_key] < MAX_INJECTED_FAILURES_PER_KEY:
+            self.injected[idempotency_key] += 1
             raise SandboxUnavailableError(f"sandbox {operation}: injected transient failure")
 
 

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import structlog
 
+from daemon import local_postgres
+from daemon.cli import main
 from daemon.local_postgres import free_port
 from tests.e2e.conftest import ROOT
 
@@ -111,3 +114,40 @@ def test_dev_runs_the_whole_system_and_keeps_its_data_for_the_next_run(project: 
     assert (project / ".workflowd" / "pgdata" / "PG_VERSION").exists()
     second = run_once(project, 2 * SAMPLE_SIZE)
     assert "existing data in .workflowd/pgdata" in second
+
+
+def test_dev_never_starts_an_embedded_database_under_systemd(project: Path) -> None:
+    env = {name: value for name, value in os.environ.items() if name not in UNSET}
+    env |= {"INVOCATION_ID": "0123456789abcdef", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", "dev"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "does not start an embedded database under systemd" in result.stderr
+    assert not (project / ".workflowd" / "pgdata").exists()
+
+
+def test_without_postgresql_binaries_dev_says_how_to_get_them(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in UNSET:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(local_postgres, "embedded_bindirs", list)
+    monkeypatch.setattr(local_postgres, "DEBIAN_POSTGRESQL", project / "no-debian")
+    monkeypatch.setenv("PATH", str(project / "no-bin"))
+    monkeypatch.delenv("WORKFLOWD_PG_BINDIR", raising=False)
+    try:
+        assert main(["dev"]) == 2
+    finally:
+        structlog.reset_defaults()  # dev pointed the logs at a file it has closed
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1
+    assert "no PostgreSQL server binaries found" in message
+    assert "pip install 'stellara-workflows[embedded]'" in message

@@ -64,7 +64,7 @@ def test_step_defaults() -> None:
         ({"max_retries": -1}, "max_retries cannot be negative"),
         ({"timeout": 0}, "timeout must be positive"),
         ({"timeout": -1.5}, "timeout must be positive"),
-        ({"transactional": True}, "a transactional step must be an async def"),
+        ({"transactional": True}, "a transactional step.s execute and compensate must be async defs"),
     ],
 )
 def test_a_malformed_step_is_refused(kwargs: dict[str, Any], message: str) -> None:
