@@ -24,7 +24,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from daemon.local_postgres import LocalPostgres
+from daemon.local_postgres import LocalPostgres, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,9 +52,14 @@ def daemons(url: str, count: int, concurrency: int) -> Iterator[list[subprocess.
         "WORKFLOWD_MODULES": "bench.flows",
         "WORKFLOWD_CONCURRENCY": str(concurrency),
         "WORKFLOWD_LOG_LEVEL": "warning",
+        "WORKFLOWD_BUILTINS": "false",
     }
     processes = [
-        subprocess.Popen([sys.executable, "-m", "daemon", "run"], env=env, stdout=subprocess.DEVNULL)
+        subprocess.Popen(
+            [sys.executable, "-m", "daemon", "run"],
+            env={**env, "PORT": str(free_port())},
+            stdout=subprocess.DEVNULL,
+        )
         for _ in range(count)
     ]
     try:
