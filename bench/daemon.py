@@ -24,6 +24,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from bench import cases
 from daemon.local_postgres import LocalPostgres, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,6 +136,9 @@ def main() -> None:
     parser.add_argument("--workflows", type=int, default=2000)
     parser.add_argument("--inserts", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument(
+        "--claim-cost", action="store_true", help="also time the claim beside 1,000,000 finished rows"
+    )
     args = parser.parse_args()
     machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
     print(f"machine: {machine}")
@@ -151,6 +155,10 @@ def main() -> None:
                 f"throughput {args.workflows} three-step no-op workflows, concurrency {args.concurrency}: {result}"
             )
         print(f"pickup latency, idle daemons: {pickup_latency(cluster, args.inserts, args.concurrency)}")
+        print(f"plain-SQL limit (claim with SKIP LOCKED, complete in batches): {cases.sql_limit(cluster)}")
+        print(f"resident memory: {cases.resident_memory(cluster)}")
+        if args.claim_cost:
+            print(f"claim cost: {cases.claim_cost(cluster)}")
 
 
 if __name__ == "__main__":

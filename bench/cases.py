@@ -1,0 +1,110 @@
+"""Benchmark cases beside the daemon's throughput: the database's own limit, the claim's
+cost with a million finished workflows, and the resident memory of a busy daemon."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+
+from bench.daemon import daemons, fresh_database
+from daemon.local_postgres import LocalPostgres
+from engine.sqlfiles import query
+
+SQL_LIMIT_CONNECTIONS = 8
+SQL_LIMIT_BATCH = 100
+CLAIM_SAMPLES = 200
+
+
+def sql_limit(cluster: LocalPostgres, rows: int = 20_000) -> dict[str, float]:
+    """Rows/s of a plain-SQL loop that claims with SKIP LOCKED and completes in batches:
+    the most this database can give a queue, to read every other figure against."""
+    url = fresh_database(cluster, "bench_sql_limit")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO workflows (type, input, user_id) SELECT 'limit', jsonb_build_object('n', n), 'b' "
+            "FROM generate_series(1, %s) n",
+            (rows,),
+        )
+
+    def drain() -> None:
+        with psycopg.connect(url) as conn:
+            while True:
+                with conn.transaction():
+                    done = conn.execute(
+                        "WITH due AS (SELECT id FROM workflows WHERE state IN ('pending', 'running', 'compensating') "
+                        "AND next_retry_at <= now() ORDER BY priority, next_retry_at LIMIT %s FOR UPDATE SKIP LOCKED) "
+                        "UPDATE workflows w SET state = 'completed', completed_at = now() FROM due WHERE w.id = due.id",
+                        (SQL_LIMIT_BATCH,),
+                    ).rowcount
+                if not done:
+                    return
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=drain) for _ in range(SQL_LIMIT_CONNECTIONS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - started
+    return {
+        "rows": rows,
+        "connections": SQL_LIMIT_CONNECTIONS,
+        "batch": SQL_LIMIT_BATCH,
+        "rows_per_s": round(rows / elapsed),
+    }
+
+
+def claim_cost(cluster: LocalPostgres, finished: int = 1_000_000) -> dict[str, float]:
+    """Mean time of the daemon's own claim statement (claiming nothing it keeps) with an
+    empty table and with `finished` completed workflows in it."""
+    url = fresh_database(cluster, "bench_claim_cost")
+    claim = query("claim_due_workflows")
+    params = {"worker_id": "bench", "types": ["noop_1"], "limit": 10, "lease_seconds": 30}
+
+    def mean_ms(conn: psycopg.Connection[tuple[object, ...]]) -> float:
+        conn.execute("INSERT INTO workflows (type, input, user_id) SELECT 'noop_1', jsonb_build_object('c', n), 'b' "
+                     "FROM generate_series(1, 10) n ON CONFLICT (idempotency_key) DO NOTHING")  # fmt: skip
+        started = time.perf_counter()
+        for _ in range(CLAIM_SAMPLES):
+            with conn.transaction(force_rollback=True):  # claim and give back: the same rows every time
+                conn.execute(claim, params).fetchall()
+        return (time.perf_counter() - started) / CLAIM_SAMPLES * 1000
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        empty = mean_ms(conn)
+        conn.execute(
+            "INSERT INTO workflows (type, input, user_id, state, completed_at) "
+            "SELECT 'noop_1', jsonb_build_object('n', n), 'b', 'completed', now() FROM generate_series(1, %s) n",
+            (finished,),
+        )
+        conn.execute("VACUUM ANALYZE workflows")
+        full = mean_ms(conn)
+    return {"empty_ms": round(empty, 3), "finished_rows": finished, "with_finished_ms": round(full, 3),
+            "change_percent": round(100 * (full - empty) / empty, 1)}  # fmt: skip
+
+
+def resident_memory(
+    cluster: LocalPostgres, concurrency: int = 100, workflows: int = 2_000
+) -> dict[str, float]:
+    """Peak resident memory of one daemon draining three-step workflows at `concurrency`."""
+    url = fresh_database(cluster, "bench_memory")
+    peak = 0
+    with daemons(url, 1, concurrency) as (process,), psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO workflows (type, input, user_id) SELECT 'noop_3', jsonb_build_object('n', n), 'b' "
+            "FROM generate_series(1, %s) n",
+            (workflows,),
+        )
+        status = Path(f"/proc/{process.pid}/status")
+        while (
+            conn.execute("SELECT count(*) FROM workflows WHERE state = 'completed'").fetchone()[0] < workflows
+        ):  # type: ignore[index]
+            rss = next(
+                int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmRSS")
+            )
+            peak = max(peak, rss)
+            time.sleep(0.05)
+    return {"concurrency": concurrency, "peak_rss_mb": round(peak / 1024, 1)}
