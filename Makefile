@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: install test lint format check
+.PHONY: install test lint format check bench
 
 install:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,3 +26,7 @@ format:
 	$(VENV)/bin/ruff check --fix .
 
 check: lint test
+
+# The benchmark suite (minutes; not part of CI). See README, "Performance".
+bench:
+	$(PY) -m bench

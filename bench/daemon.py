@@ -78,25 +78,34 @@ def daemons(url: str, count: int, concurrency: int) -> Iterator[list[subprocess.
             process.wait(timeout=30)
 
 
-def throughput(cluster: LocalPostgres, processes: int, workflows: int, concurrency: int) -> dict[str, float]:
+def throughput(
+    cluster: LocalPostgres, processes: int, workflows: int, concurrency: int, steps: int = 3
+) -> dict[str, float]:
+    """Insert `workflows` no-op workflows of `steps` steps first, then drain them with
+    `processes` daemons; timed by the database, from the first claim to the last completion."""
     url = fresh_database(cluster, f"bench_throughput_{processes}")
-    with daemons(url, processes, concurrency), psycopg.connect(url, autocommit=True) as conn:
-        started = time.monotonic()
+    with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(
-            "INSERT INTO workflows (type, input, user_id) SELECT 'noop_3', jsonb_build_object('n', n), 'bench' "
+            "INSERT INTO workflows (type, input, user_id) SELECT %s, jsonb_build_object('n', n), 'bench' "
             "FROM generate_series(1, %s) n",
-            (workflows,),
+            (f"noop_{steps}", workflows),
         )
-        while (
-            conn.execute("SELECT count(*) FROM workflows WHERE state = 'completed'").fetchone()[0] < workflows
-        ):  # type: ignore[index]
-            time.sleep(0.02)
-        elapsed = time.monotonic() - started
+        with daemons(url, processes, concurrency):
+            while (
+                conn.execute("SELECT count(*) FROM workflows WHERE state = 'completed'").fetchone()[0]
+                < workflows
+            ):  # type: ignore[index]
+                time.sleep(0.05)
+        row = conn.execute(
+            "SELECT extract(epoch FROM max(completed_at) - min(started_at)) FROM workflows"
+        ).fetchone()
+    elapsed = float(row[0])  # type: ignore[index]
     return {
         "processes": processes,
+        "steps": steps,
         "seconds": round(elapsed, 2),
         "workflows_per_s": round(workflows / elapsed),
-        "steps_per_s": round(3 * workflows / elapsed),
+        "steps_per_s": round(steps * workflows / elapsed),
     }
 
 
