@@ -54,11 +54,11 @@ def main() -> None:
         rows = [("plain-SQL limit, rows/s", limit, None)]
         for steps in (1, 3):
             for processes in (int(p) for p in args.processes.split(",")):
-                figure = repeat(
-                    args.repeats,
-                    lambda: throughput(cluster, processes, args.workflows, args.concurrency, steps),
-                    "steps_per_s",
-                )
+
+                def run(processes: int = processes, steps: int = steps) -> dict[str, float]:
+                    return throughput(cluster, processes, args.workflows, args.concurrency, steps)
+
+                figure = repeat(args.repeats, run, "steps_per_s")
                 results[f"steps_per_s_{steps}_step_{processes}_processes"] = figure
                 rows.append(
                     (f"{steps}-step workflows, {processes} process(es), steps/s", figure, limit["median"])
