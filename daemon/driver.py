@@ -25,7 +25,7 @@ from engine.definitions import Step, Workflow, WorkflowContext
 from engine.idempotency import step_idempotency_key
 from engine.retry import RetryPolicy
 from engine.runner import StepFailed, StepOutcome, StepSucceeded, failure, run_compensation, run_step
-from engine.store import Row, Store
+from engine.store import FailedAttempt, Row, Store
 
 T = TypeVar("T")
 
@@ -163,40 +163,34 @@ class Driver:
             return await self._complete(assignment, outcome.output, log, store or self.store)
         step = assignment.step
         retries = step.retries(assignment.definition.max_retries)
-        failing: dict[str, Any] = {
-            "workflow_id": assignment.workflow_id,
-            "lease_token": assignment.lease_token,
-            "step_index": assignment.step_index,
-            "attempt": assignment.attempt,
-            "error": outcome.error,
-            "traceback": outcome.traceback,
-            "worker_id": self.id,
-            "compensation": assignment.compensating,
-        }
+        failed = FailedAttempt(
+            assignment.workflow_id, assignment.lease_token, assignment.step_index, assignment.attempt,
+            outcome.error, outcome.traceback, self.id, compensation=assignment.compensating,
+        )  # fmt: skip
         if outcome.retryable and assignment.retry_count < retries:
             delay = self.retry_policy.delay(assignment.retry_count)
-            await self._fenced(assignment, lambda: self.store.schedule_retry(**failing, delay_seconds=delay))
+            await self._fenced(assignment, lambda: self.store.schedule_retry(failed, delay_seconds=delay))
             self.metrics.retries.labels(assignment.definition.type, step.name).inc()
             log.warning("step_retry_scheduled", error=outcome.error["message"], delay_seconds=round(delay, 3))
             return False
         if assignment.compensating:
-            await self._fenced(assignment, lambda: self.store.fail_workflow(**failing))
+            await self._fenced(assignment, lambda: self.store.fail_workflow(failed))
             log.error("compensation_failed", error=outcome.error["message"])
         else:
-            await self._fenced(assignment, lambda: self._fail_forward(failing, assignment))
+            await self._fenced(assignment, lambda: self._fail_forward(failed, assignment))
             log.error("workflow_failed", error=outcome.error["message"])
         if assignment.compensating or not assignment.definition.requires_compensation:
             self.metrics.workflows_finished.labels(assignment.definition.type, "failed").inc()
         return False
 
-    async def _fail_forward(self, failing: dict[str, Any], assignment: Assignment) -> bool:
+    async def _fail_forward(self, failed: FailedAttempt, assignment: Assignment) -> bool:
         # A workflow that requires compensation starts undoing its steps in the same
         # transaction that fails it.
         async with self.store.transaction() as tx:
-            failed = await tx.fail_workflow(**failing)
-            if failed and assignment.definition.requires_compensation:
+            recorded = await tx.fail_workflow(failed)
+            if recorded and assignment.definition.requires_compensation:
                 await tx.begin_compensation(workflow_id=assignment.workflow_id, worker_id=self.id)
-            return failed
+            return recorded
 
     async def _complete(self, assignment: Assignment, output: Any, log: Any, store: Store) -> bool:
         go_on = not self.stopping.is_set()
@@ -225,11 +219,7 @@ class Driver:
             self.metrics.workflows_finished.labels(assignment.definition.type, final).inc()
         if result["next_step_index"] is None:
             return False
-        assignment.step_index = result["next_step_index"]
-        assignment.attempt = result["next_attempt"]
-        assignment.retry_count = result["next_retry_count"]
-        assignment.lease_deadline = time.monotonic() + self.lease_seconds
-        return True
+        return self._advance(assignment, result)
 
     async def _run_transactional(self, assignment: Assignment, log: Any) -> bool:
         """Run a transactional step (or its compensation) inside the transaction that
@@ -280,6 +270,7 @@ class Driver:
         return await self._record(assignment, outcome, log)
 
     def _advance(self, assignment: Assignment, settled: Row) -> bool:
+        """Move the assignment to the next step its completion started (under our lease)."""
         assignment.step_index = settled["next_step_index"]
         assignment.attempt = settled["next_attempt"]
         assignment.retry_count = settled["next_retry_count"]

@@ -24,7 +24,6 @@ class Listener:
     def __init__(self, conninfo: str, wake: asyncio.Event) -> None:
         self.conninfo = conninfo
         self.wake = wake
-        self.connected = False
 
     async def run_once(self) -> None:
         """Connect, LISTEN, and relay notifications until the connection drops."""
@@ -33,14 +32,10 @@ class Listener:
         )
         async with await connect as conn:
             await conn.execute(f"LISTEN {CHANNEL}")
-            self.connected = True
             # Inserts made while we were not listening sent notifications we never saw.
             self.wake.set()
-            try:
-                async for _ in conn.notifies():
-                    self.wake.set()
-            finally:
-                self.connected = False
+            async for _ in conn.notifies():
+                self.wake.set()
 
     async def run(self) -> None:
         """run_once forever, riding out database outages."""

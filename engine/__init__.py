@@ -10,6 +10,7 @@ from engine.errors import (
     DefinitionError,
     IllegalTransitionError,
     InputValidationError,
+    InvalidWorkflowIdError,
     MigrationError,
     PermanentError,
     UnstorableValueError,
@@ -29,7 +30,7 @@ from engine.records import (
 )
 from engine.registry import Registry
 from engine.retry import RetryPolicy, next_retry_time, should_retry
-from engine.service import InvalidWorkflowIdError, WorkflowService
+from engine.service import WorkflowService
 from engine.states import StepState, WorkflowState
 
 __all__ = [

@@ -54,5 +54,9 @@ class WorkflowNotFoundError(WorkflowEngineError):
         super().__init__(f"no workflow with id {workflow_id}")
 
 
+class InvalidWorkflowIdError(WorkflowEngineError, ValueError):
+    """A workflow id that is not a UUID."""
+
+
 class MigrationError(WorkflowEngineError):
     """The database schema cannot be brought up to date safely."""

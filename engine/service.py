@@ -14,8 +14,8 @@ from psycopg_pool import AsyncConnectionPool
 from engine.definitions import MAX_RETRIES_DEFAULT
 from engine.errors import (
     IllegalTransitionError,
+    InvalidWorkflowIdError,
     UnstorableValueError,
-    WorkflowEngineError,
     WorkflowNotFoundError,
 )
 from engine.idempotency import canonical_json, check_storable_text
@@ -46,10 +46,6 @@ WAIT_POLL_SECONDS_MAX = 0.5
 FINISHED_STATES = frozenset(
     {WorkflowState.COMPLETED, WorkflowState.FAILED, WorkflowState.CANCELLED, WorkflowState.COMPENSATED}
 )
-
-
-class InvalidWorkflowIdError(WorkflowEngineError, ValueError):
-    """A workflow id that is not a UUID."""
 
 
 def check_text(**fields: str | None) -> None:
