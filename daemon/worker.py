@@ -32,7 +32,7 @@ from engine.errors import InputValidationError
 from engine.registry import Registry
 from engine.retry import DEFAULT_RETRY_POLICY, RetryPolicy
 from engine.runner import StepFailed, failure
-from engine.store import Row, Store
+from engine.store import FailedAttempt, Row, Store
 
 LOG = structlog.get_logger("workflowd.worker")
 T = TypeVar("T")
@@ -317,15 +317,11 @@ class Worker:
     async def _refuse(self, tx: Store, row: Row, definition: Workflow, outcome: StepFailed) -> None:
         """Fail a just-claimed workflow that must not run, inside the claiming transaction."""
         await tx.fail_workflow(
-            workflow_id=row["id"],
-            lease_token=row["lease_token"],
-            step_index=row["current_step_index"],
-            attempt=row["attempt"],
-            error=outcome.error,
-            traceback=outcome.traceback,
-            worker_id=self.id,
-            compensation=row["state"] == "compensating",
-        )
+            FailedAttempt(
+                row["id"], row["lease_token"], row["current_step_index"], row["attempt"],
+                outcome.error, outcome.traceback, self.id, compensation=row["state"] == "compensating",
+            )
+        )  # fmt: skip
         # The definition decides: a row inserted by SQL learns requires_compensation only now.
         if definition.requires_compensation and row["state"] == "running":
             await tx.begin_compensation(workflow_id=row["id"], worker_id=self.id)

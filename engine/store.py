@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -21,6 +22,35 @@ from psycopg_pool import AsyncConnectionPool
 from engine.sqlfiles import query
 
 Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class FailedAttempt:
+    """A failed attempt of a step (or of its compensation), as the failure queries record it.
+
+    `attempt` is None for a workflow refused before any attempt (invalid input).
+    """
+
+    workflow_id: UUID
+    lease_token: UUID
+    step_index: int
+    attempt: int | None
+    error: Mapping[str, Any]
+    traceback: str
+    worker_id: str
+    compensation: bool = False
+
+    def params(self) -> dict[str, Any]:
+        """The named parameters the failure queries share."""
+        return {
+            "id": self.workflow_id,
+            "lease_token": self.lease_token,
+            "step_index": self.step_index,
+            "attempt": self.attempt,
+            "error": Jsonb(dict(self.error)),
+            "traceback": self.traceback,
+            "worker_id": self.worker_id,
+        }
 
 
 class Store:
@@ -246,63 +276,21 @@ class Store:
         }
         return await self._one("complete_step", params)
 
-    async def schedule_retry(
-        self,
-        *,
-        workflow_id: UUID,
-        lease_token: UUID,
-        step_index: int,
-        attempt: int,
-        error: Mapping[str, Any],
-        traceback: str,
-        delay_seconds: float,
-        worker_id: str,
-        compensation: bool = False,
-    ) -> bool:
+    async def schedule_retry(self, failed: FailedAttempt, *, delay_seconds: float) -> bool:
         """Record a failed attempt (of the step, or of its compensation) and when to retry it.
 
         False when the lease was lost.
         """
-        params = {
-            "id": workflow_id,
-            "lease_token": lease_token,
-            "step_index": step_index,
-            "attempt": attempt,
-            "error": Jsonb(dict(error)),
-            "traceback": traceback,
-            "delay_seconds": delay_seconds,
-            "worker_id": worker_id,
-        }
-        name = "schedule_compensation_retry" if compensation else "schedule_retry"
-        return await self._one(name, params) is not None
+        name = "schedule_compensation_retry" if failed.compensation else "schedule_retry"
+        return await self._one(name, failed.params() | {"delay_seconds": delay_seconds}) is not None
 
-    async def fail_workflow(
-        self,
-        *,
-        workflow_id: UUID,
-        lease_token: UUID,
-        step_index: int,
-        attempt: int | None,
-        error: Mapping[str, Any],
-        traceback: str,
-        worker_id: str,
-        compensation: bool = False,
-    ) -> bool:
+    async def fail_workflow(self, failed: FailedAttempt) -> bool:
         """Fail the workflow for good at this step (or at this step's compensation).
 
         False when the lease was lost.
         """
-        params = {
-            "id": workflow_id,
-            "lease_token": lease_token,
-            "step_index": step_index,
-            "attempt": attempt,
-            "error": Jsonb(dict(error)),
-            "traceback": traceback,
-            "worker_id": worker_id,
-        }
-        name = "fail_compensation" if compensation else "fail_workflow"
-        return await self._one(name, params) is not None
+        name = "fail_compensation" if failed.compensation else "fail_workflow"
+        return await self._one(name, failed.params()) is not None
 
     async def renew_leases(
         self, *, worker_id: str, lease_tokens: list[UUID], lease_seconds: float
