@@ -6,8 +6,26 @@ import uuid
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
+
+JSON_COLUMNS = frozenset({"input", "output", "error", "context", "config"})
+
+
+def _insert(conn: psycopg.Connection[Any], table: str, values: dict[str, Any]) -> dict[str, Any]:
+    """INSERT one row of any columns (JSON columns wrapped) and return it."""
+    params = {name: Jsonb(value) if name in JSON_COLUMNS else value for name, value in values.items()}
+    statement = sql.SQL("INSERT INTO {} ({}) VALUES ({}) RETURNING *").format(
+        sql.Identifier(table),
+        sql.SQL(", ").join(map(sql.Identifier, params)),
+        sql.SQL(", ").join(map(sql.Placeholder, params)),
+    )
+    with conn.cursor(row_factory=dict_row) as cursor:
+        cursor.execute(statement, params)
+        row = cursor.fetchone()
+    assert row is not None
+    return row
 
 
 def insert_workflow(
@@ -19,24 +37,8 @@ def insert_workflow(
     **columns: Any,
 ) -> dict[str, Any]:
     """Insert one workflow with any column values; returns the row."""
-    values: dict[str, Any] = {
-        "type": type,
-        "input": Jsonb(input or {"n": uuid.uuid4().hex}),
-        "user_id": user_id,
-    }
-    values.update(
-        {
-            name: Jsonb(value) if name in {"output", "error", "context"} else value
-            for name, value in columns.items()
-        }
-    )
-    names = ", ".join(values)
-    placeholders = ", ".join(f"%({name})s" for name in values)
-    with conn.cursor(row_factory=dict_row) as cursor:
-        cursor.execute(f"INSERT INTO workflows ({names}) VALUES ({placeholders}) RETURNING *", values)  # type: ignore[arg-type]
-        row = cursor.fetchone()
-    assert row is not None
-    return row
+    values = {"type": type, "input": input or {"n": uuid.uuid4().hex}, "user_id": user_id}
+    return _insert(conn, "workflows", values | columns)
 
 
 def insert_step(
@@ -47,22 +49,10 @@ def insert_step(
     **columns: Any,
 ) -> dict[str, Any]:
     """Insert one step row of `workflow` with any column values; returns the row."""
-    values: dict[str, Any] = {
+    values = {
         "workflow_id": workflow["id"],
         "step_index": step_index,
         "step_name": step_name,
         "idempotency_key": f"step:{step_name}:{workflow['id']}",
     }
-    values.update(
-        {
-            name: Jsonb(value) if name in {"input", "output", "error", "config"} else value
-            for name, value in columns.items()
-        }
-    )
-    names = ", ".join(values)
-    placeholders = ", ".join(f"%({name})s" for name in values)
-    with conn.cursor(row_factory=dict_row) as cursor:
-        cursor.execute(f"INSERT INTO workflow_steps ({names}) VALUES ({placeholders}) RETURNING *", values)  # type: ignore[arg-type]
-        row = cursor.fetchone()
-    assert row is not None
-    return row
+    return _insert(conn, "workflow_steps", values | columns)
