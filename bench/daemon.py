@@ -1,18 +1,10 @@
-"""First daemon benchmark: three-step no-op throughput with 1 and 2 processes, and pickup
-latency (SQL insert commit to step start) while the daemons are idle.
-
-    python -m bench.daemon [--workflows 2000] [--inserts 200] [--concurrency 10]
-
-Starts its own PostgreSQL cluster with default durability (fsync and synchronous_commit
-on) from the machine's binaries, and removes it afterwards.
-"""
+"""The daemon's own cases: no-op throughput drained by daemon processes, and pickup
+latency (SQL insert commit to step start) while the daemons are idle."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,7 +16,6 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from bench import cases
 from daemon.local_postgres import LocalPostgres, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,39 +127,3 @@ def pickup_latency(cluster: LocalPostgres, inserts: int, concurrency: int) -> di
         "p95_ms": round(quantiles[94], 2),
         "p99_ms": round(quantiles[98], 2),
     }
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--workflows", type=int, default=2000)
-    parser.add_argument("--inserts", type=int, default=200)
-    parser.add_argument("--concurrency", type=int, default=10)
-    parser.add_argument(
-        "--claim-cost", action="store_true", help="also time the claim beside 1,000,000 finished rows"
-    )
-    args = parser.parse_args()
-    machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
-    print(f"machine: {machine}")
-    with LocalPostgres.temporary() as cluster:
-        with psycopg.connect(cluster.url()) as conn:
-            version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
-            durability = conn.execute(
-                "SELECT current_setting('fsync'), current_setting('synchronous_commit')"
-            ).fetchone()
-        print(f"postgres {version}, fsync={durability[0]}, synchronous_commit={durability[1]}")  # type: ignore[index]
-        for processes in (1, 2):
-            result = throughput(cluster, processes, args.workflows, args.concurrency)
-            print(
-                f"throughput {args.workflows} three-step no-op workflows, concurrency {args.concurrency}: {result}"
-            )
-        print(f"pickup latency, idle daemons: {pickup_latency(cluster, args.inserts, args.concurrency)}")
-        print(f"plain-SQL limit (claim with SKIP LOCKED, complete in batches): {cases.sql_limit(cluster)}")
-        print(f"resident memory: {cases.resident_memory(cluster)}")
-        if args.claim_cost:
-            print(f"claim cost: {cases.claim_cost(cluster)}")
-
-
-if __name__ == "__main__":
-    main()

@@ -20,12 +20,13 @@ from uuid import UUID
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from daemon.group_commit import GroupCommit
 from daemon.metrics import Metrics
 from engine.definitions import Step, Workflow, WorkflowContext
 from engine.idempotency import step_idempotency_key
 from engine.retry import RetryPolicy
 from engine.runner import StepFailed, StepOutcome, StepSucceeded, failure, run_compensation, run_step
-from engine.store import FailedAttempt, Row, Store
+from engine.store import Completion, FailedAttempt, Row, Store
 
 T = TypeVar("T")
 
@@ -88,6 +89,7 @@ class Driver:
         # Once set, completed steps do not go on to the next one (shutdown).
         self.stopping = stopping
         self.log = log
+        self.group_commit = GroupCommit(self.store, worker_id=worker_id, lease_seconds=lease_seconds)
         self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="step")
         self.lost_leases = 0
 
@@ -194,19 +196,19 @@ class Driver:
 
     async def _complete(self, assignment: Assignment, output: Any, log: Any, store: Store) -> bool:
         go_on = not self.stopping.is_set()
-        common: dict[str, Any] = {
-            "workflow_id": assignment.workflow_id,
-            "lease_token": assignment.lease_token,
-            "step_index": assignment.step_index,
-            "attempt": assignment.attempt,
-            "go_on": go_on,
-            "lease_seconds": self.lease_seconds,
-            "worker_id": self.id,
-        }
+        write: Callable[[], Awaitable[Row | None]]
         if assignment.compensating:
-            write: Callable[[], Awaitable[Row | None]] = lambda: store.complete_compensation(**common)  # noqa: E731
+            write = lambda: store.complete_compensation(  # noqa: E731
+                workflow_id=assignment.workflow_id, lease_token=assignment.lease_token,
+                step_index=assignment.step_index, attempt=assignment.attempt, go_on=go_on,
+                lease_seconds=self.lease_seconds, worker_id=self.id,
+            )  # fmt: skip
         else:
-            write = lambda: store.complete_step(**common, output=output)  # noqa: E731
+            completion = Completion(
+                assignment.workflow_id, assignment.lease_token, assignment.step_index, assignment.attempt,
+                output, go_on,
+            )  # fmt: skip
+            write = lambda: self._complete_steps(completion, store)  # noqa: E731
         result = await write() if store is not self.store else await self._fenced(assignment, write)
         if result is None:
             raise LeaseLostError
@@ -220,6 +222,14 @@ class Driver:
         if result["next_step_index"] is None:
             return False
         return self._advance(assignment, result)
+
+    async def _complete_steps(self, completion: Completion, store: Store) -> Row | None:
+        # The hot path joins the group commit; a transactional step's completion goes in
+        # its own transaction, with the step's writes.
+        if store is self.store:
+            return await self.group_commit.complete(completion)
+        rows = await store.complete_steps([completion], lease_seconds=self.lease_seconds, worker_id=self.id)
+        return rows.get(completion.workflow_id)
 
     async def _run_transactional(self, assignment: Assignment, log: Any) -> bool:
         """Run a transactional step (or its compensation) inside the transaction that

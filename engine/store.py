@@ -8,7 +8,7 @@ transaction that records its completion).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +51,21 @@ class FailedAttempt:
             "traceback": self.traceback,
             "worker_id": self.worker_id,
         }
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A succeeded attempt of a forward step, as complete_steps records it.
+
+    `go_on`: start the next step under the same lease rather than release the workflow.
+    """
+
+    workflow_id: UUID
+    lease_token: UUID
+    step_index: int
+    attempt: int
+    output: Any
+    go_on: bool
 
 
 class Store:
@@ -251,30 +266,25 @@ class Store:
         async with self.connection() as conn:
             await conn.execute(query("create_steps"), params)
 
-    async def complete_step(
-        self,
-        *,
-        workflow_id: UUID,
-        lease_token: UUID,
-        step_index: int,
-        attempt: int,
-        output: Any,
-        go_on: bool,
-        lease_seconds: float,
-        worker_id: str,
-    ) -> Row | None:
-        """Commit a step's output; None when the lease was lost (nothing written)."""
+    async def complete_steps(
+        self, completions: Sequence[Completion], *, lease_seconds: float, worker_id: str
+    ) -> dict[UUID, Row]:
+        """Commit many steps' outputs in one statement, each fenced by its own lease.
+
+        Returns a row for each completion that landed, by workflow id; a workflow missing
+        from it had lost its lease, and nothing of it was written.
+        """
         params = {
-            "id": workflow_id,
-            "lease_token": lease_token,
-            "step_index": step_index,
-            "attempt": attempt,
-            "output": Jsonb(output),
-            "go_on": go_on,
+            "ids": [c.workflow_id for c in completions],
+            "lease_tokens": [c.lease_token for c in completions],
+            "step_indexes": [c.step_index for c in completions],
+            "attempts": [c.attempt for c in completions],
+            "outputs": [Jsonb(c.output) for c in completions],
+            "go_on": [c.go_on for c in completions],
             "lease_seconds": lease_seconds,
             "worker_id": worker_id,
         }
-        return await self._one("complete_step", params)
+        return {row["id"]: row for row in await self._all("complete_steps", params)}
 
     async def schedule_retry(self, failed: FailedAttempt, *, delay_seconds: float) -> bool:
         """Record a failed attempt (of the step, or of its compensation) and when to retry it.

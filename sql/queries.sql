@@ -154,33 +154,43 @@ INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_
 SELECT workflow_id, step_index, step_name, 'pending', 'running', 1, %(worker_id)s
 FROM inserted WHERE state = 'running';
 
--- name: complete_step
--- Commit a step's result, fenced by the lease token: the workflow row is locked first
--- (FOR UPDATE re-checks the token on the latest row version), so a worker whose lease
--- was taken over updates nothing. In the same statement the workflow advances, the
--- timeline grows, and, when the worker goes straight on, the next step starts and the
--- lease is extended; otherwise (shutdown, a cancel request) the lease is released and
--- the workflow is due at once.
-WITH owner AS (
-    SELECT id, total_steps, %(go_on)s AND NOT cancel_requested AS go_on FROM workflows
-    WHERE id = %(id)s AND lease_token = %(lease_token)s
-    FOR UPDATE
+-- name: complete_steps
+-- Commit the results of many steps in one statement: the group commit of a worker's
+-- completions. Each is fenced by its own lease token: the workflow row is locked first
+-- (FOR UPDATE re-checks the token on the latest row version), so a completion whose
+-- lease was taken over writes nothing and drops out of the result, and only that one.
+-- Rows are locked in id order so that two batches, or a batch and the heartbeat, cannot
+-- deadlock. In the same statement each workflow advances, the timeline grows, and, when
+-- the worker goes straight on, the next step starts and the lease is extended;
+-- otherwise (shutdown, a cancel request) the lease is released and the workflow is due
+-- at once.
+WITH batch AS (
+    SELECT * FROM unnest(%(ids)s::uuid[], %(lease_tokens)s::uuid[], %(step_indexes)s::int[],
+                         %(attempts)s::int[], %(outputs)s::jsonb[], %(go_on)s::bool[])
+        AS b(id, lease_token, step_index, attempt, output, go_on)
+),
+owner AS (
+    SELECT w.id, w.total_steps, b.step_index, b.attempt, b.output, b.go_on AND NOT w.cancel_requested AS go_on
+    FROM workflows w JOIN batch b ON b.id = w.id AND b.lease_token = w.lease_token
+    ORDER BY w.id
+    FOR UPDATE OF w
 ),
 done AS (
     UPDATE workflow_steps s
-    SET state = 'completed', output = %(output)s, error = NULL, completed_at = now(), updated_at = now()
+    SET state = 'completed', output = owner.output, error = NULL, completed_at = now(), updated_at = now()
     FROM owner
-    WHERE s.workflow_id = owner.id AND s.step_index = %(step_index)s
-      AND s.state = 'running' AND s.attempt = %(attempt)s
-    RETURNING s.workflow_id, s.step_name, s.step_index = owner.total_steps - 1 AS was_last,
+    WHERE s.workflow_id = owner.id AND s.step_index = owner.step_index
+      AND s.state = 'running' AND s.attempt = owner.attempt
+    RETURNING s.workflow_id, s.step_name, s.step_index, owner.attempt, owner.output,
+              s.step_index = owner.total_steps - 1 AS was_last,
               owner.go_on AND s.step_index < owner.total_steps - 1 AS go_on
 ),
 advanced AS (
     UPDATE workflows w
     SET current_step_index = w.current_step_index + 1,
-        context = w.context || jsonb_build_object(done.step_name, %(output)s::jsonb),
+        context = w.context || jsonb_build_object(done.step_name, done.output),
         state = CASE WHEN done.was_last THEN 'completed'::workflow_state ELSE w.state END,
-        output = CASE WHEN done.was_last THEN %(output)s::jsonb ELSE w.output END,
+        output = CASE WHEN done.was_last THEN done.output ELSE w.output END,
         completed_at = CASE WHEN done.was_last THEN now() END,
         locked_by = CASE WHEN done.go_on THEN w.locked_by END,
         lease_token = CASE WHEN done.go_on THEN w.lease_token END,
@@ -189,32 +199,32 @@ advanced AS (
         updated_at = now()
     FROM done
     WHERE w.id = done.workflow_id
-    RETURNING w.id, w.state, w.current_step_index, w.cancel_requested, done.was_last, done.go_on
+    RETURNING w.id, w.state, w.cancel_requested, done.step_index, done.was_last, done.go_on
 ),
 next_started AS (
     UPDATE workflow_steps s
     SET state = 'running', attempt = s.attempt + 1, started_at = coalesce(s.started_at, now()),
         next_retry_at = NULL, updated_at = now()
     FROM advanced a
-    WHERE a.go_on AND s.workflow_id = a.id AND s.step_index = %(step_index)s + 1
-    RETURNING s.step_index, s.step_name, s.attempt, s.retry_count
+    WHERE a.go_on AND s.workflow_id = a.id AND s.step_index = a.step_index + 1
+    RETURNING s.workflow_id, s.step_index, s.step_name, s.attempt, s.retry_count
 ),
 events AS (
     INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state, attempt, worker_id)
-    SELECT %(id)s, %(step_index)s, done.step_name, 'running', 'completed', %(attempt)s, %(worker_id)s FROM done
+    SELECT workflow_id, step_index, step_name, 'running', 'completed', attempt, %(worker_id)s FROM done
     UNION ALL
-    SELECT %(id)s, NULL, NULL, 'running', 'completed', NULL, %(worker_id)s FROM done WHERE done.was_last
+    SELECT workflow_id, NULL, NULL, 'running', 'completed', NULL, %(worker_id)s FROM done WHERE done.was_last
     UNION ALL
-    SELECT %(id)s, n.step_index, n.step_name, 'pending', 'running', n.attempt, %(worker_id)s FROM next_started n
+    SELECT workflow_id, step_index, step_name, 'pending', 'running', attempt, %(worker_id)s FROM next_started
 )
-SELECT a.state, a.was_last, a.cancel_requested, n.step_index AS next_step_index, n.attempt AS next_attempt,
-       n.retry_count AS next_retry_count
-FROM advanced a LEFT JOIN next_started n ON true;
+SELECT a.id, a.state, a.was_last, a.cancel_requested, n.step_index AS next_step_index,
+       n.attempt AS next_attempt, n.retry_count AS next_retry_count
+FROM advanced a LEFT JOIN next_started n ON n.workflow_id = a.id;
 
 -- name: schedule_retry
 -- A failed attempt with retries left: the step waits until now() + backoff, the lease
 -- is released, and the poll finds the workflow when it falls due. Fenced like
--- complete_step.
+-- complete_steps.
 WITH owner AS (
     SELECT id FROM workflows WHERE id = %(id)s AND lease_token = %(lease_token)s FOR UPDATE
 ),
@@ -247,7 +257,7 @@ RETURNING id;
 -- A failure that retries cannot fix (permanent error, retries exhausted, an interrupted
 -- step that must not run twice): the step and the workflow fail, the lease is released.
 -- The step may be running (a failed attempt) or already failed (an interrupted
--- non-idempotent step has no new attempt). Fenced like complete_step.
+-- non-idempotent step has no new attempt). Fenced like complete_steps.
 WITH owner AS (
     SELECT id FROM workflows WHERE id = %(id)s AND lease_token = %(lease_token)s FOR UPDATE
 ),
@@ -309,7 +319,7 @@ RETURNING id;
 -- A step's compensation succeeded (or it had none): the step is compensated and the
 -- cursor moves down to the next completed step, which starts at once when the worker
 -- goes straight on. With nothing left to undo the workflow is compensated. Fenced like
--- complete_step.
+-- complete_steps.
 WITH owner AS (
     SELECT id FROM workflows
     WHERE id = %(id)s AND lease_token = %(lease_token)s AND state = 'compensating'
@@ -367,7 +377,7 @@ FROM advanced a LEFT JOIN next_started n ON true;
 
 -- name: schedule_compensation_retry
 -- A compensation attempt failed with retries left: the step stays compensating until
--- now() + backoff; the lease is released. Fenced like complete_step.
+-- now() + backoff; the lease is released. Fenced like complete_steps.
 WITH owner AS (
     SELECT id FROM workflows
     WHERE id = %(id)s AND lease_token = %(lease_token)s AND state = 'compensating'
@@ -434,12 +444,20 @@ RETURNING id;
 -- flags tell running steps about cancel requests.
 WITH alive AS (
     UPDATE workflow_workers SET last_seen_at = now() WHERE id = %(worker_id)s
+),
+held AS (
+    -- In id order, as complete_steps locks them, so the two cannot deadlock.
+    SELECT id FROM workflows
+    WHERE lease_token = ANY(%(lease_tokens)s::uuid[]) AND locked_by = %(worker_id)s
+    ORDER BY id
+    FOR UPDATE
 )
-UPDATE workflows
+UPDATE workflows w
 SET lease_expires_at = now() + %(lease_seconds)s * interval '1 second',
     next_retry_at = now() + %(lease_seconds)s * interval '1 second'
-WHERE lease_token = ANY(%(lease_tokens)s::uuid[]) AND locked_by = %(worker_id)s
-RETURNING id, cancel_requested;
+FROM held
+WHERE w.id = held.id
+RETURNING w.id, w.cancel_requested;
 
 -- name: release_leases
 -- Shutdown: give back the leases this worker still holds, due at once for another worker.

@@ -1,0 +1,73 @@
+"""Group commit: the step completions of many workflow tasks, written in few transactions.
+
+A workflow task hands its completion over and waits for its own answer. Completions
+that arrive while earlier batches are being committed wait for the next batch, so the
+batch grows with the load and no timer delays a lone completion: an idle worker commits
+at once, a busy one spends one commit on a hundred steps. Each completion in a batch is
+still fenced by its own lease token; a lost lease drops only that workflow's write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from engine.store import Completion, Row, Store
+
+# Large enough to amortise a commit over a full worker, small enough to keep one
+# statement's locks short.
+BATCH_MAX = 200
+# Batches committed at once: one fills while another is in the database.
+BATCHES_IN_FLIGHT = 2
+
+
+class GroupCommit:
+    """Batches step completions for one worker."""
+
+    def __init__(self, store: Store, *, worker_id: str, lease_seconds: float) -> None:
+        self.store = store
+        self.worker_id = worker_id
+        self.lease_seconds = lease_seconds
+        self.waiting: list[tuple[Completion, asyncio.Future[Row | None]]] = []
+        self.committing: set[asyncio.Task[None]] = set()
+
+    async def complete(self, completion: Completion) -> Row | None:
+        """Commit one step's completion with whatever else is waiting.
+
+        Returns its row, or None when its lease was lost. A database error fails every
+        completion of the batch alike; each caller decides whether to try again.
+        """
+        answer: asyncio.Future[Row | None] = asyncio.get_running_loop().create_future()
+        self.waiting.append((completion, answer))
+        self._start_batches()
+        return await answer
+
+    def _start_batches(self) -> None:
+        while self.waiting and len(self.committing) < BATCHES_IN_FLIGHT:
+            batch, self.waiting = self.waiting[:BATCH_MAX], self.waiting[BATCH_MAX:]
+            task = asyncio.create_task(self._commit(batch))
+            self.committing.add(task)
+            task.add_done_callback(self._committed)
+
+    def _committed(self, task: asyncio.Task[None]) -> None:
+        self.committing.discard(task)
+        self._start_batches()
+
+    async def _commit(self, batch: list[tuple[Completion, asyncio.Future[Row | None]]]) -> None:
+        try:
+            rows = await self.store.complete_steps(
+                [completion for completion, _ in batch],
+                lease_seconds=self.lease_seconds,
+                worker_id=self.worker_id,
+            )
+        except Exception as error:
+            for _, answer in batch:
+                if not answer.done():
+                    answer.set_exception(error)
+            return
+        except asyncio.CancelledError:
+            for _, answer in batch:
+                answer.cancel()
+            raise
+        for completion, answer in batch:
+            if not answer.done():
+                answer.set_result(rows.get(completion.workflow_id))
