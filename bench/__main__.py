@@ -2,7 +2,9 @@
 
 Starts its own PostgreSQL (fsync and synchronous_commit on), runs each case `--repeats`
 times, prints a table of medians with their spread (min-max), every throughput also as
-a share of the database's own limit, and writes the figures to a JSON file.
+a share of the database's own limit, and writes the figures to a JSON file. The peers
+(PgQueuer, Procrastinate, DBOS Transact) run on the same cluster in the same run, from a
+virtualenv of their own (bench/.venv-peers), never from the project's.
 """
 
 from __future__ import annotations
@@ -13,78 +15,156 @@ import os
 import platform
 import statistics
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from bench import cases
+from bench import cases, peers
 from bench.daemon import pickup_latency, throughput
 from daemon.local_postgres import LocalPostgres
 
 
-def repeat(times: int, run: Callable[[], dict[str, float]], key: str) -> dict[str, Any]:
-    """Median and spread of `key` over `times` runs of `run`."""
-    values = [run()[key] for _ in range(times)]
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+@dataclass
+class Report:
+    """The figures of one run: rows of the printed table, and the JSON document."""
+
+    repeats: int
+    rows: list[tuple[str, dict[str, Any], str]] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def measure(
+        self, key: str, label: str, run: Callable[[], dict[str, Any]], field: str, unit: str
+    ) -> float:
+        """Run a case `repeats` times; record the median and spread of `field`."""
+        return self.record(key, label, [run() for _ in range(self.repeats)], field, unit)
+
+    def record(self, key: str, label: str, runs: list[dict[str, Any]], field: str, unit: str) -> float:
+        """Record the median and spread of `field` over the results of a case's runs."""
+        values = [float(result[field]) for result in runs]
+        figure = {
+            "median": statistics.median(values), "min": min(values), "max": max(values),
+            "unit": unit, "runs": runs,
+        }  # fmt: skip
+        self.figures[key] = figure
+        self.rows.append((label, figure, unit))
+        return figure["median"]
+
+    def print(self, limit: float) -> None:
+        print(f"{'case':<56} {'median':>9} {'spread (min-max)':>19} {'unit':<10} {'of SQL limit':>12}")
+        for label, figure, unit in self.rows:
+            share = f"{100 * figure['median'] / limit:.1f} %" if unit.endswith("/s") else ""
+            spread = f"{figure['min']:,.1f}-{figure['max']:,.1f}"
+            print(f"{label:<56} {figure['median']:>9,.1f} {spread:>19} {unit:<10} {share:>12}")
+
+
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workflows", type=int, default=20_000, help="workflows (and peer jobs) per run")
+    parser.add_argument("--processes", default="1,2,4", help="daemon processes to try, comma-separated")
+    parser.add_argument("--concurrency", type=int, default=100, help="WORKFLOWD_CONCURRENCY of each daemon")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--inserts", type=int, default=500, help="single inserts for the pickup latency")
+    parser.add_argument("--dbos-workflows", type=int, default=2_000, help="DBOS is slow: fewer workflows")
+    parser.add_argument("--finished", type=int, default=1_000_000, help="finished rows for the claim cost")
+    parser.add_argument("--no-peers", action="store_true", help="skip PgQueuer, Procrastinate and DBOS")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/latest.json"))
+    return parser.parse_args()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--workflows", type=int, default=20_000, help="workflows per throughput run")
-    parser.add_argument("--processes", default="1,2,4", help="daemon processes to try, comma-separated")
-    parser.add_argument("--concurrency", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--inserts", type=int, default=500, help="single inserts for the pickup latency")
-    parser.add_argument(
-        "--claim-cost", action="store_true", help="also time the claim beside 1,000,000 finished rows"
-    )
-    parser.add_argument("--out", type=Path, default=Path("bench/results/latest.json"))
-    args = parser.parse_args()
-    results: dict[str, Any] = {
-        "machine": f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}"
-    }
+    args = arguments()
+    counts = [int(count) for count in args.processes.split(",")]
+    report = Report(args.repeats)
     with LocalPostgres.temporary() as cluster:
         with psycopg.connect(cluster.url()) as conn:
-            results["postgres"] = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
-        limit = repeat(args.repeats, lambda: cases.sql_limit(cluster), "rows_per_s")
-        results["sql_limit_rows_per_s"] = limit
-        rows = [("plain-SQL limit, rows/s", limit, None)]
-        for steps in (1, 3):
-            for processes in (int(p) for p in args.processes.split(",")):
-
-                def run(processes: int = processes, steps: int = steps) -> dict[str, float]:
-                    return throughput(cluster, processes, args.workflows, args.concurrency, steps)
-
-                figure = repeat(args.repeats, run, "steps_per_s")
-                results[f"steps_per_s_{steps}_step_{processes}_processes"] = figure
-                rows.append(
-                    (f"{steps}-step workflows, {processes} process(es), steps/s", figure, limit["median"])
-                )
-        for quantile in ("p50_ms", "p95_ms", "p99_ms"):
-            figure = repeat(
-                args.repeats, lambda: pickup_latency(cluster, args.inserts, args.concurrency), quantile
-            )
-            results[f"pickup_{quantile}"] = figure
-            rows.append((f"pickup latency {quantile}", figure, None))
-        results["memory"] = cases.resident_memory(cluster, concurrency=100)
-        if args.claim_cost:
-            results["claim_cost"] = cases.claim_cost(cluster)
-    print(f"{results['machine']}; PostgreSQL {results['postgres']}, fsync on; {args.repeats} runs a case\n")
-    print(f"{'case':<48} {'median':>10} {'spread':>21} {'of SQL limit':>13}")
-    for name, figure, against in rows:
-        share = f"{100 * figure['median'] / against:.0f} %" if against else ""
-        print(
-            f"{name:<48} {figure['median']:>10,.1f} {figure['min']:>10,.1f}-{figure['max']:<10,.1f} {share:>13}"
+            version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+        report.figures["machine"] = (
+            f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"PostgreSQL {version} (fsync and synchronous_commit on)"
         )
-    print(f"\nresident memory at concurrency 100: {results['memory']['peak_rss_mb']} MB")
-    if "claim_cost" in results:
-        print(f"claim cost: {results['claim_cost']}")
+        limit = report.measure(
+            "sql_limit", "plain-SQL limit (claim SKIP LOCKED, complete batches)",
+            lambda: cases.sql_limit(cluster, args.workflows), "rows_per_s", "rows/s",
+        )  # fmt: skip
+        for steps in (1, 3):
+            for processes in counts:
+                report.measure(
+                    f"workflowd_{steps}_step_{processes}_processes",
+                    f"workflowd {steps}-step workflows, {processes} process(es)",
+                    lambda processes=processes, steps=steps: throughput(  # type: ignore[misc]
+                        cluster, processes, args.workflows, args.concurrency, steps
+                    ),
+                    "steps_per_s", "steps/s",
+                )  # fmt: skip
+        if not args.no_peers:
+            measure_peers(report, cluster, counts, args)
+        measure_latency(report, cluster, args)
+        report.figures["claim_cost"] = cases.claim_cost(cluster, args.finished)
+        report.figures["memory"] = cases.resident_memory(cluster, concurrency=100)
+    print(f"{report.figures['machine']}; {args.repeats} runs a case\n")
+    report.print(limit)
+    print_comparisons(report.figures)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    args.out.write_text(json.dumps(report.figures, indent=2))
     print(f"\nwritten to {args.out}")
+
+
+def measure_peers(
+    report: Report, cluster: LocalPostgres, counts: list[int], args: argparse.Namespace
+) -> None:
+    for system in ("pgqueuer", "procrastinate"):
+        for processes in counts:
+            report.measure(
+                f"{system}_{processes}_processes", f"{system} no-op jobs, {processes} process(es)",
+                lambda system=system, processes=processes: peers.peer_throughput(  # type: ignore[misc]
+                    cluster, system, processes, args.workflows
+                ),
+                "jobs_per_s", "jobs/s",
+            )  # fmt: skip
+    for steps in (1, 3):
+        report.measure(
+            f"dbos_{steps}_step_2_processes", f"DBOS Transact {steps}-step workflows, 2 processes",
+            lambda steps=steps: peers.peer_throughput(  # type: ignore[misc]
+                cluster, "dbos", 2, args.dbos_workflows, steps
+            ),
+            "steps_per_s", "steps/s",
+        )  # fmt: skip
+
+
+def measure_latency(report: Report, cluster: LocalPostgres, args: argparse.Namespace) -> None:
+    # One set of runs, three quantiles read off each.
+    runs = [pickup_latency(cluster, args.inserts, args.concurrency) for _ in range(args.repeats)]
+    for quantile in ("p50_ms", "p95_ms", "p99_ms"):
+        report.record(
+            f"pickup_{quantile}", f"pickup latency {quantile[:3]}, idle daemons, NOTIFY", runs, quantile, "ms"
+        )
+
+
+def print_comparisons(figures: dict[str, Any]) -> None:
+    """The issue's targets, as ratios of this run's own figures."""
+
+    def median(key: str) -> float | None:
+        return figures[key]["median"] if key in figures else None
+
+    one_step, three_step = median("workflowd_1_step_2_processes"), median("workflowd_3_step_2_processes")
+    pgqueuer, dbos = median("pgqueuer_2_processes"), median("dbos_3_step_2_processes")
+    print()
+    if one_step and pgqueuer:
+        print(f"1-step workflows/s ÷ PgQueuer jobs/s, 2 processes: {one_step / pgqueuer:.2f}")
+    if one_step and three_step:
+        print(f"3-step steps/s ÷ 1-step workflows/s, 2 processes: {three_step / one_step:.2f}")
+    if three_step and dbos:
+        print(f"3-step steps/s ÷ DBOS 3-step steps/s, 2 processes: {three_step / dbos:.1f}")
+    claim = figures["claim_cost"]
+    print(
+        f"claim statement: {claim['empty_ms']} ms empty, {claim['with_finished_ms']} ms beside "
+        f"{claim['finished_rows']:,} finished workflows ({claim['change_percent']:+} %)"
+    )
+    print(f"resident memory of one daemon at concurrency 100: {figures['memory']['peak_rss_mb']} MB peak")
 
 
 if __name__ == "__main__":

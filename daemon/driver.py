@@ -74,7 +74,6 @@ class Driver:
         *,
         worker_id: str,
         concurrency: int,
-        lease_seconds: float,
         retry_policy: RetryPolicy,
         metrics: Metrics,
         stopping: asyncio.Event,
@@ -83,13 +82,12 @@ class Driver:
         self.pool = pool
         self.store = Store(pool)
         self.id = worker_id
-        self.lease_seconds = lease_seconds
         self.retry_policy = retry_policy
         self.metrics = metrics
         # Once set, completed steps do not go on to the next one (shutdown).
         self.stopping = stopping
         self.log = log
-        self.group_commit = GroupCommit(self.store, worker_id=worker_id, lease_seconds=lease_seconds)
+        self.group_commit = GroupCommit(self.store, worker_id=worker_id)
         self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="step")
         self.lost_leases = 0
 
@@ -201,7 +199,7 @@ class Driver:
             write = lambda: store.complete_compensation(  # noqa: E731
                 workflow_id=assignment.workflow_id, lease_token=assignment.lease_token,
                 step_index=assignment.step_index, attempt=assignment.attempt, go_on=go_on,
-                lease_seconds=self.lease_seconds, worker_id=self.id,
+                worker_id=self.id,
             )  # fmt: skip
         else:
             completion = Completion(
@@ -228,7 +226,7 @@ class Driver:
         # its own transaction, with the step's writes.
         if store is self.store:
             return await self.group_commit.complete(completion)
-        rows = await store.complete_steps([completion], lease_seconds=self.lease_seconds, worker_id=self.id)
+        rows = await store.complete_steps([completion], worker_id=self.id)
         return rows.get(completion.workflow_id)
 
     async def _run_transactional(self, assignment: Assignment, log: Any) -> bool:
@@ -280,11 +278,11 @@ class Driver:
         return await self._record(assignment, outcome, log)
 
     def _advance(self, assignment: Assignment, settled: Row) -> bool:
-        """Move the assignment to the next step its completion started (under our lease)."""
+        """Move the assignment to the next step its completion started, under the same
+        lease (the heartbeat keeps renewing it)."""
         assignment.step_index = settled["next_step_index"]
         assignment.attempt = settled["next_attempt"]
         assignment.retry_count = settled["next_retry_count"]
-        assignment.lease_deadline = time.monotonic() + self.lease_seconds
         return True
 
     async def _fenced(self, assignment: Assignment, write: Callable[[], Awaitable[T]]) -> T:

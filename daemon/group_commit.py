@@ -23,10 +23,9 @@ BATCHES_IN_FLIGHT = 2
 class GroupCommit:
     """Batches step completions for one worker."""
 
-    def __init__(self, store: Store, *, worker_id: str, lease_seconds: float) -> None:
+    def __init__(self, store: Store, *, worker_id: str) -> None:
         self.store = store
         self.worker_id = worker_id
-        self.lease_seconds = lease_seconds
         self.waiting: list[tuple[Completion, asyncio.Future[Row | None]]] = []
         self.committing: set[asyncio.Task[None]] = set()
 
@@ -55,9 +54,7 @@ class GroupCommit:
     async def _commit(self, batch: list[tuple[Completion, asyncio.Future[Row | None]]]) -> None:
         try:
             rows = await self.store.complete_steps(
-                [completion for completion, _ in batch],
-                lease_seconds=self.lease_seconds,
-                worker_id=self.worker_id,
+                [completion for completion, _ in batch], worker_id=self.worker_id
             )
         except Exception as error:
             for _, answer in batch:

@@ -87,7 +87,6 @@ class Worker:
             pool,
             worker_id=self.id,
             concurrency=config.concurrency,
-            lease_seconds=config.lease_seconds,
             retry_policy=config.retry_policy,
             metrics=self.metrics,
             stopping=self.stopping,
@@ -185,13 +184,15 @@ class Worker:
             return
         self.log.info("draining", in_flight=len(self.tasks), grace_seconds=self.config.shutdown_grace)
         _, pending = await asyncio.wait(self.tasks, timeout=self.config.shutdown_grace)
-        unfinished = [assignment.lease_token for assignment in self.in_flight.values()]
+        unfinished = {
+            assignment.workflow_id: assignment.lease_token for assignment in self.in_flight.values()
+        }
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         if unfinished:
             released = await self._ignore_database_errors(
-                self.store.release_leases(worker_id=self.id, lease_tokens=unfinished)
+                self.store.release_leases(worker_id=self.id, leases=unfinished)
             )
             self.log.warning("leases_released", count=len(released or ()))
 
@@ -207,7 +208,7 @@ class Worker:
         try:
             renewed = await self.store.renew_leases(
                 worker_id=self.id,
-                lease_tokens=[assignment.lease_token for assignment in assignments],
+                leases={assignment.workflow_id: assignment.lease_token for assignment in assignments},
                 lease_seconds=self.config.lease_seconds,
             )
         except DATABASE_ERRORS as error:
@@ -234,6 +235,7 @@ class Worker:
         """Claim up to `limit` due workflows and start a task for each; returns how many."""
         claimed_at = self.last_claim_at = time.monotonic()
         async with self.store.transaction() as tx:
+            await tx.pin_claim_plan()
             rows = await tx.claim_due_workflows(
                 worker_id=self.id,
                 types=self.registry.types,

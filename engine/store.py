@@ -247,6 +247,10 @@ class Store:
         }
         return await self._all("claim_due_workflows", params)
 
+    async def pin_claim_plan(self) -> None:
+        """Keep the claim on its index walk for the rest of this transaction."""
+        await self._one("pin_claim_plan", {})
+
     async def create_steps(self, *, worker_id: str, steps: list[Row], shapes: list[Row]) -> None:
         """Create the step rows of first-claimed workflows (step 0 started) and shape them."""
         params = {
@@ -266,9 +270,7 @@ class Store:
         async with self.connection() as conn:
             await conn.execute(query("create_steps"), params)
 
-    async def complete_steps(
-        self, completions: Sequence[Completion], *, lease_seconds: float, worker_id: str
-    ) -> dict[UUID, Row]:
+    async def complete_steps(self, completions: Sequence[Completion], *, worker_id: str) -> dict[UUID, Row]:
         """Commit many steps' outputs in one statement, each fenced by its own lease.
 
         Returns a row for each completion that landed, by workflow id; a workflow missing
@@ -281,7 +283,6 @@ class Store:
             "attempts": [c.attempt for c in completions],
             "outputs": [Jsonb(c.output) for c in completions],
             "go_on": [c.go_on for c in completions],
-            "lease_seconds": lease_seconds,
             "worker_id": worker_id,
         }
         return {row["id"]: row for row in await self._all("complete_steps", params)}
@@ -303,18 +304,23 @@ class Store:
         return await self._one(name, failed.params()) is not None
 
     async def renew_leases(
-        self, *, worker_id: str, lease_tokens: list[UUID], lease_seconds: float
+        self, *, worker_id: str, leases: Mapping[UUID, UUID], lease_seconds: float
     ) -> dict[UUID, bool]:
-        """Renew the given leases of this worker.
+        """Renew the given leases ({workflow id: lease token}) of this worker.
 
         Returns {workflow id: cancel requested} of the workflows renewed.
         """
-        params = {"worker_id": worker_id, "lease_tokens": lease_tokens, "lease_seconds": lease_seconds}
+        params = {
+            "worker_id": worker_id,
+            "ids": list(leases),
+            "lease_tokens": list(leases.values()),
+            "lease_seconds": lease_seconds,
+        }
         return {row["id"]: row["cancel_requested"] for row in await self._all("renew_leases", params)}
 
-    async def release_leases(self, *, worker_id: str, lease_tokens: list[UUID]) -> set[UUID]:
-        """Give back leases, due at once; returns the ids of the workflows released."""
-        params = {"worker_id": worker_id, "lease_tokens": lease_tokens}
+    async def release_leases(self, *, worker_id: str, leases: Mapping[UUID, UUID]) -> set[UUID]:
+        """Give back leases ({workflow id: lease token}), due at once; returns the ids released."""
+        params = {"worker_id": worker_id, "ids": list(leases), "lease_tokens": list(leases.values())}
         return {row["id"] for row in await self._all("release_leases", params)}
 
     async def register_worker(
@@ -357,7 +363,6 @@ class Store:
         step_index: int,
         attempt: int,
         go_on: bool,
-        lease_seconds: float,
         worker_id: str,
     ) -> Row | None:
         """Record a step as compensated and move the cursor down; None when the lease was lost."""
@@ -367,7 +372,6 @@ class Store:
             "step_index": step_index,
             "attempt": attempt,
             "go_on": go_on,
-            "lease_seconds": lease_seconds,
             "worker_id": worker_id,
         }
         return await self._one("complete_compensation", params)
