@@ -23,7 +23,6 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from daemon.group_commit import GroupCommit
 from daemon.metrics import Metrics
 from engine.definitions import Step, Workflow, WorkflowContext
-from engine.idempotency import step_idempotency_key
 from engine.retry import RetryPolicy
 from engine.runner import StepFailed, StepOutcome, StepSucceeded, failure, run_compensation, run_step
 from engine.store import Completion, FailedAttempt, Row, Store
@@ -54,6 +53,8 @@ class Assignment:
     # Monotonic time after which another worker may own the workflow.
     lease_deadline: float
     outputs: dict[str, Any]
+    # The idempotency key of each step, by index.
+    step_keys: list[str]
     cancel_requested: bool = False
 
     @property
@@ -145,8 +146,7 @@ class Driver:
             workflow_type=assignment.definition.type,
             step_name=step.name,
             step_index=assignment.step_index,
-            # The same function as the SQL that filled the step row's key (a test proves it).
-            idempotency_key=step_idempotency_key(row["idempotency_key"], step.name, row["input"]),
+            idempotency_key=assignment.step_keys[assignment.step_index],
             attempt=assignment.attempt,
             outputs=dict(assignment.outputs),
             config=step.config,

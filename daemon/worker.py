@@ -28,7 +28,8 @@ from daemon.driver import DATABASE_ERRORS, Assignment, Driver
 from daemon.metrics import Metrics
 from daemon.wakeup import Listener
 from engine.definitions import Workflow
-from engine.errors import InputValidationError
+from engine.errors import InputValidationError, UnstorableValueError
+from engine.idempotency import step_idempotency_keys
 from engine.registry import Registry
 from engine.retry import DEFAULT_RETRY_POLICY, RetryPolicy
 from engine.runner import StepFailed, failure
@@ -271,29 +272,42 @@ class Worker:
             if row["state"] == "running" and row["cancel_requested"]:
                 await self._cancel(tx, row, definition)
                 continue
-            problem = self._refusal(row, definition)
+            keys = self._step_keys(row, definition)
+            problem = keys if isinstance(keys, StepFailed) else self._refusal(row, definition)
             if problem is not None:
                 await self._refuse(tx, row, definition, problem)
                 continue
-            if row["previous_step_state"] is None:
-                fresh.append((row, definition))
-            assignments.append(
-                Assignment(
-                    workflow_id=row["id"],
-                    definition=definition,
-                    row=row,
-                    compensating=row["state"] == "compensating",
-                    step_index=row["current_step_index"],
-                    attempt=row["attempt"] or 1,
-                    retry_count=row["retry_count"] or 0,
-                    lease_token=row["lease_token"],
-                    lease_deadline=deadline,
-                    outputs=dict(row["context"] or {}),
-                )
+            assert not isinstance(keys, StepFailed)
+            assignment = Assignment(
+                workflow_id=row["id"],
+                definition=definition,
+                row=row,
+                compensating=row["state"] == "compensating",
+                step_index=row["current_step_index"],
+                attempt=row["attempt"] or 1,
+                retry_count=row["retry_count"] or 0,
+                lease_token=row["lease_token"],
+                lease_deadline=deadline,
+                outputs=dict(row["context"] or {}),
+                step_keys=keys,
             )
+            if row["previous_step_state"] is None:
+                fresh.append(assignment)
+            assignments.append(assignment)
         if fresh:
             await self._create_steps(tx, fresh)
         return assignments
+
+    @staticmethod
+    def _step_keys(row: Row, definition: Workflow) -> list[str] | StepFailed:
+        """The steps' idempotency keys, or why the input cannot have any."""
+        try:
+            return step_idempotency_keys(
+                row["idempotency_key"], [step.name for step in definition.steps], row["input"]
+            )
+        except UnstorableValueError as error:  # 1e400 is valid jsonb, but a float overflow here
+            message = f"the input has no canonical form for idempotency keys: {error}"
+            return failure("", 0, "InputValidationError", message, retryable=False)
 
     def _refusal(self, row: Row, definition: Workflow) -> StepFailed | None:
         """Why this claimed workflow must fail instead of running, if it must."""
@@ -356,13 +370,14 @@ class Worker:
             self.metrics.workflows_finished.labels(row["type"], "cancelled").inc()
         self.log.info("workflow_cancelled", workflow_id=str(row["id"]), type=row["type"])
 
-    async def _create_steps(self, tx: Store, fresh: list[tuple[Row, Workflow]]) -> None:
+    async def _create_steps(self, tx: Store, fresh: list[Assignment]) -> None:
         steps: list[Row] = []
         shapes: list[Row] = []
-        for row, definition in fresh:
+        for assignment in fresh:
+            definition = assignment.definition
             shapes.append(
                 {
-                    "id": row["id"],
+                    "id": assignment.workflow_id,
                     "total_steps": len(definition.steps),
                     "max_retries": definition.max_retries,
                     "requires_compensation": definition.requires_compensation,
@@ -370,13 +385,14 @@ class Worker:
             )
             steps.extend(
                 {
-                    "workflow_id": row["id"],
+                    "workflow_id": assignment.workflow_id,
                     "step_index": index,
                     "step_name": step.name,
                     "max_retries": step.retries(definition.max_retries),
                     "is_idempotent": step.is_idempotent,
                     "requires_compensation": step.compensate is not None,
                     "config": dict(step.config),
+                    "idempotency_key": assignment.step_keys[index],
                 }
                 for index, step in enumerate(definition.steps)
             )

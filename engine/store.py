@@ -262,6 +262,7 @@ class Store:
             "idempotent": [step["is_idempotent"] for step in steps],
             "compensable": [step["requires_compensation"] for step in steps],
             "configs": [Jsonb(step["config"]) for step in steps],
+            "keys": [step["idempotency_key"] for step in steps],
             "shape_ids": [shape["id"] for shape in shapes],
             "shape_totals": [shape["total_steps"] for shape in shapes],
             "shape_max_retries": [shape["max_retries"] for shape in shapes],

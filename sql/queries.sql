@@ -131,12 +131,16 @@ LEFT JOIN started st ON st.workflow_id = c.id;
 -- name: create_steps
 -- The step rows of workflows claimed for the first time (a workflow inserted by SQL has
 -- none), in bulk from the definitions, with step 0 already started. The workflow learns
--- its shape from its definition in the same statement.
+-- its shape from its definition in the same statement. The steps' idempotency keys come
+-- from the daemon (engine/idempotency.py, the same function as
+-- workflow_step_idempotency_key, which a test proves): it hands the same keys to the
+-- steps' code, and the hashing is cheaper there than in plpgsql.
 WITH definition AS (
     SELECT * FROM unnest(%(workflow_ids)s::uuid[], %(step_indexes)s::int[], %(step_names)s::text[],
                          %(max_retries)s::int[], %(idempotent)s::bool[], %(compensable)s::bool[],
-                         %(configs)s::jsonb[])
-        AS d(workflow_id, step_index, step_name, max_retries, is_idempotent, requires_compensation, config)
+                         %(configs)s::jsonb[], %(keys)s::text[])
+        AS d(workflow_id, step_index, step_name, max_retries, is_idempotent, requires_compensation, config,
+             idempotency_key)
 ),
 inserted AS (
     INSERT INTO workflow_steps (workflow_id, step_index, step_name, state, input, config, max_retries,
@@ -144,7 +148,7 @@ inserted AS (
     SELECT d.workflow_id, d.step_index, d.step_name,
            CASE WHEN d.step_index = 0 THEN 'running'::step_state ELSE 'pending'::step_state END,
            w.input, d.config, d.max_retries, d.requires_compensation, d.is_idempotent,
-           workflow_step_idempotency_key(w.idempotency_key, d.step_name, w.input),
+           d.idempotency_key,
            CASE WHEN d.step_index = 0 THEN 1 ELSE 0 END,
            CASE WHEN d.step_index = 0 THEN now() END
     FROM definition d
@@ -159,6 +163,9 @@ shaped AS (
     FROM unnest(%(shape_ids)s::uuid[], %(shape_totals)s::int[], %(shape_max_retries)s::int[], %(shape_compensation)s::bool[])
         AS shape(id, total_steps, max_retries, requires_compensation)
     WHERE w.id = shape.id
+      -- A workflow started through the API has its shape already: no new row version.
+      AND (w.total_steps, w.max_retries, w.requires_compensation)
+          IS DISTINCT FROM (shape.total_steps, shape.max_retries, shape.requires_compensation)
 )
 INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state, attempt, worker_id)
 SELECT workflow_id, step_index, step_name, 'pending', 'running', 1, %(worker_id)s

@@ -402,6 +402,26 @@ def test_sql_rows_with_invalid_input_fail_without_retries_and_the_daemon_keeps_g
     assert daemon.process.poll() is None
 
 
+def test_an_input_too_large_for_a_float_fails_its_workflow_and_not_the_claims(
+    daemons: Daemons, db: psycopg.Connection[Any]
+) -> None:
+    # Valid jsonb, but Python reads the number as a float and it overflows to inf, which
+    # has no canonical form for the steps' idempotency keys.
+    huge = "1" + "0" * 400 + ".5"
+    daemon = daemons.start()
+    db.execute(
+        "INSERT INTO workflows (type, input, user_id) VALUES ('three_steps', %s::jsonb, 'u1')",
+        (f'{{"amount": {huge}}}',),
+    )
+    insert_workflows(db, "three_steps", 2)
+    wait_until(lambda: states(db) == {"failed": 1, "completed": 2}, 20, "one failure and two completions")
+    error = db.execute("SELECT error FROM workflows WHERE state = 'failed'").fetchone()
+    assert error is not None
+    assert error[0]["type"] == "InputValidationError"
+    assert "canonical form" in error[0]["message"]
+    assert daemon.process.poll() is None
+
+
 def test_an_interrupted_non_idempotent_step_fails_as_outcome_unknown_and_is_not_rerun(
     daemons: Daemons, db: psycopg.Connection[Any]
 ) -> None:
