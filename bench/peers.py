@@ -1,0 +1,97 @@
+"""Peer benchmarks: the throughput of other PostgreSQL-backed job and workflow systems
+(PgQueuer, Procrastinate, DBOS Transact) on the same cluster as workflowd's own figures.
+
+The peers are never dependencies of the project: they live in a virtualenv of their own
+(bench/.venv-peers, from bench/peers/requirements.txt), and bench/peers/run.py runs there
+as a subprocess, one system at a time, and prints its result as one JSON line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+
+from daemon.local_postgres import LocalPostgres
+
+PEERS = Path(__file__).parent / "peers"
+PEERS_VENV = Path(__file__).parent / ".venv-peers"
+REQUIREMENTS = PEERS / "requirements.txt"
+RUNNER = PEERS / "run.py"
+# Written after a successful install: a changed requirements file means installing again.
+STAMP = PEERS_VENV / "requirements.sha256"
+# Beyond run.py's own --timeout: its set-up and the stopping of its workers.
+TIMEOUT_MARGIN_SECONDS = 180
+
+
+def ensure_peers_venv() -> Path:
+    """The peers' python, after creating their virtualenv and installing the pinned
+    requirements if that has not been done for this requirements file."""
+    python = PEERS_VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], check=True)
+    wanted = hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()
+    if not STAMP.exists() or STAMP.read_text().strip() != wanted:
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+             "-r", str(REQUIREMENTS)],
+            check=True,
+        )  # fmt: skip
+        STAMP.write_text(wanted + "\n")
+    return python
+
+
+def as_url(conninfo: str) -> str:
+    """A postgresql:// URL for a key=value connection string: asyncpg and DBOS take URLs only."""
+    params = conninfo_to_dict(conninfo)
+    user = quote(str(params.get("user", "postgres")), safe="")
+    host = params.get("host", "127.0.0.1")
+    port = params.get("port", 5432)
+    dbname = quote(str(params.get("dbname", "postgres")), safe="")
+    return f"postgresql://{user}@{host}:{port}/{dbname}"
+
+
+def drop_database(cluster: LocalPostgres, name: str) -> None:
+    with psycopg.connect(cluster.url(), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def empty_database(cluster: LocalPostgres, name: str) -> str:
+    """A new, empty database `name` (dropped first if a failed run left it), as a URL."""
+    drop_database(cluster, name)
+    with psycopg.connect(cluster.url(), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return as_url(cluster.url(name))
+
+
+def peer_throughput(
+    cluster: LocalPostgres, system: str, processes: int, jobs: int, steps: int = 1, timeout: float = 300
+) -> dict[str, Any]:
+    """Throughput of `system` draining `jobs` no-op jobs (DBOS: workflows of `steps` no-op
+    steps) with `processes` worker processes, in a fresh database on `cluster` that is
+    dropped afterwards. The result is run.py's JSON: seconds, jobs_per_s, steps_per_s,
+    version and config, and timed_out with jobs_done (fewer than `jobs` if it timed out)."""
+    python = ensure_peers_venv()
+    name = f"bench_peer_{system}_{processes}"
+    url = empty_database(cluster, name)
+    try:
+        command = [
+            str(python), str(RUNNER), "--dsn", url, "--system", system,
+            "--jobs", str(jobs), "--processes", str(processes), "--steps", str(steps),
+            "--timeout", str(timeout),
+        ]  # fmt: skip
+        result = subprocess.run(
+            command, stdout=subprocess.PIPE, check=True, text=True, timeout=timeout + TIMEOUT_MARGIN_SECONDS
+        )
+    finally:
+        drop_database(cluster, name)
+    parsed: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return parsed

@@ -1,0 +1,31 @@
+"""A smoke run of the benchmark suite, so that its code keeps working; the figures
+themselves are measured by `make bench`, never by tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_bench_command_runs_every_case_of_our_own_and_writes_its_figures(tmp_path: Path) -> None:
+    out = tmp_path / "figures.json"
+    command = [
+        sys.executable, "-m", "bench", "--workflows", "60", "--processes", "1", "--repeats", "1",
+        "--inserts", "5", "--finished", "2000", "--no-peers", "--out", str(out),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(out.read_text())
+    for key in (
+        "sql_limit", "workflowd_1_step_1_processes", "workflowd_3_step_1_processes",
+        "pickup_p50_ms", "pickup_p99_ms",
+    ):  # fmt: skip
+        assert figures[key]["median"] > 0, key
+        assert len(figures[key]["runs"]) == 1
+    assert figures["claim_cost"]["finished_rows"] == 2000
+    assert figures["memory"]["peak_rss_mb"] > 0
+    assert "workflowd 3-step workflows, 1 process(es)" in result.stdout
