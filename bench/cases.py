@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psycopg
 
-from bench.daemon import daemons, fresh_database
+from bench.daemon import DRAINED, daemons, fresh_database
 from daemon.local_postgres import LocalPostgres
 from engine.sqlfiles import query
 
@@ -100,9 +100,7 @@ def resident_memory(
             (workflows,),
         )
         status = Path(f"/proc/{process.pid}/status")
-        while (
-            conn.execute("SELECT count(*) FROM workflows WHERE state = 'completed'").fetchone()[0] < workflows
-        ):  # type: ignore[index]
+        while conn.execute(DRAINED).fetchone() == (False,):
             rss = next(
                 int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmRSS")
             )
