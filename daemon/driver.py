@@ -23,6 +23,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from daemon.group_commit import GroupCommit
 from daemon.metrics import Metrics
 from engine.definitions import Step, Workflow, WorkflowContext
+from engine.idempotency import step_key
 from engine.retry import RetryPolicy
 from engine.runner import StepFailed, StepOutcome, StepSucceeded, failure, run_compensation, run_step
 from engine.store import Completion, FailedAttempt, Row, Store
@@ -53,8 +54,8 @@ class Assignment:
     # Monotonic time after which another worker may own the workflow.
     lease_deadline: float
     outputs: dict[str, Any]
-    # The idempotency key of each step, by index.
-    step_keys: list[str]
+    # The digest of the workflow's input in its steps' idempotency keys.
+    step_digest: str
     cancel_requested: bool = False
 
     @property
@@ -146,7 +147,7 @@ class Driver:
             workflow_type=assignment.definition.type,
             step_name=step.name,
             step_index=assignment.step_index,
-            idempotency_key=assignment.step_keys[assignment.step_index],
+            idempotency_key=step_key(step.name, assignment.step_digest),
             attempt=assignment.attempt,
             outputs=dict(assignment.outputs),
             config=step.config,

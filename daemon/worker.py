@@ -29,11 +29,11 @@ from daemon.metrics import Metrics
 from daemon.wakeup import Listener
 from engine.definitions import Workflow
 from engine.errors import InputValidationError, UnstorableValueError
-from engine.idempotency import step_idempotency_keys
+from engine.idempotency import step_input_digest
 from engine.registry import Registry
 from engine.retry import DEFAULT_RETRY_POLICY, RetryPolicy
 from engine.runner import StepFailed, failure
-from engine.store import FailedAttempt, Row, Store
+from engine.store import FailedAttempt, Row, StepDefinitions, Store
 
 LOG = structlog.get_logger("workflowd.worker")
 T = TypeVar("T")
@@ -72,6 +72,7 @@ class Worker:
     ) -> None:
         self.store = Store(pool)
         self.registry = registry
+        self.step_definitions = StepDefinitions.of(registry)
         self.config = config
         self.id = config.worker_id
         self.metrics = metrics or Metrics()
@@ -272,12 +273,12 @@ class Worker:
             if row["state"] == "running" and row["cancel_requested"]:
                 await self._cancel(tx, row, definition)
                 continue
-            keys = self._step_keys(row, definition)
-            problem = keys if isinstance(keys, StepFailed) else self._refusal(row, definition)
+            digest = self._step_digest(row)
+            problem = digest if isinstance(digest, StepFailed) else self._refusal(row, definition)
             if problem is not None:
                 await self._refuse(tx, row, definition, problem)
                 continue
-            assert not isinstance(keys, StepFailed)
+            assert isinstance(digest, str)
             assignment = Assignment(
                 workflow_id=row["id"],
                 definition=definition,
@@ -289,7 +290,7 @@ class Worker:
                 lease_token=row["lease_token"],
                 lease_deadline=deadline,
                 outputs=dict(row["context"] or {}),
-                step_keys=keys,
+                step_digest=digest,
             )
             if row["previous_step_state"] is None:
                 fresh.append(assignment)
@@ -299,12 +300,10 @@ class Worker:
         return assignments
 
     @staticmethod
-    def _step_keys(row: Row, definition: Workflow) -> list[str] | StepFailed:
-        """The steps' idempotency keys, or why the input cannot have any."""
+    def _step_digest(row: Row) -> str | StepFailed:
+        """The input's digest for the steps' idempotency keys, or why it cannot have one."""
         try:
-            return step_idempotency_keys(
-                row["idempotency_key"], [step.name for step in definition.steps], row["input"]
-            )
+            return step_input_digest(row["idempotency_key"], row["input"])
         except UnstorableValueError as error:  # 1e400 is valid jsonb, but a float overflow here
             message = f"the input has no canonical form for idempotency keys: {error}"
             return failure("", 0, "InputValidationError", message, retryable=False)
@@ -371,32 +370,8 @@ class Worker:
         self.log.info("workflow_cancelled", workflow_id=str(row["id"]), type=row["type"])
 
     async def _create_steps(self, tx: Store, fresh: list[Assignment]) -> None:
-        steps: list[Row] = []
-        shapes: list[Row] = []
-        for assignment in fresh:
-            definition = assignment.definition
-            shapes.append(
-                {
-                    "id": assignment.workflow_id,
-                    "total_steps": len(definition.steps),
-                    "max_retries": definition.max_retries,
-                    "requires_compensation": definition.requires_compensation,
-                }
-            )
-            steps.extend(
-                {
-                    "workflow_id": assignment.workflow_id,
-                    "step_index": index,
-                    "step_name": step.name,
-                    "max_retries": step.retries(definition.max_retries),
-                    "is_idempotent": step.is_idempotent,
-                    "requires_compensation": step.compensate is not None,
-                    "config": dict(step.config),
-                    "idempotency_key": assignment.step_keys[index],
-                }
-                for index, step in enumerate(definition.steps)
-            )
-        await tx.create_steps(worker_id=self.id, steps=steps, shapes=shapes)
+        digests = {assignment.workflow_id: assignment.step_digest for assignment in fresh}
+        await tx.create_steps(worker_id=self.id, digests=digests, definitions=self.step_definitions)
 
     def _spawn(self, assignment: Assignment) -> None:
         self.in_flight[assignment.workflow_id] = assignment

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -85,11 +85,14 @@ def workflow_idempotency_key(workflow_type: str, user_id: str | None, input: Any
 
 def step_idempotency_key(workflow_key: str, step_name: str, step_input: Any) -> str:
     """The key handed to every attempt of one step, for outside services to deduplicate."""
-    return step_idempotency_keys(workflow_key, [step_name], step_input)[0]
+    return step_key(step_name, step_input_digest(workflow_key, step_input))
 
 
-def step_idempotency_keys(workflow_key: str, step_names: Sequence[str], step_input: Any) -> list[str]:
-    """The keys of several steps that share one input, hashing it once."""
-    canonical = canonical_json({} if step_input is None else step_input)
-    digest = _sha256_hex(workflow_key + chr(10) + canonical)
-    return [f"step:{name}:{digest}" for name in step_names]
+def step_input_digest(workflow_key: str, step_input: Any) -> str:
+    """The hash part of a step key: steps that share an input share it."""
+    return _sha256_hex(workflow_key + chr(10) + canonical_json({} if step_input is None else step_input))
+
+
+def step_key(step_name: str, digest: str) -> str:
+    """A step's key from its name and its input's digest."""
+    return f"step:{step_name}:{digest}"

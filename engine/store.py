@@ -8,7 +8,7 @@ transaction that records its completion).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +19,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from engine.definitions import Workflow
 from engine.sqlfiles import query
 
 Row = dict[str, Any]
@@ -66,6 +67,34 @@ class Completion:
     attempt: int
     output: Any
     go_on: bool
+
+
+@dataclass(frozen=True)
+class StepDefinitions:
+    """Workflow definitions as create_steps takes them: an element per step of each type,
+    and one per type for its shape. Built once per worker."""
+
+    params: dict[str, list[Any]]
+
+    @classmethod
+    def of(cls, workflows: Iterable[Workflow]) -> StepDefinitions:
+        shapes = list(workflows)
+        steps = [(workflow, index, step) for workflow in shapes for index, step in enumerate(workflow.steps)]
+        return cls(
+            {
+                "types": [workflow.type for workflow, _, _ in steps],
+                "step_indexes": [index for _, index, _ in steps],
+                "step_names": [step.name for _, _, step in steps],
+                "max_retries": [step.retries(workflow.max_retries) for workflow, _, step in steps],
+                "idempotent": [step.is_idempotent for _, _, step in steps],
+                "compensable": [step.compensate is not None for _, _, step in steps],
+                "configs": [Jsonb(dict(step.config)) for _, _, step in steps],
+                "shape_types": [workflow.type for workflow in shapes],
+                "shape_totals": [len(workflow.steps) for workflow in shapes],
+                "shape_max_retries": [workflow.max_retries for workflow in shapes],
+                "shape_compensation": [workflow.requires_compensation for workflow in shapes],
+            }
+        )
 
 
 class Store:
@@ -251,25 +280,16 @@ class Store:
         """Keep the claim on its index walk for the rest of this transaction."""
         await self._one("pin_claim_plan", {})
 
-    async def create_steps(self, *, worker_id: str, steps: list[Row], shapes: list[Row]) -> None:
-        """Create the step rows of first-claimed workflows (step 0 started) and shape them."""
-        params = {
-            "worker_id": worker_id,
-            "workflow_ids": [step["workflow_id"] for step in steps],
-            "step_indexes": [step["step_index"] for step in steps],
-            "step_names": [step["step_name"] for step in steps],
-            "max_retries": [step["max_retries"] for step in steps],
-            "idempotent": [step["is_idempotent"] for step in steps],
-            "compensable": [step["requires_compensation"] for step in steps],
-            "configs": [Jsonb(step["config"]) for step in steps],
-            "keys": [step["idempotency_key"] for step in steps],
-            "shape_ids": [shape["id"] for shape in shapes],
-            "shape_totals": [shape["total_steps"] for shape in shapes],
-            "shape_max_retries": [shape["max_retries"] for shape in shapes],
-            "shape_compensation": [shape["requires_compensation"] for shape in shapes],
-        }
+    async def create_steps(
+        self, *, worker_id: str, digests: Mapping[UUID, str], definitions: StepDefinitions
+    ) -> None:
+        """Create the step rows of first-claimed workflows (step 0 started) and shape them.
+
+        `digests`: {workflow id: the digest of its input, for the steps' keys}.
+        """
+        params = {"worker_id": worker_id, "ids": list(digests), "digests": list(digests.values())}
         async with self.connection() as conn:
-            await conn.execute(query("create_steps"), params)
+            await conn.execute(query("create_steps"), params | definitions.params)
 
     async def complete_steps(self, completions: Sequence[Completion], *, worker_id: str) -> dict[UUID, Row]:
         """Commit many steps' outputs in one statement, each fenced by its own lease.

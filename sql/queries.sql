@@ -130,39 +130,46 @@ LEFT JOIN started st ON st.workflow_id = c.id;
 
 -- name: create_steps
 -- The step rows of workflows claimed for the first time (a workflow inserted by SQL has
--- none), in bulk from the definitions, with step 0 already started. The workflow learns
--- its shape from its definition in the same statement. The steps' idempotency keys come
--- from the daemon (engine/idempotency.py, the same function as
--- workflow_step_idempotency_key, which a test proves): it hands the same keys to the
--- steps' code, and the hashing is cheaper there than in plpgsql.
-WITH definition AS (
-    SELECT * FROM unnest(%(workflow_ids)s::uuid[], %(step_indexes)s::int[], %(step_names)s::text[],
+-- none), in bulk, with step 0 already started; and the workflows' shape. The rows come
+-- from the definitions of the types (one array element per step of a type, not per step
+-- of every workflow). A step's idempotency key is built from its name and the digest of
+-- the workflow's input, which the daemon computes (engine/idempotency.py, the same
+-- function as workflow_step_idempotency_key, as a test proves) and hands to the steps.
+WITH fresh AS (
+    SELECT * FROM unnest(%(ids)s::uuid[], %(digests)s::text[]) AS f(id, digest)
+),
+definition AS (
+    SELECT * FROM unnest(%(types)s::text[], %(step_indexes)s::int[], %(step_names)s::text[],
                          %(max_retries)s::int[], %(idempotent)s::bool[], %(compensable)s::bool[],
-                         %(configs)s::jsonb[], %(keys)s::text[])
-        AS d(workflow_id, step_index, step_name, max_retries, is_idempotent, requires_compensation, config,
-             idempotency_key)
+                         %(configs)s::jsonb[])
+        AS d(type, step_index, step_name, max_retries, is_idempotent, requires_compensation, config)
+),
+shape AS (
+    SELECT * FROM unnest(%(shape_types)s::text[], %(shape_totals)s::int[], %(shape_max_retries)s::int[],
+                         %(shape_compensation)s::bool[])
+        AS s(type, total_steps, max_retries, requires_compensation)
 ),
 inserted AS (
     INSERT INTO workflow_steps (workflow_id, step_index, step_name, state, input, config, max_retries,
                                 requires_compensation, is_idempotent, idempotency_key, attempt, started_at)
-    SELECT d.workflow_id, d.step_index, d.step_name,
+    SELECT f.id, d.step_index, d.step_name,
            CASE WHEN d.step_index = 0 THEN 'running'::step_state ELSE 'pending'::step_state END,
            w.input, d.config, d.max_retries, d.requires_compensation, d.is_idempotent,
-           d.idempotency_key,
+           'step:' || d.step_name || ':' || f.digest,
            CASE WHEN d.step_index = 0 THEN 1 ELSE 0 END,
            CASE WHEN d.step_index = 0 THEN now() END
-    FROM definition d
+    FROM fresh f
     -- No fence needed: this runs in the claiming transaction, which holds the rows' locks.
-    JOIN workflows w ON w.id = d.workflow_id
+    JOIN workflows w ON w.id = f.id
+    JOIN definition d ON d.type = w.type
     RETURNING workflow_id, step_index, step_name, state
 ),
 shaped AS (
     UPDATE workflows w
     SET total_steps = shape.total_steps, max_retries = shape.max_retries,
         requires_compensation = shape.requires_compensation
-    FROM unnest(%(shape_ids)s::uuid[], %(shape_totals)s::int[], %(shape_max_retries)s::int[], %(shape_compensation)s::bool[])
-        AS shape(id, total_steps, max_retries, requires_compensation)
-    WHERE w.id = shape.id
+    FROM fresh f, shape
+    WHERE w.id = f.id AND shape.type = w.type
       -- A workflow started through the API has its shape already: no new row version.
       AND (w.total_steps, w.max_retries, w.requires_compensation)
           IS DISTINCT FROM (shape.total_steps, shape.max_retries, shape.requires_compensation)
