@@ -95,17 +95,15 @@ class Driver:
 
     async def drive(self, assignment: Assignment) -> None:
         """Run the workflow's steps one after the other while this worker holds its lease."""
-        log = self.log.bind(workflow_id=str(assignment.workflow_id), type=assignment.definition.type)
         try:
             go_on = True
             while go_on:
-                step_log = log.bind(step=assignment.step.name, attempt=assignment.attempt)
                 if assignment.step.transactional:
-                    go_on = await self._run_transactional(assignment, step_log)
+                    go_on = await self._run_transactional(assignment)
                     continue
                 outcome = await self._run(assignment)
                 # The write is shielded: a shutdown cancels further steps, not a result.
-                write = asyncio.ensure_future(self._record(assignment, outcome, step_log))
+                write = asyncio.ensure_future(self._record(assignment, outcome))
                 try:
                     go_on = await asyncio.shield(write)
                 except asyncio.CancelledError:
@@ -114,7 +112,14 @@ class Driver:
         except LeaseLostError:
             self.lost_leases += 1
             self.metrics.lost_leases.inc()
-            log.warning("lease_lost", step=assignment.step.name, attempt=assignment.attempt)
+            self._log(assignment).warning("lease_lost")
+
+    def _log(self, assignment: Assignment) -> Any:
+        # Bound only when there is something to say: binding costs, and steps are many.
+        return self.log.bind(
+            workflow_id=str(assignment.workflow_id), type=assignment.definition.type,
+            step=assignment.step.name, attempt=assignment.attempt,
+        )  # fmt: skip
 
     async def _run(self, assignment: Assignment, ctx: WorkflowContext | None = None) -> StepOutcome:
         """One attempt of the current step, or of its compensation."""
@@ -156,12 +161,10 @@ class Driver:
             cancel_check=lambda: assignment.cancel_requested,
         )
 
-    async def _record(
-        self, assignment: Assignment, outcome: StepOutcome, log: Any, store: Store | None = None
-    ) -> bool:
+    async def _record(self, assignment: Assignment, outcome: StepOutcome, store: Store | None = None) -> bool:
         """Commit an attempt's outcome; returns whether to go straight on to the next step."""
         if isinstance(outcome, StepSucceeded):
-            return await self._complete(assignment, outcome.output, log, store or self.store)
+            return await self._complete(assignment, outcome.output, store or self.store)
         step = assignment.step
         retries = step.retries(assignment.definition.max_retries)
         failed = FailedAttempt(
@@ -172,14 +175,16 @@ class Driver:
             delay = self.retry_policy.delay(assignment.retry_count)
             await self._fenced(assignment, lambda: self.store.schedule_retry(failed, delay_seconds=delay))
             self.metrics.retries.labels(assignment.definition.type, step.name).inc()
-            log.warning("step_retry_scheduled", error=outcome.error["message"], delay_seconds=round(delay, 3))
+            self._log(assignment).warning(
+                "step_retry_scheduled", error=outcome.error["message"], delay_seconds=round(delay, 3)
+            )
             return False
         if assignment.compensating:
             await self._fenced(assignment, lambda: self.store.fail_workflow(failed))
-            log.error("compensation_failed", error=outcome.error["message"])
+            self._log(assignment).error("compensation_failed", error=outcome.error["message"])
         else:
             await self._fenced(assignment, lambda: self._fail_forward(failed, assignment))
-            log.error("workflow_failed", error=outcome.error["message"])
+            self._log(assignment).error("workflow_failed", error=outcome.error["message"])
         if assignment.compensating or not assignment.definition.requires_compensation:
             self.metrics.workflows_finished.labels(assignment.definition.type, "failed").inc()
         return False
@@ -193,7 +198,7 @@ class Driver:
                 await tx.begin_compensation(workflow_id=assignment.workflow_id, worker_id=self.id)
             return recorded
 
-    async def _complete(self, assignment: Assignment, output: Any, log: Any, store: Store) -> bool:
+    async def _complete(self, assignment: Assignment, output: Any, store: Store) -> bool:
         go_on = not self.stopping.is_set()
         write: Callable[[], Awaitable[Row | None]]
         if assignment.compensating:
@@ -213,10 +218,9 @@ class Driver:
             raise LeaseLostError
         if not assignment.compensating:
             assignment.outputs[assignment.step.name] = output
-        log.debug("step_completed", compensating=assignment.compensating)
         if result["was_last"]:
             final = "compensated" if assignment.compensating else "completed"
-            log.info(f"workflow_{final}")
+            self._log(assignment).info(f"workflow_{final}")
             self.metrics.workflows_finished.labels(assignment.definition.type, final).inc()
         if result["next_step_index"] is None:
             return False
@@ -230,7 +234,7 @@ class Driver:
         rows = await store.complete_steps([completion], worker_id=self.id)
         return rows.get(completion.workflow_id)
 
-    async def _run_transactional(self, assignment: Assignment, log: Any) -> bool:
+    async def _run_transactional(self, assignment: Assignment) -> bool:
         """Run a transactional step (or its compensation) inside the transaction that
         records its completion.
 
@@ -240,11 +244,11 @@ class Driver:
         before = (assignment.step_index, assignment.attempt, assignment.retry_count, dict(assignment.outputs))
         try:
             async with self.pool.connection() as conn:
-                return await self._transactional_attempt(conn, assignment, log)
+                return await self._transactional_attempt(conn, assignment)
         except DATABASE_ERRORS as error:
             # The connection broke mid-transaction: nothing of it committed, unless the
             # break came with the COMMIT itself. Settle which from the rows.
-            log.warning("transactional_step_interrupted", error=str(error).strip())
+            self._log(assignment).warning("transactional_step_interrupted", error=str(error).strip())
             assignment.step_index, assignment.attempt, assignment.retry_count, assignment.outputs = before
             step = await self._fenced(
                 assignment, lambda: self.store.get_step(assignment.workflow_id, assignment.step_index)
@@ -262,21 +266,21 @@ class Driver:
                 retry = failure(
                     assignment.step.name, assignment.attempt, type(error).__name__, str(error), retryable=True
                 )
-                return await self._record(assignment, retry, log)
+                return await self._record(assignment, retry)
             settled = await self._settle(assignment)
             return settled is not None and self._advance(assignment, settled)
 
     async def _transactional_attempt(
-        self, conn: psycopg.AsyncConnection[Any], assignment: Assignment, log: Any
+        self, conn: psycopg.AsyncConnection[Any], assignment: Assignment
     ) -> bool:
         outcome: StepOutcome | None = None
         async with conn.transaction():
             outcome = await self._run(assignment, replace(self._context(assignment), connection=conn))
             if isinstance(outcome, StepSucceeded):
-                return await self._record(assignment, outcome, log, store=Store(conn))
+                return await self._record(assignment, outcome, store=Store(conn))
             raise psycopg.Rollback  # a failed attempt's writes are undone
         assert isinstance(outcome, StepFailed)
-        return await self._record(assignment, outcome, log)
+        return await self._record(assignment, outcome)
 
     def _advance(self, assignment: Assignment, settled: Row) -> bool:
         """Move the assignment to the next step its completion started, under the same

@@ -136,7 +136,7 @@ LEFT JOIN started st ON st.workflow_id = c.id;
 -- the workflow's input, which the daemon computes (engine/idempotency.py, the same
 -- function as workflow_step_idempotency_key, as a test proves) and hands to the steps.
 WITH fresh AS (
-    SELECT * FROM unnest(%(ids)s::uuid[], %(digests)s::text[]) AS f(id, digest)
+    SELECT * FROM unnest(%(ids)b::uuid[], %(digests)s::text[]) AS f(id, digest)
 ),
 definition AS (
     SELECT * FROM unnest(%(types)s::text[], %(step_indexes)s::int[], %(step_names)s::text[],
@@ -187,8 +187,9 @@ FROM inserted WHERE state = 'running';
 -- deadlock. In the same statement each workflow advances, the timeline grows, and, when
 -- the worker goes straight on, the next step starts under the same lease; otherwise
 -- (shutdown, a cancel request) the lease is released and the workflow is due at once.
+-- The UUID arrays are sent in binary (%%(...)b): psycopg dumps them twice as fast so.
 WITH batch AS (
-    SELECT * FROM unnest(%(ids)s::uuid[], %(lease_tokens)s::uuid[], %(step_indexes)s::int[],
+    SELECT * FROM unnest(%(ids)b::uuid[], %(lease_tokens)b::uuid[], %(step_indexes)s::int[],
                          %(attempts)s::int[], %(outputs)s::jsonb[], %(go_on)s::bool[])
         AS b(id, lease_token, step_index, attempt, output, go_on)
 ),
