@@ -61,7 +61,7 @@ def claim_cost(cluster: LocalPostgres, finished: int = 1_000_000) -> dict[str, f
     """Mean time of the daemon's own claim statement (claiming nothing it keeps) with an
     empty table and with `finished` completed workflows in it."""
     url = fresh_database(cluster, "bench_claim_cost")
-    pin, claim = query("pin_claim_plan"), query("claim_due_workflows")
+    begin, claim = query("claiming_transaction"), query("claim_due_workflows")
     params = {"worker_id": "bench", "types": ["noop_1"], "limit": 10, "lease_seconds": 30}
 
     def mean_ms(conn: psycopg.Connection[tuple[object, ...]]) -> float:
@@ -69,9 +69,9 @@ def claim_cost(cluster: LocalPostgres, finished: int = 1_000_000) -> dict[str, f
                      "FROM generate_series(1, 10) n ON CONFLICT (idempotency_key) DO NOTHING")  # fmt: skip
         started = time.perf_counter()
         for _ in range(CLAIM_SAMPLES):
-            with conn.transaction(force_rollback=True):  # claim and give back: the same rows every time
-                conn.execute(pin)
-                conn.execute(claim, params).fetchall()
+            conn.execute(begin)
+            conn.execute(claim, params).fetchall()
+            conn.execute("ROLLBACK")  # claim and give back: the same rows every time
         return (time.perf_counter() - started) / CLAIM_SAMPLES * 1000
 
     with psycopg.connect(url, autocommit=True) as conn:

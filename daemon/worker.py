@@ -236,8 +236,7 @@ class Worker:
     async def claim_once(self, limit: int) -> int:
         """Claim up to `limit` due workflows and start a task for each; returns how many."""
         claimed_at = self.last_claim_at = time.monotonic()
-        async with self.store.transaction() as tx:
-            await tx.pin_claim_plan()
+        async with self.store.claiming_transaction() as tx:
             rows = await tx.claim_due_workflows(
                 worker_id=self.id,
                 types=self.registry.types,

@@ -8,12 +8,14 @@ transaction that records its completion).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
+import psycopg
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
@@ -117,6 +119,21 @@ class Store:
         """A store whose every query runs in one transaction, committed at the end."""
         async with self.connection() as conn, conn.transaction():
             yield Store(conn)
+
+    @asynccontextmanager
+    async def claiming_transaction(self) -> AsyncIterator[Store]:
+        """A transaction for claim_due_workflows: like `transaction()`, but BEGIN also
+        pins the claim's plan, in one round trip (see the query of that name)."""
+        async with self.connection() as conn:
+            await conn.execute(query("claiming_transaction"))
+            try:
+                yield Store(conn)
+            except BaseException:
+                # A broken connection has nothing to roll back; the pool discards it.
+                with contextlib.suppress(psycopg.OperationalError):
+                    await conn.execute("ROLLBACK")
+                raise
+            await conn.execute("COMMIT")
 
     async def _one(self, name: str, params: Mapping[str, Any]) -> Row | None:
         async with self.connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
@@ -275,10 +292,6 @@ class Store:
             "lease_seconds": lease_seconds,
         }
         return await self._all("claim_due_workflows", params)
-
-    async def pin_claim_plan(self) -> None:
-        """Keep the claim on its index walk for the rest of this transaction."""
-        await self._one("pin_claim_plan", {})
 
     async def create_steps(
         self, *, worker_id: str, digests: Mapping[UUID, str], definitions: StepDefinitions

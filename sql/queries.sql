@@ -47,15 +47,17 @@ SELECT workflow_step_idempotency_key(%(workflow_key)s, %(step_name)s, %(step_inp
 -- name: canonical_json
 SELECT workflow_canonical_json(%(value)s);
 
--- name: pin_claim_plan
--- Run in the claiming transaction, before the claim. The only good plan for the claim is
--- to walk workflows_due_idx in order and stop after `limit` rows; with stale statistics
--- (right after a bulk insert, before autovacuum analyses the table) the planner
--- believes a handful of rows are due and instead collects every due row through bitmap
--- scans and sorts them, a cost that grows with the queue (9 ms instead of 0.05 ms with
--- 10,000 due rows). Without bitmap scans and sorts the ordered index walk is the only
--- plan left. SET LOCAL: it ends with the transaction.
-SELECT set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', 'off', true);
+-- name: claiming_transaction
+-- Opens the claiming transaction, in the same round trip as BEGIN (a text without
+-- parameters may hold several statements). The only good plan for the claim is to walk
+-- workflows_due_idx in order and stop after `limit` rows; with stale statistics (right
+-- after a bulk insert, before autovacuum analyses the table) the planner believes a
+-- handful of rows are due and instead collects every due row through bitmap scans and
+-- sorts them, a cost that grows with the queue (9 ms instead of 0.05 ms with 10,000 due
+-- rows). Without bitmap scans and sorts the ordered index walk is the only plan left.
+-- Local to the transaction (set_config's third argument).
+BEGIN;
+SELECT set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', 'off', true)
 
 -- name: claim_due_workflows
 -- Claim a batch of due workflows in one statement and start their current steps.
