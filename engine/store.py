@@ -80,8 +80,8 @@ class StepDefinitions:
 
     @classmethod
     def of(cls, workflows: Iterable[Workflow]) -> StepDefinitions:
-        shapes = list(workflows)
-        steps = [(workflow, index, step) for workflow in shapes for index, step in enumerate(workflow.steps)]
+        types = list(workflows)
+        steps = [(workflow, index, step) for workflow in types for index, step in enumerate(workflow.steps)]
         return cls(
             {
                 "types": [workflow.type for workflow, _, _ in steps],
@@ -91,10 +91,10 @@ class StepDefinitions:
                 "idempotent": [step.is_idempotent for _, _, step in steps],
                 "compensable": [step.compensate is not None for _, _, step in steps],
                 "configs": [Jsonb(dict(step.config)) for _, _, step in steps],
-                "shape_types": [workflow.type for workflow in shapes],
-                "shape_totals": [len(workflow.steps) for workflow in shapes],
-                "shape_max_retries": [workflow.max_retries for workflow in shapes],
-                "shape_compensation": [workflow.requires_compensation for workflow in shapes],
+                "shape_types": [workflow.type for workflow in types],
+                "shape_totals": [len(workflow.steps) for workflow in types],
+                "shape_max_retries": [workflow.max_retries for workflow in types],
+                "shape_compensation": [workflow.requires_compensation for workflow in types],
             }
         )
 
