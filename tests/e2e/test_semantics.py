@@ -292,7 +292,10 @@ def test_retry_and_cancel_are_refused_in_other_states(db_url: str, db: psycopg.C
 def test_a_transactional_step_writes_exactly_once_across_20_kill_9_cycles(
     daemons: Daemons, db: psycopg.Connection[Any]
 ) -> None:
-    insert_workflows(db, "ledger", 12, amount=10, sleep=0.3)
+    # Quick steps commit between kills; slow ones outlast every victim (killed 0.1-0.6 s
+    # after it starts), so their transactions are always cut off mid-step.
+    insert_workflows(db, "ledger", 6, amount=10, sleep=0.2)
+    insert_workflows(db, "ledger", 6, amount=10, sleep=1.2)
     rng = random.Random(11)
     for _ in range(20):
         victim = daemons.start(lease_seconds=0.5, poll_interval=0.05)
