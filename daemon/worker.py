@@ -272,12 +272,18 @@ class Worker:
             if row["state"] == "running" and row["cancel_requested"]:
                 await self._cancel(tx, row, definition)
                 continue
-            digest = self._step_digest(row)
-            problem = digest if isinstance(digest, StepFailed) else self._refusal(row, definition)
+            try:
+                digest = step_input_digest(row["idempotency_key"], row["input"])
+            except UnstorableValueError as error:  # valid jsonb, but a float overflow here (1e400 + .5)
+                message = f"the input has no canonical form for idempotency keys: {error}"
+                await self._refuse(
+                    tx, row, definition, failure("", 0, "InputValidationError", message, retryable=False)
+                )
+                continue
+            problem = self._refusal(row, definition)
             if problem is not None:
                 await self._refuse(tx, row, definition, problem)
                 continue
-            assert isinstance(digest, str)
             assignment = Assignment(
                 workflow_id=row["id"],
                 definition=definition,
@@ -297,15 +303,6 @@ class Worker:
         if fresh:
             await self._create_steps(tx, fresh)
         return assignments
-
-    @staticmethod
-    def _step_digest(row: Row) -> str | StepFailed:
-        """The input's digest for the steps' idempotency keys, or why it cannot have one."""
-        try:
-            return step_input_digest(row["idempotency_key"], row["input"])
-        except UnstorableValueError as error:  # 1e400 is valid jsonb, but a float overflow here
-            message = f"the input has no canonical form for idempotency keys: {error}"
-            return failure("", 0, "InputValidationError", message, retryable=False)
 
     def _refusal(self, row: Row, definition: Workflow) -> StepFailed | None:
         """Why this claimed workflow must fail instead of running, if it must."""
