@@ -35,14 +35,14 @@ class Report:
     figures: dict[str, Any] = field(default_factory=dict)
 
     def measure(
-        self, key: str, label: str, run: Callable[[], dict[str, Any]], field: str, unit: str
+        self, key: str, label: str, run: Callable[[], dict[str, Any]], metric: str, unit: str
     ) -> float:
-        """Run a case `repeats` times; record the median and spread of `field`."""
-        return self.record(key, label, [run() for _ in range(self.repeats)], field, unit)
+        """Run a case `repeats` times; record the median and spread of `metric`."""
+        return self.record(key, label, [run() for _ in range(self.repeats)], metric, unit)
 
-    def record(self, key: str, label: str, runs: list[dict[str, Any]], field: str, unit: str) -> float:
-        """Record the median and spread of `field` over the results of a case's runs."""
-        values = [float(result[field]) for result in runs]
+    def record(self, key: str, label: str, runs: list[dict[str, Any]], metric: str, unit: str) -> float:
+        """Record the median and spread of `metric` over the results of a case's runs."""
+        values = [float(result[metric]) for result in runs]
         figure = {
             "median": statistics.median(values), "min": min(values), "max": max(values),
             "unit": unit, "runs": runs,

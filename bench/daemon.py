@@ -22,11 +22,22 @@ from daemon.local_postgres import LocalPostgres, free_port
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fresh_database(cluster: LocalPostgres, name: str) -> str:
+def drop_database(cluster: LocalPostgres, name: str) -> None:
     with psycopg.connect(cluster.url(), autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def empty_database(cluster: LocalPostgres, name: str) -> str:
+    """A new, empty database `name` (dropped first if a failed run left it)."""
+    drop_database(cluster, name)
+    with psycopg.connect(cluster.url(), autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = cluster.url(name)
+    return cluster.url(name)
+
+
+def fresh_database(cluster: LocalPostgres, name: str) -> str:
+    """A new database `name` with the daemon's schema."""
+    url = empty_database(cluster, name)
     subprocess.run(
         [sys.executable, "-m", "daemon", "migrate"],
         env={**os.environ, "DATABASE_URL": url},

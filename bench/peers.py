@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import psycopg
-from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
+from bench.daemon import drop_database, empty_database
 from daemon.local_postgres import LocalPostgres
 
 PEERS = Path(__file__).parent / "peers"
@@ -59,19 +58,6 @@ def as_url(conninfo: str) -> str:
     return f"postgresql://{user}@{host}:{port}/{dbname}"
 
 
-def drop_database(cluster: LocalPostgres, name: str) -> None:
-    with psycopg.connect(cluster.url(), autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
-def empty_database(cluster: LocalPostgres, name: str) -> str:
-    """A new, empty database `name` (dropped first if a failed run left it), as a URL."""
-    drop_database(cluster, name)
-    with psycopg.connect(cluster.url(), autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    return as_url(cluster.url(name))
-
-
 def peer_throughput(
     cluster: LocalPostgres, system: str, processes: int, jobs: int, steps: int = 1, timeout: float = 300
 ) -> dict[str, Any]:
@@ -81,7 +67,7 @@ def peer_throughput(
     version and config, and timed_out with jobs_done (fewer than `jobs` if it timed out)."""
     python = ensure_peers_venv()
     name = f"bench_peer_{system}_{processes}"
-    url = empty_database(cluster, name)
+    url = as_url(empty_database(cluster, name))
     try:
         command = [
             str(python), str(RUNNER), "--dsn", url, "--system", system,
