@@ -27,7 +27,10 @@ _SNAPSHOT_QUERIES = {
         ORDER BY table_name, ordinal_position""",
     "constraint": """
         SELECT conrelid::regclass || ' ' || conname || ' ' || pg_get_constraintdef(oid)
-        FROM pg_constraint WHERE connamespace = 'public'::regnamespace ORDER BY 1""",
+        FROM pg_constraint WHERE connamespace = 'public'::regnamespace
+          -- PostgreSQL 18 lists NOT NULL as constraints too; the columns show them already.
+          AND contype <> 'n'
+        ORDER BY 1""",
     "index": "SELECT indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY indexname",
     "trigger": """
         SELECT pg_get_triggerdef(oid) FROM pg_trigger
