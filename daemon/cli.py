@@ -25,7 +25,7 @@ from daemon.dev import run_dev
 from daemon.local_postgres import PostgresBinariesNotFoundError
 from daemon.logs import configure_logging
 from daemon.process import run_daemon
-from daemon.settings import ConfigurationError, Settings, describe_database
+from daemon.settings import ConfigurationError, Settings, describe_database, with_session_limits
 from engine import WorkflowEngineError, WorkflowService
 from engine.migrate import migrate
 from engine.records import StartResult
@@ -45,7 +45,7 @@ class DatabaseUnavailableError(Exception):
 @asynccontextmanager
 async def connect(settings: Settings) -> AsyncIterator[AsyncConnection[Any]]:
     """One autocommit connection, with a readable error when it cannot be had."""
-    conninfo = settings.conninfo()
+    conninfo = with_session_limits(settings.conninfo(), settings)
     try:
         conn = await AsyncConnection.connect(
             conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT_SECONDS

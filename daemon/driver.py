@@ -4,7 +4,8 @@ outcome fenced by the lease, and go straight on to the next step while the lease
 Every result write is fenced by the lease token; a write that meets a database outage
 is retried while the lease lasts, and one whose answer a dropped connection lost is
 settled by reading the workflow back. A transactional step runs inside the transaction
-that records its completion.
+that records its completion. Whatever goes wrong in here ends with this workflow alone:
+its lease is given back, and the claim's rules decide what happens next.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -22,11 +23,12 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from daemon.group_commit import GroupCommit
 from daemon.metrics import Metrics
+from engine.attempts import ClaimedWorkflow
 from engine.definitions import Step, Workflow, WorkflowContext
-from engine.idempotency import step_key
+from engine.idempotency import compensation_key, step_key
 from engine.retry import RetryPolicy
 from engine.runner import StepFailed, StepOutcome, StepSucceeded, failure, run_compensation, run_step
-from engine.store import Completion, FailedAttempt, Row, Store
+from engine.store import Advanced, Completion, FailedAttempt, Store
 
 T = TypeVar("T")
 
@@ -43,20 +45,30 @@ class Assignment:
     when `compensating`.
     """
 
-    workflow_id: UUID
+    claimed: ClaimedWorkflow
     definition: Workflow
-    row: Row
-    compensating: bool
+    input: dict[str, Any]
     step_index: int
     attempt: int
     retry_count: int
-    lease_token: UUID
     # Monotonic time after which another worker may own the workflow.
     lease_deadline: float
     outputs: dict[str, Any]
     # The digest of the workflow's input in its steps' idempotency keys.
     step_digest: str
     cancel_requested: bool = False
+
+    @property
+    def workflow_id(self) -> UUID:
+        return self.claimed.id
+
+    @property
+    def lease_token(self) -> UUID:
+        return self.claimed.lease_token
+
+    @property
+    def compensating(self) -> bool:
+        return self.claimed.compensating
 
     @property
     def step(self) -> Step:
@@ -67,30 +79,41 @@ class LeaseLostError(Exception):
     """The lease ran out, or was taken over, before the result could be committed."""
 
 
+@dataclass(frozen=True)
+class DriverConfig:
+    worker_id: str
+    concurrency: int
+    lease_seconds: float
+    retry_policy: RetryPolicy
+    # Bounds every attempt of a step that sets no timeout of its own.
+    step_timeout: float | None
+
+
 class Driver:
     """Runs claimed workflows for one worker; shared by all its workflow tasks."""
 
     def __init__(
         self,
         pool: AsyncConnectionPool,
+        config: DriverConfig,
         *,
-        worker_id: str,
-        concurrency: int,
-        retry_policy: RetryPolicy,
         metrics: Metrics,
         stopping: asyncio.Event,
         log: Any,
     ) -> None:
         self.pool = pool
         self.store = Store(pool)
-        self.id = worker_id
-        self.retry_policy = retry_policy
+        self.config = config
+        self.id = config.worker_id
         self.metrics = metrics
         # Once set, completed steps do not go on to the next one (shutdown).
         self.stopping = stopping
         self.log = log
-        self.group_commit = GroupCommit(self.store, worker_id=worker_id)
-        self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="step")
+        self.group_commit = GroupCommit(self.store, worker_id=self.id)
+        self.executor = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="step")
+        # Workflows a timed-out attempt of which still runs in a thread here: not to be
+        # claimed by this process until it returns.
+        self.busy: set[UUID] = set()
         self.lost_leases = 0
 
     async def drive(self, assignment: Assignment) -> None:
@@ -113,6 +136,18 @@ class Driver:
             self.lost_leases += 1
             self.metrics.lost_leases.inc()
             self._log(assignment).warning("lease_lost")
+        except Exception:
+            # A bug here must cost this workflow a retry, not its lease for the lease's
+            # length nor the daemon: give the lease back; the claim counts the attempt.
+            self._log(assignment).exception("workflow_task_crashed")
+            await self._release(assignment)
+
+    async def _release(self, assignment: Assignment) -> None:
+        leases = {assignment.workflow_id: assignment.lease_token}
+        try:
+            await self.store.release_leases(worker_id=self.id, leases=leases)
+        except DATABASE_ERRORS as error:
+            self._log(assignment).warning("lease_not_released", error=str(error).strip())
 
     def _log(self, assignment: Assignment) -> Any:
         # Bound only when there is something to say: binding costs, and steps are many.
@@ -124,15 +159,28 @@ class Driver:
     async def _run(self, assignment: Assignment, ctx: WorkflowContext | None = None) -> StepOutcome:
         """One attempt of the current step, or of its compensation."""
         ctx = ctx or self._context(assignment)
-        input = assignment.row["input"]
         started = time.monotonic()
+        timeout = self.config.step_timeout
         if assignment.compensating:
             output = assignment.outputs.get(assignment.step.name)
-            outcome = await run_compensation(assignment.step, input, output, ctx, self.executor)
+            outcome = await run_compensation(
+                assignment.step, assignment.input, output, ctx, self.executor, default_timeout=timeout
+            )
         else:
-            outcome = await run_step(assignment.step, input, ctx, self.executor)
+            outcome = await run_step(
+                assignment.step, assignment.input, ctx, self.executor, default_timeout=timeout
+            )
         self._count_attempt(assignment, outcome, time.monotonic() - started)
+        if isinstance(outcome, StepFailed) and outcome.still_running is not None:
+            self._hold_until_done(assignment, outcome.still_running)
         return outcome
+
+    def _hold_until_done(self, assignment: Assignment, thread: Future[None]) -> None:
+        """Keep this process from claiming the workflow while a timed-out thread runs on."""
+        workflow_id = assignment.workflow_id
+        self.busy.add(workflow_id)
+        self._log(assignment).warning("step_thread_still_running")
+        asyncio.wrap_future(thread).add_done_callback(lambda _: self.busy.discard(workflow_id))
 
     def _count_attempt(self, assignment: Assignment, outcome: StepOutcome, seconds: float) -> None:
         succeeded = isinstance(outcome, StepSucceeded)
@@ -145,26 +193,34 @@ class Driver:
         self.metrics.step_attempts.labels(*labels).inc()
 
     def _context(self, assignment: Assignment) -> WorkflowContext:
-        row = assignment.row
+        claimed = assignment.claimed
         step = assignment.step
+        key = compensation_key if assignment.compensating else step_key
         return WorkflowContext(
             workflow_id=assignment.workflow_id,
             workflow_type=assignment.definition.type,
             step_name=step.name,
             step_index=assignment.step_index,
-            idempotency_key=step_key(step.name, assignment.step_digest),
+            idempotency_key=key(step.name, assignment.step_digest),
             attempt=assignment.attempt,
             outputs=dict(assignment.outputs),
             config=step.config,
-            user_id=row["user_id"],
-            wallet_address=row["wallet_address"],
+            user_id=claimed.user_id,
+            wallet_address=claimed.wallet_address,
             cancel_check=lambda: assignment.cancel_requested,
         )
 
-    async def _record(self, assignment: Assignment, outcome: StepOutcome, store: Store | None = None) -> bool:
+    # Recording an outcome.
+
+    async def _record(self, assignment: Assignment, outcome: StepOutcome) -> bool:
         """Commit an attempt's outcome; returns whether to go straight on to the next step."""
-        if isinstance(outcome, StepSucceeded):
-            return await self._complete(assignment, outcome.output, store or self.store)
+        if isinstance(outcome, StepFailed):
+            await self._record_failure(assignment, outcome)
+            return False
+        write = self._completion(assignment, outcome, self.store)
+        return self._advance(assignment, outcome, await self._fenced(assignment, write, self._settle))
+
+    async def _record_failure(self, assignment: Assignment, outcome: StepFailed) -> None:
         step = assignment.step
         retries = step.retries(assignment.definition.max_retries)
         failed = FailedAttempt(
@@ -172,13 +228,13 @@ class Driver:
             outcome.error, outcome.traceback, self.id, compensation=assignment.compensating,
         )  # fmt: skip
         if outcome.retryable and assignment.retry_count < retries:
-            delay = self.retry_policy.delay(assignment.retry_count)
+            delay = self.config.retry_policy.delay(assignment.retry_count)
             await self._fenced(assignment, lambda: self.store.schedule_retry(failed, delay_seconds=delay))
             self.metrics.retries.labels(assignment.definition.type, step.name).inc()
             self._log(assignment).warning(
                 "step_retry_scheduled", error=outcome.error["message"], delay_seconds=round(delay, 3)
             )
-            return False
+            return
         if assignment.compensating:
             await self._fenced(assignment, lambda: self.store.fail_workflow(failed))
             self._log(assignment).error("compensation_failed", error=outcome.error["message"])
@@ -187,7 +243,6 @@ class Driver:
             self._log(assignment).error("workflow_failed", error=outcome.error["message"])
         if assignment.compensating or not assignment.definition.requires_compensation:
             self.metrics.workflows_finished.labels(assignment.definition.type, "failed").inc()
-        return False
 
     async def _fail_forward(self, failed: FailedAttempt, assignment: Assignment) -> bool:
         # A workflow that requires compensation starts undoing its steps in the same
@@ -198,41 +253,64 @@ class Driver:
                 await tx.begin_compensation(workflow_id=assignment.workflow_id, worker_id=self.id)
             return recorded
 
-    async def _complete(self, assignment: Assignment, output: Any, store: Store) -> bool:
-        go_on = not self.stopping.is_set()
-        write: Callable[[], Awaitable[Row | None]]
+    def _may_go_on(self, assignment: Assignment) -> bool:
+        # Not while stopping; and not with a lease whose renewal is overdue: the next
+        # step would run while another worker may already be claiming the workflow.
+        # (complete_steps refuses going on under an expired lease in any case.)
+        if self.stopping.is_set():
+            return False
+        if assignment.lease_deadline - time.monotonic() < self.config.lease_seconds / 3:
+            self._log(assignment).warning("lease_renewal_overdue", action="releasing the workflow")
+            return False
+        return True
+
+    def _completion(
+        self, assignment: Assignment, outcome: StepSucceeded, store: Store
+    ) -> Callable[[], Awaitable[Advanced | None]]:
+        """The write that records a succeeded attempt: in `store`'s transaction for a
+        transactional step, else in the group commit."""
+        go_on = self._may_go_on(assignment)
         if assignment.compensating:
-            write = lambda: store.complete_compensation(  # noqa: E731
+            return lambda: store.complete_compensation(
                 workflow_id=assignment.workflow_id, lease_token=assignment.lease_token,
                 step_index=assignment.step_index, attempt=assignment.attempt, go_on=go_on,
                 worker_id=self.id,
             )  # fmt: skip
-        else:
-            completion = Completion(
-                assignment.workflow_id, assignment.lease_token, assignment.step_index, assignment.attempt,
-                output, go_on,
-            )  # fmt: skip
-            write = lambda: self._complete_steps(completion, store)  # noqa: E731
-        result = await write() if store is not self.store else await self._fenced(assignment, write)
+        completion = Completion(
+            assignment.workflow_id, assignment.lease_token, assignment.step_index, assignment.attempt,
+            outcome.output_json, go_on,
+        )  # fmt: skip
+        if store is self.store:
+            return lambda: self.group_commit.complete(completion)
+        return lambda: self._complete_alone(store, completion)
+
+    async def _complete_alone(self, store: Store, completion: Completion) -> Advanced | None:
+        rows = await store.complete_steps([completion], worker_id=self.id)
+        return rows.get(completion.workflow_id)
+
+    def _advance(self, assignment: Assignment, outcome: StepSucceeded, result: Advanced | None) -> bool:
+        """Follow a recorded completion: a finished workflow, or the next step under the
+        same lease (the heartbeat keeps renewing it). Returns whether to go on."""
         if result is None:
             raise LeaseLostError
         if not assignment.compensating:
-            assignment.outputs[assignment.step.name] = output
-        if result["was_last"]:
+            assignment.outputs[assignment.step.name] = outcome.output
+        if result.was_last:
             final = "compensated" if assignment.compensating else "completed"
             self._log(assignment).info(f"workflow_{final}")
             self.metrics.workflows_finished.labels(assignment.definition.type, final).inc()
-        if result["next_step_index"] is None:
-            return False
-        return self._advance(assignment, result)
+        return self._move_to(assignment, result)
 
-    async def _complete_steps(self, completion: Completion, store: Store) -> Row | None:
-        # The hot path joins the group commit; a transactional step's completion goes in
-        # its own transaction, with the step's writes.
-        if store is self.store:
-            return await self.group_commit.complete(completion)
-        rows = await store.complete_steps([completion], worker_id=self.id)
-        return rows.get(completion.workflow_id)
+    @staticmethod
+    def _move_to(assignment: Assignment, result: Advanced) -> bool:
+        if result.next_step_index is None or result.next_attempt is None:
+            return False
+        assignment.step_index = result.next_step_index
+        assignment.attempt = result.next_attempt
+        assignment.retry_count = result.next_retry_count or 0
+        return True
+
+    # Transactional steps.
 
     async def _run_transactional(self, assignment: Assignment) -> bool:
         """Run a transactional step (or its compensation) inside the transaction that
@@ -244,58 +322,67 @@ class Driver:
         before = (assignment.step_index, assignment.attempt, assignment.retry_count, dict(assignment.outputs))
         try:
             async with self.pool.connection() as conn:
-                return await self._transactional_attempt(conn, assignment)
+                outcome = await self._transactional_attempt(conn, assignment)
         except DATABASE_ERRORS as error:
-            # The connection broke mid-transaction: nothing of it committed, unless the
-            # break came with the COMMIT itself. Settle which from the rows.
-            self._log(assignment).warning("transactional_step_interrupted", error=str(error).strip())
             assignment.step_index, assignment.attempt, assignment.retry_count, assignment.outputs = before
-            step = await self._fenced(
-                assignment, lambda: self.store.get_step(assignment.workflow_id, assignment.step_index)
-            )
-            in_flight = (
-                ("compensating", "compensation_attempt")
-                if assignment.compensating
-                else ("running", "attempt")
-            )
-            if (
-                step is not None
-                and step["state"] == in_flight[0]
-                and step[in_flight[1]] == assignment.attempt
-            ):
-                retry = failure(
-                    assignment.step.name, assignment.attempt, type(error).__name__, str(error), retryable=True
-                )
-                return await self._record(assignment, retry)
-            settled = await self._settle(assignment)
-            return settled is not None and self._advance(assignment, settled)
+            return await self._settle_interrupted(assignment, error)
+        if isinstance(outcome, StepFailed):
+            await self._record_failure(assignment, outcome)
+            return False
+        return outcome
 
     async def _transactional_attempt(
         self, conn: psycopg.AsyncConnection[Any], assignment: Assignment
-    ) -> bool:
+    ) -> bool | StepFailed:
+        """The attempt and, when it succeeds, its completion, in one transaction.
+
+        A failed attempt's writes are rolled back; its failure is returned to be recorded
+        outside the transaction.
+        """
         outcome: StepOutcome | None = None
         async with conn.transaction():
             outcome = await self._run(assignment, replace(self._context(assignment), connection=conn))
             if isinstance(outcome, StepSucceeded):
-                return await self._record(assignment, outcome, store=Store(conn))
-            raise psycopg.Rollback  # a failed attempt's writes are undone
+                result = await self._completion(assignment, outcome, Store(conn))()
+                return self._advance(assignment, outcome, result)
+            raise psycopg.Rollback
         assert isinstance(outcome, StepFailed)
-        return await self._record(assignment, outcome)
+        return outcome
 
-    def _advance(self, assignment: Assignment, settled: Row) -> bool:
-        """Move the assignment to the next step its completion started, under the same
-        lease (the heartbeat keeps renewing it)."""
-        assignment.step_index = settled["next_step_index"]
-        assignment.attempt = settled["next_attempt"]
-        assignment.retry_count = settled["next_retry_count"]
-        return True
+    async def _settle_interrupted(self, assignment: Assignment, error: Exception) -> bool:
+        # The connection broke mid-transaction: nothing of it committed, unless the break
+        # came with the COMMIT itself. Settle which from the rows.
+        self._log(assignment).warning("transactional_step_interrupted", error=str(error).strip())
+        step = await self._fenced(
+            assignment, lambda: self.store.get_step(assignment.workflow_id, assignment.step_index)
+        )
+        state, attempt = (
+            ("compensating", "compensation_attempt") if assignment.compensating else ("running", "attempt")
+        )
+        if step is not None and step["state"] == state and step[attempt] == assignment.attempt:
+            retry = failure(
+                assignment.step.name, assignment.attempt, type(error).__name__, str(error), retryable=True
+            )
+            await self._record_failure(assignment, retry)
+            return False
+        settled = await self._settle(assignment)
+        return settled is not None and self._move_to(assignment, settled)
 
-    async def _fenced(self, assignment: Assignment, write: Callable[[], Awaitable[T]]) -> T:
+    # Writes through outages.
+
+    async def _fenced(
+        self,
+        assignment: Assignment,
+        write: Callable[[], Awaitable[T]],
+        settle: Callable[[Assignment], Awaitable[T | None]] | None = None,
+    ) -> T:
         """Run a lease-fenced write, retrying through database outages while the lease lasts.
 
         Raises LeaseLostError when the write finds the lease gone. A write whose
         connection dropped may have landed anyway: when its retry then finds nothing to
-        fence on, the answer is settled by reading the workflow back.
+        fence on, `settle` (for completions) reads the workflow back, and its answer is
+        returned in place of the write's. A failure write that landed reads as a lost
+        lease: either way this worker is done with the workflow.
         """
         delay = 0.05
         uncertain = False
@@ -314,13 +401,11 @@ class Driver:
                 continue
             if result:
                 return result
-            # A failure write that landed before its connection dropped reads as a lost
-            # lease here: either way this worker is done with the workflow.
-            if uncertain and (settled := await self._settle(assignment)) is not None:
-                return cast(T, settled)
+            if uncertain and settle is not None and (settled := await settle(assignment)) is not None:
+                return settled
             raise LeaseLostError
 
-    async def _settle(self, assignment: Assignment) -> Row | None:
+    async def _settle(self, assignment: Assignment) -> Advanced | None:
         # The retried write found nothing to fence on: did our first try land? Only a
         # completion that went straight on still holds our lease; follow it from the row.
         progress = await self.store.get_step_progress(assignment.workflow_id)
@@ -331,12 +416,13 @@ class Driver:
             and progress["step_state"] in ("running", "compensating")
         ):
             compensating = progress["step_state"] == "compensating"
-            return {
-                "was_last": False,
-                "next_step_index": progress["current_step_index"],
-                "next_attempt": progress["step_compensation_attempt" if compensating else "step_attempt"],
-                "next_retry_count": progress[
+            return Advanced(
+                id=assignment.workflow_id,
+                was_last=False,
+                next_step_index=progress["current_step_index"],
+                next_attempt=progress["step_compensation_attempt" if compensating else "step_attempt"],
+                next_retry_count=progress[
                     "step_compensation_retry_count" if compensating else "step_retry_count"
                 ],
-            }
+            )
         return None

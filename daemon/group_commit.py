@@ -4,14 +4,16 @@ A workflow task hands its completion over and waits for its own answer. Completi
 that arrive while earlier batches are being committed wait for the next batch, so the
 batch grows with the load and no timer delays a lone completion: an idle worker commits
 at once, a busy one spends one commit on a hundred steps. Each completion in a batch is
-still fenced by its own lease token; a lost lease drops only that workflow's write.
+still fenced by its own lease token; a lost lease drops only that workflow's write, and
+a batch that fails is tried again member by member, so that one bad or unlucky
+completion never fails another workflow's.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from engine.store import Completion, Row, Store
+from engine.store import Advanced, Completion, Store
 
 # Large enough to amortise a commit over a full worker, small enough to keep one
 # statement's locks short.
@@ -28,16 +30,17 @@ class GroupCommit:
     def __init__(self, store: Store, *, worker_id: str) -> None:
         self.store = store
         self.worker_id = worker_id
-        self.waiting: list[tuple[Completion, asyncio.Future[Row | None]]] = []
+        self.waiting: list[tuple[Completion, asyncio.Future[Advanced | None]]] = []
         self.committing: set[asyncio.Task[None]] = set()
 
-    async def complete(self, completion: Completion) -> Row | None:
+    async def complete(self, completion: Completion) -> Advanced | None:
         """Commit one step's completion with whatever else is waiting.
 
-        Returns its row, or None when its lease was lost. A database error fails every
-        completion of the batch alike; each caller decides whether to try again.
+        Returns where it left the workflow, or None when its lease was lost. Raises the
+        error of its own statement, if that failed; the caller decides whether to try
+        again.
         """
-        answer: asyncio.Future[Row | None] = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[Advanced | None] = asyncio.get_running_loop().create_future()
         self.waiting.append((completion, answer))
         self._start_batches()
         return await answer
@@ -53,20 +56,26 @@ class GroupCommit:
         self.committing.discard(task)
         self._start_batches()
 
-    async def _commit(self, batch: list[tuple[Completion, asyncio.Future[Row | None]]]) -> None:
+    async def _commit(self, batch: list[tuple[Completion, asyncio.Future[Advanced | None]]]) -> None:
         try:
             rows = await self.store.complete_steps(
                 [completion for completion, _ in batch], worker_id=self.worker_id
             )
-        except Exception as error:
-            for _, answer in batch:
-                if not answer.done():
-                    answer.set_exception(error)
-            return
         except asyncio.CancelledError:
             for _, answer in batch:
                 answer.cancel()
             raise
+        except Exception as error:
+            if len(batch) == 1:
+                _, answer = batch[0]
+                if not answer.done():
+                    answer.set_exception(error)
+                return
+            # Which member failed it, or was it the moment (a lock timeout, a dropped
+            # connection)? Each alone: the others commit, the culprit gets its own error.
+            for member in batch:
+                await self._commit([member])
+            return
         for completion, answer in batch:
             if not answer.done():
                 answer.set_result(rows.get(completion.workflow_id))

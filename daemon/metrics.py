@@ -18,6 +18,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from psycopg import AsyncConnection
 
+from engine.sqlfiles import query
+
 LOG = structlog.get_logger("workflowd.metrics")
 
 QUEUE_DEPTH_REFRESH_SECONDS = 15.0
@@ -26,11 +28,6 @@ QUEUE_DEPTH_LOCK_ID = int.from_bytes(b"wfdepth!", "big")
 STEP_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300)
 LAG_SECONDS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500)
-
-QUEUE_DEPTH_QUERY = """
-SELECT type, state::text, count(*) FROM workflows
-WHERE state IN ('pending', 'running', 'compensating') GROUP BY type, state
-"""
 
 
 class Metrics:
@@ -88,17 +85,26 @@ class Metrics:
             ["operation"],
             registry=r,
         )
+        self.claim_rejections = Counter(
+            "workflowd_claim_rejections",
+            "Claimed workflows failed instead of run (unreadable or invalid row, definition mismatch, "
+            "outcome unknown, worker died), by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.queue_depth = QueueDepthCollector(queue_depth_refresh_seconds)
         r.register(self.queue_depth)
 
 
 class QueueDepthCollector(Collector):
-    """`workflowd_queue_depth{type,state}`, exported only while this process holds the lock."""
+    """`workflowd_queue_depth{type,state}` and `workflowd_stuck_workflows`, exported only
+    while this process holds the lock."""
 
     def __init__(self, refresh_seconds: float = QUEUE_DEPTH_REFRESH_SECONDS) -> None:
         self.refresh_seconds = refresh_seconds
         self.holder = False
         self.depths: dict[tuple[str, str], int] = {}
+        self.stuck = 0
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(
@@ -106,10 +112,17 @@ class QueueDepthCollector(Collector):
             "Runnable workflows by type and state (exported by one daemon at a time).",
             labels=["type", "state"],
         )
+        stuck = GaugeMetricFamily(
+            "workflowd_stuck_workflows",
+            "Running or compensating workflows no daemon will claim as they stand (a row edited by "
+            "hand: due or leased more than an hour ahead); exported by one daemon at a time.",
+        )
         if self.holder:
             for (workflow_type, state), count in sorted(self.depths.items()):
                 family.add_metric([workflow_type, state], count)
+            stuck.add_metric([], self.stuck)
         yield family
+        yield stuck
 
     async def run_once(self, conn: AsyncConnection[Any]) -> None:
         """Take (or keep) the lock; if held, refresh the cached depths."""
@@ -117,8 +130,11 @@ class QueueDepthCollector(Collector):
         row = await cursor.fetchone()
         self.holder = bool(row and row[0])
         if self.holder:
-            cursor = await conn.execute(QUEUE_DEPTH_QUERY)
+            cursor = await conn.execute(query("queue_depth"))
             self.depths = {(str(t), str(s)): int(n) for t, s, n in await cursor.fetchall()}
+            cursor = await conn.execute(query("count_stuck_workflows"))
+            row = await cursor.fetchone()
+            self.stuck = int(row[0]) if row else 0
 
     async def run(self, conninfo: str) -> None:
         """Hold a session of our own (the lock lives as long as it does) and refresh."""

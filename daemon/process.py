@@ -15,7 +15,7 @@ from psycopg_pool import AsyncConnectionPool
 from daemon import systemd
 from daemon.http import EmbeddedServer, create_app, http_server
 from daemon.metrics import Metrics
-from daemon.settings import ConfigurationError, Settings
+from daemon.settings import ConfigurationError, Settings, with_session_limits
 from daemon.worker import Worker, WorkerConfig
 from engine.migrate import migrate
 from engine.registry import Registry
@@ -37,6 +37,7 @@ def worker_config(settings: Settings) -> WorkerConfig:
         lease_seconds=settings.lease_seconds,
         poll_interval=settings.poll_interval,
         shutdown_grace=settings.shutdown_grace,
+        step_timeout=settings.step_timeout,
     )
 
 
@@ -71,6 +72,7 @@ async def run_daemon(
         raise ConfigurationError(
             "no workflow types to serve: set WORKFLOWD_MODULES to the modules that define them"
         )
+    conninfo = with_session_limits(conninfo, settings)
     async with await AsyncConnection.connect(conninfo, autocommit=True) as conn:
         applied = await migrate(conn)
     if applied:
@@ -91,6 +93,9 @@ async def run_daemon(
         min_size=2,
         max_size=min(settings.concurrency, POOL_MAX_SIZE) + POOL_EXTRA_CONNECTIONS,
         open=False,
+        # A wait for a connection must end well before a lease could lapse over it; a
+        # write that times out here is retried while its lease lasts.
+        timeout=settings.lease_seconds / 6,
         # The application name shows which backends are daemons' in pg_stat_activity.
         kwargs={"autocommit": True, "application_name": "workflowd"},
     )

@@ -20,6 +20,15 @@ LEASE_SECONDS_DEFAULT = 30.0
 POLL_INTERVAL_SECONDS_DEFAULT = 1.0
 SHUTDOWN_GRACE_SECONDS_DEFAULT = 25.0
 QUEUE_DEPTH_INTERVAL_SECONDS_DEFAULT = 15.0
+STEP_TIMEOUT_SECONDS_DEFAULT = 300.0
+STATEMENT_TIMEOUT_SECONDS_DEFAULT = 30.0
+LOCK_TIMEOUT_SECONDS_DEFAULT = 5.0
+IDLE_IN_TRANSACTION_TIMEOUT_SECONDS_DEFAULT = 60.0
+TCP_KEEPALIVE_SECONDS_DEFAULT = 10
+# Unanswered keepalive probes, one every TCP_KEEPALIVE_INTERVAL_SECONDS, before the
+# kernel gives a connection up.
+TCP_KEEPALIVE_INTERVAL_SECONDS = 5
+TCP_KEEPALIVE_PROBES = 3
 
 
 class ConfigurationError(Exception):
@@ -50,6 +59,17 @@ class Settings(BaseSettings):
     poll_interval: float = Field(POLL_INTERVAL_SECONDS_DEFAULT, gt=0)
     # How long in-flight steps may finish after SIGTERM before their leases are released.
     shutdown_grace: float = Field(SHUTDOWN_GRACE_SECONDS_DEFAULT, ge=0)
+    # Bounds every attempt of a step that sets no timeout of its own, so that a hung
+    # step cannot hold its workflow's lease forever.
+    step_timeout: float = Field(STEP_TIMEOUT_SECONDS_DEFAULT, gt=0)
+    # Every database session of the daemon and the CLI: no statement runs longer, no lock
+    # is waited for longer, no transaction sits idle longer (a transactional step's code
+    # runs inside one: it must finish within this), and a dead peer is noticed after
+    # tcp_keepalive seconds of silence plus three unanswered probes 5 s apart.
+    statement_timeout: float = Field(STATEMENT_TIMEOUT_SECONDS_DEFAULT, gt=0)
+    lock_timeout: float = Field(LOCK_TIMEOUT_SECONDS_DEFAULT, gt=0)
+    idle_in_transaction_timeout: float = Field(IDLE_IN_TRANSACTION_TIMEOUT_SECONDS_DEFAULT, gt=0)
+    tcp_keepalive: int = Field(TCP_KEEPALIVE_SECONDS_DEFAULT, ge=1)
     # Serve the five built-in workflow types (contract_deployment, trade_execution,
     # ai_job_chain, indexing_verification, reward_grant).
     builtins: bool = True
@@ -100,6 +120,29 @@ class Settings(BaseSettings):
             "no database configured: set DATABASE_URL (postgresql://user:password@host:5432/db) "
             "or DB_HOST, DB_PORT, DB_USERNAME, DB_PASSWORD and DB_DATABASE"
         )
+
+
+def with_session_limits(conninfo: str, settings: Settings) -> str:
+    """`conninfo` with the session timeouts and TCP keepalives of the settings; options
+    the connection string already sets come first, so ours win."""
+    parts = conninfo_to_dict(conninfo)
+    limits = {
+        "statement_timeout": settings.statement_timeout,
+        "lock_timeout": settings.lock_timeout,
+        "idle_in_transaction_session_timeout": settings.idle_in_transaction_timeout,
+    }
+    ours = " ".join(f"-c {name}={round(seconds * 1000)}" for name, seconds in limits.items())
+    silence = settings.tcp_keepalive + TCP_KEEPALIVE_INTERVAL_SECONDS * TCP_KEEPALIVE_PROBES
+    return make_conninfo(
+        conninfo,
+        options=f"{parts.get('options') or ''} {ours}".strip(),
+        keepalives=1,
+        keepalives_idle=settings.tcp_keepalive,
+        keepalives_interval=TCP_KEEPALIVE_INTERVAL_SECONDS,
+        keepalives_count=TCP_KEEPALIVE_PROBES,
+        # Also bounds a send that the peer never acknowledges (a link cut mid-write).
+        tcp_user_timeout=silence * 1000,
+    )
 
 
 def describe_database(conninfo: str) -> str:

@@ -18,22 +18,21 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 from uuid import UUID
 
 import structlog
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from daemon.driver import DATABASE_ERRORS, Assignment, Driver
+from daemon.driver import DATABASE_ERRORS, Assignment, Driver, DriverConfig
 from daemon.metrics import Metrics
 from daemon.wakeup import Listener
+from engine.attempts import CancelAtBoundary, ClaimedWorkflow, Refuse, Run, decide
 from engine.definitions import Workflow
-from engine.errors import InputValidationError, UnstorableValueError
-from engine.idempotency import step_input_digest
 from engine.registry import Registry
 from engine.retry import DEFAULT_RETRY_POLICY, RetryPolicy
-from engine.runner import StepFailed, failure
-from engine.store import FailedAttempt, Row, StepDefinitions, Store
+from engine.store import FailedAttempt, StepDefinitions, Store
 
 LOG = structlog.get_logger("workflowd.worker")
 T = TypeVar("T")
@@ -51,6 +50,8 @@ class WorkerConfig:
     lease_seconds: float
     poll_interval: float
     shutdown_grace: float
+    # Bounds every attempt of a step that sets no timeout of its own (None: unbounded).
+    step_timeout: float | None = None
     worker_id: str = field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
     )
@@ -80,20 +81,23 @@ class Worker:
         self.on_loop = on_loop
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
+        self.conninfo = conninfo
         self.listener = Listener(conninfo, self.wake)
+        # The heartbeat's own connection: a pool that steps have exhausted must not
+        # keep leases from being renewed.
+        self.heartbeat_connection: AsyncConnection[Any] | None = None
         self.in_flight: dict[UUID, Assignment] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.last_loop_at = self.last_claim_at = time.monotonic()
         self.log = LOG.bind(worker=self.id)
-        self.driver = Driver(
-            pool,
+        driver_config = DriverConfig(
             worker_id=self.id,
             concurrency=config.concurrency,
+            lease_seconds=config.lease_seconds,
             retry_policy=config.retry_policy,
-            metrics=self.metrics,
-            stopping=self.stopping,
-            log=self.log,
+            step_timeout=config.step_timeout,
         )
+        self.driver = Driver(pool, driver_config, metrics=self.metrics, stopping=self.stopping, log=self.log)
 
     # The process side: run until stopped.
 
@@ -117,6 +121,7 @@ class Worker:
             for task in side_tasks:
                 task.cancel()
             await asyncio.gather(*side_tasks, return_exceptions=True)
+            await self._close_heartbeat_connection()
             await self._ignore_database_errors(self.store.stop_worker(worker_id=self.id))
             self.driver.executor.shutdown(wait=False, cancel_futures=True)
             self.log.info("worker_stopped", lost_leases=self.driver.lost_leases)
@@ -204,25 +209,57 @@ class Worker:
             await self.heartbeat_once()
 
     async def heartbeat_once(self) -> None:
-        """Renew every in-flight lease in one statement; pass on cancel requests."""
+        """Renew every in-flight lease in one statement; pass on cancel requests.
+
+        Bounded by a third of the lease, on a connection of its own. A lease that could
+        not be renewed before its deadline is reported; its workflow does not go on to
+        another step (see Driver._may_go_on), and its result, if any, is still fenced.
+        """
         assignments = list(self.in_flight.values())
         sent_at = time.monotonic()
         try:
-            renewed = await self.store.renew_leases(
-                worker_id=self.id,
-                leases={assignment.workflow_id: assignment.lease_token for assignment in assignments},
-                lease_seconds=self.config.lease_seconds,
-            )
-        except DATABASE_ERRORS as error:
+            async with asyncio.timeout(self.config.lease_seconds / 3):
+                conn = await self._heartbeat_conn()
+                renewals = await Store(conn).renew_leases(
+                    worker_id=self.id,
+                    leases={assignment.workflow_id: assignment.lease_token for assignment in assignments},
+                    lease_seconds=self.config.lease_seconds,
+                )
+        except (*DATABASE_ERRORS, TimeoutError) as error:
+            await self._close_heartbeat_connection()
             self.metrics.database_errors.labels("heartbeat").inc()
-            self.log.warning("heartbeat_failed", error=str(error).strip())
+            self.log.warning("heartbeat_failed", error=str(error).strip() or type(error).__name__)
+            self._report_expired(assignments)
             return
         for assignment in assignments:
-            if assignment.workflow_id in renewed:
+            renewal = renewals.get(assignment.workflow_id)
+            if renewal is None:
+                if assignment.workflow_id in self.in_flight:
+                    self.log.warning("lease_not_renewed", workflow_id=str(assignment.workflow_id))
+                continue
+            assignment.cancel_requested = renewal.cancel_requested
+            if renewal.renewed:
                 assignment.lease_deadline = sent_at + self.config.lease_seconds
-                assignment.cancel_requested = renewed[assignment.workflow_id]
-            elif assignment.workflow_id in self.in_flight:
-                self.log.warning("lease_not_renewed", workflow_id=str(assignment.workflow_id))
+        self._report_expired(assignments)
+
+    def _report_expired(self, assignments: list[Assignment]) -> None:
+        now = time.monotonic()
+        for assignment in assignments:
+            if assignment.lease_deadline < now and assignment.workflow_id in self.in_flight:
+                self.log.warning("lease_expired", workflow_id=str(assignment.workflow_id))
+
+    async def _heartbeat_conn(self) -> AsyncConnection[Any]:
+        if self.heartbeat_connection is None or self.heartbeat_connection.closed:
+            self.heartbeat_connection = await AsyncConnection.connect(
+                self.conninfo, autocommit=True, application_name="workflowd-heartbeat"
+            )
+        return self.heartbeat_connection
+
+    async def _close_heartbeat_connection(self) -> None:
+        if self.heartbeat_connection is not None:
+            with contextlib.suppress(Exception):
+                await self.heartbeat_connection.close()
+            self.heartbeat_connection = None
 
     async def _ignore_database_errors(self, operation: Awaitable[T]) -> T | None:
         try:
@@ -242,6 +279,7 @@ class Worker:
                 types=self.registry.types,
                 limit=limit,
                 lease_seconds=self.config.lease_seconds,
+                busy=list(self.driver.busy),
             )
             assignments = await self._prepare(tx, rows, claimed_at + self.config.lease_seconds)
         self._count_claims(rows)
@@ -249,125 +287,99 @@ class Worker:
             self._spawn(assignment)
         return len(rows)
 
-    def _count_claims(self, rows: list[Row]) -> None:
+    def _count_claims(self, rows: list[ClaimedWorkflow]) -> None:
         if not rows:
             return
         self.metrics.claim_batch.observe(len(rows))
         for row in rows:
-            self.metrics.pickup_lag.observe(max(0.0, row["pickup_lag_seconds"]))
-            if row["previous_state"] == "pending":
-                self.metrics.workflows_started.labels(row["type"]).inc()
+            self.metrics.pickup_lag.observe(max(0.0, row.pickup_lag_seconds))
+            if row.previous_state == "pending":
+                self.metrics.workflows_started.labels(row.type).inc()
 
-    async def _prepare(self, tx: Store, rows: list[Row], deadline: float) -> list[Assignment]:
+    async def _prepare(self, tx: Store, rows: list[ClaimedWorkflow], deadline: float) -> list[Assignment]:
         """Turn claimed rows into assignments, inside the claiming transaction.
 
-        Workflows claimed for the first time get their step rows (after their input is
-        validated); a cancel request is honoured here, at the step boundary; a
-        non-idempotent step that was interrupted is failed, not rerun.
+        Each row is decided on its own (engine.attempts.decide): one that must not run
+        (unreadable, invalid, interrupted for good, a cancel at this step boundary) is
+        settled here, alone, and the others go on. Workflows claimed for the first time
+        get their step rows in one statement.
         """
-        fresh, assignments = [], []
-        for row in rows:
-            definition = self.registry.get(row["type"])
+        assignments = []
+        for claimed in rows:
+            definition = self.registry.get(claimed.type)
             assert definition is not None  # the claim asked only for registered types
-            if row["state"] == "running" and row["cancel_requested"]:
-                await self._cancel(tx, row, definition)
-                continue
-            try:
-                digest = step_input_digest(row["idempotency_key"], row["input"])
-            except UnstorableValueError as error:  # valid jsonb, but a float overflow here (1e400 + .5)
-                message = f"the input has no canonical form for idempotency keys: {error}"
-                await self._refuse(
-                    tx, row, definition, failure("", 0, "InputValidationError", message, retryable=False)
-                )
-                continue
-            problem = self._refusal(row, definition)
-            if problem is not None:
-                await self._refuse(tx, row, definition, problem)
-                continue
-            assignment = Assignment(
-                workflow_id=row["id"],
-                definition=definition,
-                row=row,
-                compensating=row["state"] == "compensating",
-                step_index=row["current_step_index"],
-                attempt=row["attempt"] or 1,
-                retry_count=row["retry_count"] or 0,
-                lease_token=row["lease_token"],
-                lease_deadline=deadline,
-                outputs=dict(row["context"] or {}),
-                step_digest=digest,
-            )
-            if row["previous_step_state"] is None:
-                fresh.append(assignment)
-            assignments.append(assignment)
+            decision = decide(claimed, definition)
+            if isinstance(decision, Run):
+                assignments.append(self._assignment(claimed, definition, decision, deadline))
+            else:
+                await self._settle_claim(tx, claimed, definition, decision)
+        fresh = {a.workflow_id: a.step_digest for a in assignments if a.claimed.first_claim}
         if fresh:
-            await self._create_steps(tx, fresh)
+            await tx.create_steps(worker_id=self.id, digests=fresh, definitions=self.step_definitions)
         return assignments
 
-    def _refusal(self, row: Row, definition: Workflow) -> StepFailed | None:
-        """Why this claimed workflow must fail instead of running, if it must."""
-        index = row["current_step_index"]
-        if index >= len(definition.steps):
-            steps = len(definition.steps)
-            message = f"the definition of {definition.type!r} has {steps} steps; the workflow is at {index}"
-            return failure("", 0, "DefinitionMismatch", message, retryable=False)
-        if row["previous_step_state"] is None:
-            return self._input_refusal(row, definition)
-        if row["state"] == "running" and row["previous_step_state"] == "running" and not row["step_started"]:
-            step = definition.steps[index]
-            message = (
-                f"outcome unknown: the worker running step {step.name!r} (attempt {row['attempt']}) "
-                "stopped before recording its result, and the step is not idempotent, so it is not run again"
-            )
-            return failure(step.name, row["attempt"], "OutcomeUnknown", message, retryable=False)
-        if not row["step_started"]:
-            message = f"step {index} of the workflow is {row['previous_step_state']} and cannot run now"
-            return failure(
-                definition.steps[index].name, row["attempt"], "StateMismatch", message, retryable=False
-            )
-        return None
-
     @staticmethod
-    def _input_refusal(row: Row, definition: Workflow) -> StepFailed | None:
-        try:
-            definition.validate_input(row["input"])
-        except InputValidationError as error:
-            refused = failure("", 0, "InputValidationError", str(error), retryable=False)
-            return StepFailed({**refused.error, "messages": error.messages}, "", retryable=False)
-        except Exception as error:  # a broken validator fails its workflow, not the daemon
-            message = f"the input model of {definition.type!r} raised {type(error).__name__}: {error}"
-            return failure("", 0, "InputValidationError", message, retryable=False)
-        return None
+    def _assignment(claimed: ClaimedWorkflow, definition: Workflow, run: Run, deadline: float) -> Assignment:
+        return Assignment(
+            claimed=claimed,
+            definition=definition,
+            input=run.input,
+            step_index=claimed.current_step_index,
+            attempt=claimed.attempt or 1,
+            retry_count=claimed.retry_count or 0,
+            lease_deadline=deadline,
+            outputs=run.outputs,
+            step_digest=run.step_digest,
+        )
 
-    async def _refuse(self, tx: Store, row: Row, definition: Workflow, outcome: StepFailed) -> None:
-        """Fail a just-claimed workflow that must not run, inside the claiming transaction."""
+    async def _settle_claim(
+        self, tx: Store, claimed: ClaimedWorkflow, definition: Workflow, decision: CancelAtBoundary | Refuse
+    ) -> None:
+        """Cancel or refuse one claimed workflow, in a savepoint of the claiming
+        transaction: should its own write fail, it alone is given back (due again after
+        its lease), and the rest of the claim stands."""
+        try:
+            async with tx.savepoint():
+                if isinstance(decision, Refuse):
+                    await self._refuse(tx, claimed, definition, decision)
+                else:
+                    await self._cancel(tx, claimed, definition)
+        except DATABASE_ERRORS:
+            raise  # the connection is gone: the claim as a whole rolls back
+        except Exception:
+            self.log.exception("claim_row_unsettled", workflow_id=str(claimed.id), type=claimed.type)
+
+    async def _refuse(
+        self, tx: Store, claimed: ClaimedWorkflow, definition: Workflow, refusal: Refuse
+    ) -> None:
+        """Fail a just-claimed workflow that must not run."""
+        outcome = refusal.failure
         await tx.fail_workflow(
             FailedAttempt(
-                row["id"], row["lease_token"], row["current_step_index"], row["attempt"],
-                outcome.error, outcome.traceback, self.id, compensation=row["state"] == "compensating",
+                claimed.id, claimed.lease_token, claimed.current_step_index, claimed.attempt,
+                outcome.error, outcome.traceback, self.id, compensation=claimed.compensating,
             )
         )  # fmt: skip
         # The definition decides: a row inserted by SQL learns requires_compensation only now.
-        if definition.requires_compensation and row["state"] == "running":
-            await tx.begin_compensation(workflow_id=row["id"], worker_id=self.id)
+        if definition.requires_compensation and not claimed.compensating:
+            await tx.begin_compensation(workflow_id=claimed.id, worker_id=self.id)
         else:
-            self.metrics.workflows_finished.labels(row["type"], "failed").inc()
+            self.metrics.workflows_finished.labels(claimed.type, "failed").inc()
+        self.metrics.claim_rejections.labels(refusal.reason).inc()
         self.log.error(
-            "workflow_refused", workflow_id=str(row["id"]), type=row["type"], error=outcome.error["message"]
+            "workflow_refused", workflow_id=str(claimed.id), type=claimed.type, error=outcome.error["message"]
         )
 
-    async def _cancel(self, tx: Store, row: Row, definition: Workflow) -> None:
-        """Honour a cancel request at this step boundary, inside the claiming transaction."""
-        await tx.cancel_at_boundary(workflow_id=row["id"], lease_token=row["lease_token"], worker_id=self.id)
+    async def _cancel(self, tx: Store, claimed: ClaimedWorkflow, definition: Workflow) -> None:
+        """Honour a cancel request at this step boundary."""
+        await tx.cancel_at_boundary(
+            workflow_id=claimed.id, lease_token=claimed.lease_token, worker_id=self.id
+        )
         if definition.requires_compensation:
-            await tx.begin_compensation(workflow_id=row["id"], worker_id=self.id)
+            await tx.begin_compensation(workflow_id=claimed.id, worker_id=self.id)
         else:
-            self.metrics.workflows_finished.labels(row["type"], "cancelled").inc()
-        self.log.info("workflow_cancelled", workflow_id=str(row["id"]), type=row["type"])
-
-    async def _create_steps(self, tx: Store, fresh: list[Assignment]) -> None:
-        digests = {assignment.workflow_id: assignment.step_digest for assignment in fresh}
-        await tx.create_steps(worker_id=self.id, digests=digests, definitions=self.step_definitions)
+            self.metrics.workflows_finished.labels(claimed.type, "cancelled").inc()
+        self.log.info("workflow_cancelled", workflow_id=str(claimed.id), type=claimed.type)
 
     def _spawn(self, assignment: Assignment) -> None:
         self.in_flight[assignment.workflow_id] = assignment

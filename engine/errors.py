@@ -15,6 +15,16 @@ class PermanentError(WorkflowEngineError):
     """
 
 
+class NotExecuted(WorkflowEngineError):
+    """Raised by step code to say that this attempt did not take effect.
+
+    The one failure after which a step that is not idempotent is tried again: the
+    service refused the call before acting on it, the request never left. Any other
+    failure of such a step (a timeout, a dropped connection, an unexpected error) leaves
+    its outcome unknown, and it is not run again.
+    """
+
+
 class DefinitionError(WorkflowEngineError):
     """A workflow definition is malformed, or two definitions claim one type name."""
 

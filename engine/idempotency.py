@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
@@ -73,6 +74,31 @@ def _number(number: float | Decimal) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
+# A \u0000 escape that is not itself an escaped backslash followed by "u0000".
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def json_text(value: Any) -> str:
+    """The JSON text under which a value is stored (a step's output); the one encoder
+    that both checks and serialises it.
+
+    Raises UnstorableValueError for what jsonb cannot hold (NaN, infinity, a NUL
+    character, a lone surrogate) and TypeError for what is not JSON at all. Plain
+    values go through json.dumps; a Decimal or a mapping that is not a dict through
+    canonical_json, which writes Decimals exactly.
+    """
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except TypeError:
+        return canonical_json(value)
+    except ValueError as error:  # NaN or infinity; a circular reference
+        raise UnstorableValueError(f"not storable as JSON: {error}") from None
+    if "\\u0000" in text and _NUL_ESCAPE.search(text):
+        raise UnstorableValueError("a JSON string cannot contain the NUL character (\\u0000)")
+    check_storable_text(text, "the value")
+    return text
+
+
 def _sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -96,3 +122,10 @@ def step_input_digest(workflow_key: str, step_input: Any) -> str:
 def step_key(step_name: str, digest: str) -> str:
     """A step's key from its name and its input's digest."""
     return f"step:{step_name}:{digest}"
+
+
+def compensation_key(step_name: str, digest: str) -> str:
+    """The key handed to every attempt of a step's compensation: never the forward
+    step's, so a service that deduplicates by key cannot answer an undo with the
+    original call's result."""
+    return f"compensate:{step_name}:{digest}"

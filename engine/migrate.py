@@ -103,6 +103,9 @@ async def migrate(conn: AsyncConnection[Any], migrations: list[Migration] | None
         applied = []
         for migration in await pending_migrations(conn, migrations):
             async with conn.transaction():
+                # A migration takes as long as it takes (the daemon's sessions bound each
+                # statement); waiting for locks is still bounded by lock_timeout.
+                await conn.execute("SET LOCAL statement_timeout = 0")
                 # No parameters: psycopg sends the file as one simple query, so a file
                 # may hold many statements.
                 await conn.execute(migration.sql.encode("utf-8"))

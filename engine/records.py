@@ -159,3 +159,6 @@ class WorkflowStats(_Record):
     oldest_due_age_seconds: float | None
     live_workers: list[WorkerInfo]
     unserved_types: list[str]
+    # Running or compensating workflows due or leased more than an hour ahead: no daemon
+    # claims them as they stand (see the count_stuck_workflows query).
+    stuck_workflows: int = 0

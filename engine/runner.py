@@ -7,34 +7,41 @@ loop; plain ones in the given thread pool, so a blocking call never stalls the d
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
+import json
 import traceback
 from collections.abc import Callable, Mapping
-from concurrent.futures import Executor
-from dataclasses import dataclass
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from engine.definitions import Step, WorkflowContext
-from engine.errors import InputValidationError, PermanentError
-from engine.idempotency import canonical_json
+from engine.errors import InputValidationError, NotExecuted, PermanentError
+from engine.idempotency import json_text
 
 
 @dataclass(frozen=True)
 class StepSucceeded:
-    """The attempt returned this JSON-serialisable output."""
+    """The attempt returned `output`, stored as `output_json` (the store's own text of
+    it; `output` is that text read back, what later steps see after any restart)."""
 
     output: Any
+    output_json: str = "null"
 
 
 @dataclass(frozen=True)
 class StepFailed:
     """The attempt failed. `error` is the summary stored on the rows and shown by the API
-    ({type, message, step, attempt}); the traceback goes to the event log only."""
+    ({type, message, step, attempt}); the traceback goes to the event log only.
+
+    `still_running`: set when a plain function timed out and its thread has not
+    returned; it resolves when the thread does (Python cannot stop a thread).
+    """
 
     error: Mapping[str, Any]
     traceback: str
     retryable: bool
+    still_running: Future[None] | None = field(default=None, compare=False)
 
 
 StepOutcome = StepSucceeded | StepFailed
@@ -48,73 +55,148 @@ def failure(
     return StepFailed(error=summary, traceback=trace, retryable=retryable)
 
 
+def succeeded(output: Any) -> StepSucceeded:
+    """The outcome of an attempt that returned `output`; raises TypeError or
+    UnstorableValueError (a ValueError) when the output cannot be stored."""
+    text = json_text(output)
+    return StepSucceeded(json.loads(text), text)
+
+
 # Failures that another attempt cannot fix: the step said so, the input is invalid, or
 # the code itself is broken (a missing import, a misspelt name). A deploy fixes those,
 # and the retry command resumes the workflow afterwards.
 NOT_RETRYABLE = (PermanentError, InputValidationError, ImportError, NameError, SyntaxError)
 
 
-def _failure_from(error: BaseException, step: Step, attempt: int) -> StepFailed:
+def _failure_from(error: BaseException, step: Step, attempt: int, *, at_most_once: bool) -> StepFailed:
     # Step code that tries to end the process (SystemExit and the like, which are not
     # Exceptions) is broken code too.
     retryable = isinstance(error, Exception) and not isinstance(error, NOT_RETRYABLE)
     trace = "".join(traceback.format_exception(error))
+    if at_most_once and retryable and not isinstance(error, NotExecuted):
+        return _outcome_unknown(step, attempt, f"{type(error).__name__}: {error}", trace)
     return failure(step.name, attempt, type(error).__name__, str(error), retryable=retryable, trace=trace)
 
 
-async def _call(fn: Callable[..., Any], args: tuple[Any, ...], executor: Executor | None) -> Any:
+def _outcome_unknown(step: Step, attempt: int, ending: str, trace: str = "") -> StepFailed:
+    """A step that must run at most once ended without saying whether it took effect."""
+    message = (
+        f"outcome unknown: step {step.name!r} is not idempotent and its attempt {attempt} ended with "
+        f"{ending}; it may have taken effect, so it is not run again (step code raises "
+        "engine.NotExecuted to say an attempt did not take effect)"
+    )
+    return failure(step.name, attempt, "OutcomeUnknown", message, retryable=False, trace=trace)
+
+
+class _Thread:
+    """Whether a plain function's thread is still running after its attempt ended."""
+
+    def __init__(self) -> None:
+        self.finished: Future[None] = Future()
+
+
+async def _call(
+    fn: Callable[..., Any], args: tuple[Any, ...], executor: Executor | None, thread: _Thread
+) -> Any:
     if inspect.iscoroutinefunction(fn):
         return await fn(*args)
-    loop = asyncio.get_running_loop()
-    result = await loop.run_in_executor(executor, functools.partial(fn, *args))
+
+    def in_thread() -> Any:
+        thread.finished.set_running_or_notify_cancel()
+        try:
+            return fn(*args)
+        finally:
+            thread.finished.set_result(None)
+
+    result = await asyncio.get_running_loop().run_in_executor(executor, in_thread)
     # A plain function may still hand back an awaitable (a lambda around a coroutine).
     return await result if inspect.isawaitable(result) else result
 
 
 async def run_step(
-    step: Step, input: Any, ctx: WorkflowContext, executor: Executor | None = None
+    step: Step,
+    input: Any,
+    ctx: WorkflowContext,
+    executor: Executor | None = None,
+    *,
+    default_timeout: float | None = None,
 ) -> StepOutcome:
     """Run one attempt of `step` and classify its outcome; never raises for step errors.
 
-    A timeout fails the attempt as retryable. A plain function that times out keeps
-    running in its thread (Python cannot stop a thread), but its result is ignored.
+    The step's `timeout`, else `default_timeout`, bounds the attempt. A timeout or any
+    other error is retryable, except for a step that is not idempotent: then only
+    `NotExecuted` is, and anything else is an "outcome unknown" failure. A plain
+    function that times out keeps running in its thread (Python cannot stop a thread):
+    its result is ignored and the failure's `still_running` says when it ends.
     Cancellation (shutdown) is not a step error and propagates; anything else the step
     raises, even SystemExit, becomes a failed attempt.
     """
-    return await _attempt(step, step.execute, (input, ctx), ctx, executor)
+    at_most_once = not step.is_idempotent
+    timeout = step.timeout or default_timeout
+    return await _attempt(
+        step, step.execute, (input, ctx), ctx, executor, limit=timeout, at_most_once=at_most_once
+    )
 
 
 async def run_compensation(
-    step: Step, input: Any, output: Any, ctx: WorkflowContext, executor: Executor | None = None
+    step: Step,
+    input: Any,
+    output: Any,
+    ctx: WorkflowContext,
+    executor: Executor | None = None,
+    *,
+    default_timeout: float | None = None,
 ) -> StepOutcome:
     """Run one attempt of the step's compensate function, as `run_step` runs execute.
 
     A step without a compensate function has nothing to undo: it succeeds at once.
+    Compensations are retried on any error: an undo must be safe to repeat.
     """
     if step.compensate is None:
         return StepSucceeded(None)
-    return await _attempt(step, step.compensate, (input, output, ctx), ctx, executor)
+    timeout = step.timeout or default_timeout
+    args = (input, output, ctx)
+    return await _attempt(step, step.compensate, args, ctx, executor, limit=timeout, at_most_once=False)
 
 
 async def _attempt(
-    step: Step, fn: Callable[..., Any], args: tuple[Any, ...], ctx: WorkflowContext, executor: Executor | None
+    step: Step,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    ctx: WorkflowContext,
+    executor: Executor | None,
+    *,
+    limit: float | None,
+    at_most_once: bool,
 ) -> StepOutcome:
-    deadline = asyncio.timeout(step.timeout)
+    deadline = asyncio.timeout(limit)
+    thread = _Thread()
     try:
         async with deadline:
-            output = await _call(fn, args, executor)
+            output = await _call(fn, args, executor, thread)
     except asyncio.CancelledError:
         raise
     except TimeoutError as error:
         if not deadline.expired():  # the step's own TimeoutError, not our deadline
-            return _failure_from(error, step, ctx.attempt)
-        message = f"step {step.name!r} exceeded its timeout of {step.timeout:g} s"
-        return failure(step.name, ctx.attempt, "StepTimeout", message, retryable=True)
+            return _failure_from(error, step, ctx.attempt, at_most_once=at_most_once)
+        return _timed_out(step, ctx.attempt, limit, thread, at_most_once)
     except BaseException as error:  # broken step code must not stop the daemon
-        return _failure_from(error, step, ctx.attempt)
+        return _failure_from(error, step, ctx.attempt, at_most_once=at_most_once)
     try:
-        canonical_json(output)
-    except (TypeError, ValueError) as error:
-        message = f"step {step.name!r} returned a value that is not JSON-serialisable: {error}"
+        return succeeded(output)
+    except (TypeError, ValueError, RecursionError) as error:
+        message = f"step {step.name!r} returned a value that cannot be stored as JSON: {error}"
         return failure(step.name, ctx.attempt, "InvalidStepOutput", message, retryable=False)
-    return StepSucceeded(output)
+
+
+def _timed_out(
+    step: Step, attempt: int, timeout: float | None, thread: _Thread, at_most_once: bool
+) -> StepFailed:
+    ending = f"a timeout after {timeout:g} s"
+    if at_most_once:
+        outcome = _outcome_unknown(step, attempt, ending)
+    else:
+        message = f"step {step.name!r} exceeded its timeout of {timeout:g} s"
+        outcome = failure(step.name, attempt, "StepTimeout", message, retryable=True)
+    # A thread the timeout found queued was cancelled before it ran; a started one runs on.
+    return replace(outcome, still_running=thread.finished if thread.finished.running() else None)

@@ -241,7 +241,8 @@ class WorkflowService:
 
     async def get_stats(self, *, worker_stale_seconds: float = WORKER_STALE_SECONDS_DEFAULT) -> WorkflowStats:
         """Counts by state and type, recent outcomes, the oldest due work, live workers,
-        and the types with due work that no live worker serves."""
+        the types with due work that no live worker serves, and the workflows no daemon
+        will claim as they stand (stuck: a row edited by hand)."""
         by_state: dict[str, int] = {}
         by_type: dict[str, dict[str, int]] = {}
         for row in await self.store.count_by_type_and_state():
@@ -259,6 +260,7 @@ class WorkflowService:
             oldest_due_age_seconds=recent["oldest_due_age_seconds"],
             live_workers=[WorkerInfo.model_validate(row) for row in workers],
             unserved_types=await self.store.unserved_types(stale_seconds=worker_stale_seconds),
+            stuck_workflows=await self.store.count_stuck_workflows(),
         )
 
     async def search_workflows(self, q: str, limit: int = LIST_LIMIT_DEFAULT) -> list[WorkflowRecord]:

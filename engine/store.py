@@ -12,19 +12,21 @@ import contextlib
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import psycopg
 from psycopg import AsyncConnection
-from psycopg.rows import dict_row
+from psycopg.rows import class_row, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from engine.attempts import ClaimedWorkflow
 from engine.definitions import Workflow
 from engine.sqlfiles import query
 
 Row = dict[str, Any]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -60,15 +62,42 @@ class FailedAttempt:
 class Completion:
     """A succeeded attempt of a forward step, as complete_steps records it.
 
-    `go_on`: start the next step under the same lease rather than release the workflow.
+    `output_json`: the output's JSON text (engine.idempotency.json_text). `go_on`: start
+    the next step under the same lease rather than release the workflow.
     """
 
     workflow_id: UUID
     lease_token: UUID
     step_index: int
     attempt: int
-    output: Any
+    output_json: str
     go_on: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Advanced:
+    """Where a recorded completion (of a step or of its compensation) left the workflow.
+
+    `next_step_index` is the step it went straight on to under the same lease (None:
+    the lease was released, or nothing is left); `next_attempt` and `next_retry_count`
+    count that step's attempts (its compensation's, when compensating).
+    """
+
+    id: UUID
+    was_last: bool
+    next_step_index: int | None
+    next_attempt: int | None
+    next_retry_count: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """A lease the heartbeat found still ours: renewed, or skipped because the row was
+    locked at that moment (renewed at the next beat)."""
+
+    id: UUID
+    cancel_requested: bool
+    renewed: bool
 
 
 @dataclass(frozen=True)
@@ -121,6 +150,13 @@ class Store:
             yield Store(conn)
 
     @asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        """Inside a transaction of a bound store: a block whose writes roll back alone
+        when it raises, leaving the transaction usable."""
+        async with self.connection() as conn, conn.transaction():
+            yield
+
+    @asynccontextmanager
     async def claiming_transaction(self) -> AsyncIterator[Store]:
         """A transaction for claim_due_workflows: like `transaction()`, but BEGIN also
         pins the claim's plan, in one round trip (see the query of that name)."""
@@ -142,6 +178,11 @@ class Store:
 
     async def _all(self, name: str, params: Mapping[str, Any]) -> list[Row]:
         async with self.connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
+            await cursor.execute(query(name), params)
+            return await cursor.fetchall()
+
+    async def _typed(self, cls: type[T], name: str, params: Mapping[str, Any]) -> list[T]:
+        async with self.connection() as conn, conn.cursor(row_factory=class_row(cls)) as cursor:
             await cursor.execute(query(name), params)
             return await cursor.fetchall()
 
@@ -267,6 +308,10 @@ class Store:
         assert row is not None  # an aggregate always returns its row
         return row
 
+    async def count_stuck_workflows(self) -> int:
+        """Running or compensating workflows no daemon will claim as they stand."""
+        return int(await self._scalar("count_stuck_workflows", {}))
+
     async def live_workers(self, *, stale_seconds: float) -> list[Row]:
         """Workers that have not stopped and were seen within `stale_seconds`."""
         return await self._all("live_workers", {"stale_seconds": stale_seconds})
@@ -282,16 +327,22 @@ class Store:
     # The queue: claims, fenced results, leases and the worker registry.
 
     async def claim_due_workflows(
-        self, *, worker_id: str, types: list[str], limit: int, lease_seconds: float
-    ) -> list[Row]:
-        """Claim up to `limit` due workflows and start their current steps."""
+        self, *, worker_id: str, types: list[str], limit: int, lease_seconds: float, busy: list[UUID]
+    ) -> list[ClaimedWorkflow]:
+        """Claim up to `limit` due workflows and start their current steps.
+
+        `busy`: workflows not to claim (an earlier attempt may still run in this process).
+        """
         params = {
             "worker_id": worker_id,
             "types": types,
             "limit": limit,
             "lease_seconds": lease_seconds,
+            "busy": busy,
         }
-        return await self._all("claim_due_workflows", params)
+        async with self.connection() as conn, conn.cursor(row_factory=class_row(ClaimedWorkflow)) as cursor:
+            await cursor.execute(query("claim_due_workflows"), params)
+            return await cursor.fetchall()
 
     async def create_steps(
         self, *, worker_id: str, digests: Mapping[UUID, str], definitions: StepDefinitions
@@ -304,22 +355,24 @@ class Store:
         async with self.connection() as conn:
             await conn.execute(query("create_steps"), params | definitions.params)
 
-    async def complete_steps(self, completions: Sequence[Completion], *, worker_id: str) -> dict[UUID, Row]:
+    async def complete_steps(
+        self, completions: Sequence[Completion], *, worker_id: str
+    ) -> dict[UUID, Advanced]:
         """Commit many steps' outputs in one statement, each fenced by its own lease.
 
-        Returns a row for each completion that landed, by workflow id; a workflow missing
-        from it had lost its lease, and nothing of it was written.
+        Returns where each completion that landed left its workflow, by workflow id; a
+        workflow missing from it had lost its lease, and nothing of it was written.
         """
         params = {
             "ids": [c.workflow_id for c in completions],
             "lease_tokens": [c.lease_token for c in completions],
             "step_indexes": [c.step_index for c in completions],
             "attempts": [c.attempt for c in completions],
-            "outputs": [Jsonb(c.output) for c in completions],
+            "outputs": [c.output_json for c in completions],
             "go_on": [c.go_on for c in completions],
             "worker_id": worker_id,
         }
-        return {row["id"]: row for row in await self._all("complete_steps", params)}
+        return {row.id: row for row in await self._typed(Advanced, "complete_steps", params)}
 
     async def schedule_retry(self, failed: FailedAttempt, *, delay_seconds: float) -> bool:
         """Record a failed attempt (of the step, or of its compensation) and when to retry it.
@@ -339,18 +392,16 @@ class Store:
 
     async def renew_leases(
         self, *, worker_id: str, leases: Mapping[UUID, UUID], lease_seconds: float
-    ) -> dict[UUID, bool]:
-        """Renew the given leases ({workflow id: lease token}) of this worker.
-
-        Returns {workflow id: cancel requested} of the workflows renewed.
-        """
+    ) -> dict[UUID, Renewal]:
+        """Renew the given leases ({workflow id: lease token}) of this worker, never
+        waiting for a locked row. A workflow missing from the result has lost its lease."""
         params = {
             "worker_id": worker_id,
             "ids": list(leases),
             "lease_tokens": list(leases.values()),
             "lease_seconds": lease_seconds,
         }
-        return {row["id"]: row["cancel_requested"] for row in await self._all("renew_leases", params)}
+        return {row.id: row for row in await self._typed(Renewal, "renew_leases", params)}
 
     async def release_leases(self, *, worker_id: str, leases: Mapping[UUID, UUID]) -> set[UUID]:
         """Give back leases ({workflow id: lease token}), due at once; returns the ids released."""
@@ -398,7 +449,7 @@ class Store:
         attempt: int,
         go_on: bool,
         worker_id: str,
-    ) -> Row | None:
+    ) -> Advanced | None:
         """Record a step as compensated and move the cursor down; None when the lease was lost."""
         params = {
             "id": workflow_id,
@@ -408,7 +459,8 @@ class Store:
             "go_on": go_on,
             "worker_id": worker_id,
         }
-        return await self._one("complete_compensation", params)
+        rows = await self._typed(Advanced, "complete_compensation", params)
+        return rows[0] if rows else None
 
     async def get_step_progress(self, workflow_id: UUID) -> Row | None:
         """Where a workflow stands, to settle a commit whose answer a dropped connection lost."""

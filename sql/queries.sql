@@ -69,15 +69,23 @@ SELECT set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', '
 -- the step under the cursor goes compensating (compensation_attempt + 1). A forward
 -- step found already running was interrupted (its worker died or lost the lease); a
 -- non-idempotent one is not started again: the caller fails it as "outcome unknown".
+-- An interrupted attempt spends a retry like a failed one (its worker died, maybe
+-- because of the step itself), so a step that kills its process on every attempt ends
+-- when its retries do: with none left it is not started, and the caller fails it. An
+-- interrupted compensation is one still compensating with no retry scheduled.
 -- A workflow whose cancel was requested starts nothing: the caller cancels it at this
--- step boundary. The final SELECT reads the statement's snapshot, so `prev` holds the
--- step as it was before this claim.
+-- step boundary. `busy`: workflows an earlier attempt of which may still be running in
+-- this process (a timed-out step in a thread), never claimed by it until that ends.
+-- The final SELECT reads the statement's snapshot, so `prev` holds the step as it was
+-- before this claim. input and context come as text: the caller decodes each row on
+-- its own, so that one row Python cannot read fails alone instead of the whole claim.
 WITH due AS (
     SELECT id, state AS previous_state, next_retry_at AS due_at
     FROM workflows
     WHERE state IN ('pending', 'running', 'compensating')
       AND next_retry_at <= now()
       AND type = ANY(%(types)s::text[])
+      AND id <> ALL(%(busy)s::uuid[])
     ORDER BY priority, next_retry_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -100,12 +108,19 @@ started AS (
     SET state = CASE WHEN c.state = 'compensating' THEN 'compensating'::step_state ELSE 'running'::step_state END,
         attempt = s.attempt + CASE WHEN c.state = 'compensating' THEN 0 ELSE 1 END,
         compensation_attempt = s.compensation_attempt + CASE WHEN c.state = 'compensating' THEN 1 ELSE 0 END,
+        retry_count = s.retry_count + CASE WHEN s.state = 'running' THEN 1 ELSE 0 END,
+        compensation_retry_count = s.compensation_retry_count
+            + CASE WHEN s.state = 'compensating' AND s.next_retry_at IS NULL THEN 1 ELSE 0 END,
         started_at = coalesce(s.started_at, now()), next_retry_at = NULL, updated_at = now()
     FROM claimed c
     WHERE s.workflow_id = c.id AND s.step_index = c.current_step_index
-      AND CASE WHEN c.state = 'compensating' THEN s.state IN ('completed', 'compensating')
+      AND CASE WHEN c.state = 'compensating'
+               THEN s.state = 'completed'
+                    OR (s.state = 'compensating'
+                        AND (s.next_retry_at IS NOT NULL OR s.compensation_retry_count < s.max_retries))
                ELSE NOT c.cancel_requested
-                    AND (s.state IN ('pending', 'failed') OR (s.state = 'running' AND s.is_idempotent)) END
+                    AND (s.state IN ('pending', 'failed')
+                         OR (s.state = 'running' AND s.is_idempotent AND s.retry_count < s.max_retries)) END
     RETURNING s.workflow_id, s.step_index, s.step_name, s.state,
               CASE WHEN c.state = 'compensating' THEN s.compensation_attempt ELSE s.attempt END AS attempt,
               CASE WHEN c.state = 'compensating' THEN s.compensation_retry_count ELSE s.retry_count END AS retry_count
@@ -120,10 +135,11 @@ step_events AS (
     FROM started st
     JOIN workflow_steps prev ON prev.workflow_id = st.workflow_id AND prev.step_index = st.step_index
 )
-SELECT c.id, c.type, c.state, c.input, c.user_id, c.wallet_address, c.idempotency_key, c.context,
-       c.current_step_index, c.max_retries, c.lease_token, c.cancel_requested, c.requires_compensation,
-       c.previous_state, extract(epoch FROM now() - c.due_at)::float8 AS pickup_lag_seconds,
-       prev.state AS previous_step_state, prev.is_idempotent AS step_is_idempotent, prev.output AS step_output,
+SELECT c.id, c.type, c.state::text, c.previous_state::text, c.input::text AS input_text,
+       c.context::text AS context_text, c.user_id, c.wallet_address, c.idempotency_key,
+       c.current_step_index, c.lease_token, c.cancel_requested,
+       extract(epoch FROM now() - c.due_at)::float8 AS pickup_lag_seconds,
+       prev.state::text AS previous_step_state, prev.is_idempotent AS step_is_idempotent,
        coalesce(st.attempt, prev.attempt) AS attempt, coalesce(st.retry_count, prev.retry_count) AS retry_count,
        st.workflow_id IS NOT NULL AS step_started
 FROM claimed c
@@ -189,14 +205,18 @@ FROM inserted WHERE state = 'running';
 -- deadlock. In the same statement each workflow advances, the timeline grows, and, when
 -- the worker goes straight on, the next step starts under the same lease; otherwise
 -- (shutdown, a cancel request) the lease is released and the workflow is due at once.
+-- Going on needs a lease that has not run out: past its expiry another worker may
+-- claim the workflow at any moment, and must not find a next step already running.
 -- The UUID arrays are sent in binary (%%(...)b): psycopg dumps them twice as fast so.
+-- Outputs come as JSON text, serialised (and checked) once by the daemon.
 WITH batch AS (
     SELECT * FROM unnest(%(ids)b::uuid[], %(lease_tokens)b::uuid[], %(step_indexes)s::int[],
-                         %(attempts)s::int[], %(outputs)s::jsonb[], %(go_on)s::bool[])
+                         %(attempts)s::int[], %(outputs)s::text[]::jsonb[], %(go_on)s::bool[])
         AS b(id, lease_token, step_index, attempt, output, go_on)
 ),
 owner AS (
-    SELECT w.id, w.total_steps, b.step_index, b.attempt, b.output, b.go_on AND NOT w.cancel_requested AS go_on
+    SELECT w.id, w.total_steps, b.step_index, b.attempt, b.output,
+           b.go_on AND NOT w.cancel_requested AND w.lease_expires_at > now() AS go_on
     FROM workflows w JOIN batch b ON b.id = w.id AND b.lease_token = w.lease_token
     ORDER BY w.id
     FOR UPDATE OF w
@@ -245,7 +265,7 @@ events AS (
     UNION ALL
     SELECT workflow_id, step_index, step_name, 'pending', 'running', attempt, %(worker_id)s FROM next_started
 )
-SELECT a.id, a.state, a.was_last, a.cancel_requested, n.step_index AS next_step_index,
+SELECT a.id, a.was_last, n.step_index AS next_step_index,
        n.attempt AS next_attempt, n.retry_count AS next_retry_count
 FROM advanced a LEFT JOIN next_started n ON n.workflow_id = a.id;
 
@@ -349,7 +369,7 @@ RETURNING id;
 -- goes straight on. With nothing left to undo the workflow is compensated. Fenced like
 -- complete_steps.
 WITH owner AS (
-    SELECT id FROM workflows
+    SELECT id, lease_expires_at FROM workflows
     WHERE id = %(id)s AND lease_token = %(lease_token)s AND state = 'compensating'
     FOR UPDATE
 ),
@@ -364,7 +384,7 @@ done AS (
     WHERE s.workflow_id = owner.id AND s.step_index = %(step_index)s
       AND s.state = 'compensating' AND s.compensation_attempt = %(attempt)s
     RETURNING s.workflow_id, s.step_name, below.step_index AS next_index,
-              %(go_on)s AND below.step_index IS NOT NULL AS go_on
+              %(go_on)s AND below.step_index IS NOT NULL AND owner.lease_expires_at > now() AS go_on
 ),
 advanced AS (
     UPDATE workflows w
@@ -400,7 +420,7 @@ events AS (
     SELECT %(id)s, n.step_index, n.step_name, 'completed', 'compensating', n.compensation_attempt, %(worker_id)s
     FROM next_started n
 )
-SELECT a.state, a.state = 'compensated' AS was_last, false AS cancel_requested,
+SELECT a.id, a.state = 'compensated' AS was_last,
        n.step_index AS next_step_index, n.compensation_attempt AS next_attempt,
        n.compensation_retry_count AS next_retry_count
 FROM advanced a LEFT JOIN next_started n ON true;
@@ -470,27 +490,36 @@ RETURNING id;
 
 -- name: renew_leases
 -- The heartbeat: one statement renews every in-flight lease of this worker and marks
--- the worker alive. A workflow missing from the result has lost its lease; the cancel
--- flags tell running steps about cancel requests.
+-- the worker alive. It never waits: a row locked right now (its completion is being
+-- committed, an operator's command holds it) is skipped and comes back with renewed
+-- false, still ours; it is renewed at the next beat. A workflow missing from the
+-- result has lost its lease. The cancel flags tell running steps about cancel requests.
 WITH alive AS (
     UPDATE workflow_workers SET last_seen_at = now() WHERE id = %(worker_id)s
 ),
-held AS (
-    -- Found by primary key (no index on the lease columns), and locked in id order as
-    -- complete_steps locks them, so the two cannot deadlock.
-    SELECT w.id FROM workflows w
+ours AS (
+    -- Found by primary key (no index on the lease columns).
+    SELECT w.id, w.cancel_requested FROM workflows w
     JOIN unnest(%(ids)s::uuid[], %(lease_tokens)s::uuid[]) AS lease(id, token)
         ON w.id = lease.id AND w.lease_token = lease.token
     WHERE w.locked_by = %(worker_id)s
+),
+held AS (
+    SELECT w.id FROM workflows w JOIN ours ON ours.id = w.id
     ORDER BY w.id
-    FOR UPDATE OF w
+    FOR UPDATE OF w SKIP LOCKED
+),
+renewed AS (
+    UPDATE workflows w
+    SET lease_expires_at = now() + %(lease_seconds)s * interval '1 second',
+        next_retry_at = now() + %(lease_seconds)s * interval '1 second'
+    FROM held
+    WHERE w.id = held.id
+    RETURNING w.id, w.cancel_requested
 )
-UPDATE workflows w
-SET lease_expires_at = now() + %(lease_seconds)s * interval '1 second',
-    next_retry_at = now() + %(lease_seconds)s * interval '1 second'
-FROM held
-WHERE w.id = held.id
-RETURNING w.id, w.cancel_requested;
+SELECT id, cancel_requested, true AS renewed FROM renewed
+UNION ALL
+SELECT id, cancel_requested, false FROM ours WHERE id NOT IN (SELECT id FROM held);
 
 -- name: release_leases
 -- Shutdown: give back the leases this worker still holds, due at once for another worker.
@@ -608,7 +637,9 @@ WITH target AS (
 ),
 reset AS (
     UPDATE workflow_steps s
-    SET compensation_retry_count = 0, error = NULL, next_retry_at = NULL, updated_at = now()
+    -- A retry time marks the stuck step as scheduled: the claim does not take it for
+    -- an interrupted compensation, which would spend a retry.
+    SET compensation_retry_count = 0, error = NULL, next_retry_at = now(), updated_at = now()
     FROM target t
     WHERE s.workflow_id = t.id AND s.state = 'compensating'
 )
@@ -633,6 +664,20 @@ SELECT count(*) FILTER (WHERE state = 'completed' AND completed_at > now() - int
          WHERE state IN ('pending', 'running', 'compensating') AND next_retry_at <= now()) AS oldest_due_age_seconds
 FROM workflows
 WHERE completed_at > now() - interval '1 hour';
+
+-- name: count_stuck_workflows
+-- Workflows no daemon will claim as they stand: running or compensating, but due (or
+-- leased) further ahead than any write of the engine puts them, which is a lease or a
+-- backoff, minutes at most. Only a row edited by hand gets here; an operator repairs it
+-- (UPDATE workflows SET next_retry_at = now() ...) or cancels it. Stats and the
+-- workflowd_stuck_workflows gauge report them.
+SELECT count(*) FROM workflows
+WHERE state IN ('running', 'compensating') AND next_retry_at > now() + interval '1 hour';
+
+-- name: queue_depth
+-- Runnable workflows by type and state, for the workflowd_queue_depth gauge.
+SELECT type, state::text, count(*) FROM workflows
+WHERE state IN ('pending', 'running', 'compensating') GROUP BY type, state;
 
 -- name: live_workers
 SELECT id, host, pid, types, concurrency, started_at, last_seen_at FROM workflow_workers

@@ -12,13 +12,16 @@ import asyncio
 import os
 import threading
 import time
+from dataclasses import replace
+from decimal import Decimal
+from types import MappingProxyType
 from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 
-from engine import PermanentError, Step, Workflow, WorkflowContext
+from engine import NotExecuted, PermanentError, Step, Workflow, WorkflowContext
 
 _pool: AsyncConnectionPool | None = None
 
@@ -207,4 +210,103 @@ async def credit_ledger(input: dict[str, Any], ctx: WorkflowContext) -> dict[str
     return {"step": ctx.step_name, "attempt": ctx.attempt, "seen": sorted(ctx.outputs)}
 
 
-ledger = Workflow(type="ledger", steps=[Step("credit", credit_ledger, transactional=True)])
+# An interrupted attempt spends a retry: a budget above the kill tests' 20 kills.
+ledger = Workflow(type="ledger", max_retries=25, steps=[Step("credit", credit_ledger, transactional=True)])
+
+
+# Hardening: steps that time out in a thread, refuse, crash their process, return
+# values json.dumps cannot write, hang, or wait on the database.
+
+
+def _record_effect_now(ctx: WorkflowContext, step_name: str) -> None:
+    with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO test_effects (workflow_id, step_name, attempt, idempotency_key, pid) "
+            "VALUES (%s, %s, %s, %s, %s)",
+            (ctx.workflow_id, step_name, ctx.attempt, ctx.idempotency_key, os.getpid()),
+        )
+
+
+def slow_in_a_thread(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
+    """Records its start and its end: a timeout leaves the thread running in between."""
+    _record_effect_now(ctx, f"{ctx.step_name}:start")
+    time.sleep(float(input.get("sleep", 0)))
+    _record_effect_now(ctx, f"{ctx.step_name}:end")
+    return {"attempt": ctx.attempt}
+
+
+at_most_once = Workflow(
+    type="at_most_once",
+    max_retries=3,
+    steps=[Step("transfer", slow_in_a_thread, is_idempotent=False, timeout=1)],
+)
+lingering = Workflow(type="lingering", max_retries=1, steps=[Step("linger", slow_in_a_thread, timeout=0.5)])
+
+
+async def send_payment(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
+    """Not idempotent: refuses before acting (NotExecuted) on its first attempts, then
+    fails mid-call when asked to."""
+    await record_effect(ctx)
+    if ctx.attempt <= int(input.get("not_executed_times", 0)):
+        raise NotExecuted("the payment service refused the request before acting on it")
+    if input.get("break"):
+        raise ConnectionResetError("the connection dropped mid-call")
+    return {"sent_on": ctx.attempt}
+
+
+payment = Workflow(type="payment", max_retries=3, steps=[Step("send", send_payment, is_idempotent=False)])
+
+
+async def priced(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
+    return {"amount": Decimal("1.10"), "meta": MappingProxyType({"currency": "EUR"})}
+
+
+decimal_output = Workflow(type="decimal_output", steps=[Step("price", priced), Step("after", recorded)])
+
+
+def exits_the_process(input: dict[str, Any], ctx: WorkflowContext) -> None:
+    """What a segfault in a C extension or the OOM killer does to the daemon."""
+    _record_effect_now(ctx, ctx.step_name)
+    os._exit(1)
+
+
+crash_loop = Workflow(type="crash_loop", steps=[Step("crash", exits_the_process, max_retries=2)])
+# Innocent bystanders of a crash loop: each crash interrupts them too, and an interrupted
+# attempt spends a retry, so their budget covers the crashes.
+sturdy = Workflow(type="sturdy", max_retries=10, steps=[Step("one", recorded), Step("two", recorded)])
+
+
+async def hangs(input: dict[str, Any], ctx: WorkflowContext) -> None:
+    await record_effect(ctx)
+    await asyncio.sleep(3600)
+
+
+hanging = Workflow(type="hanging", max_retries=0, steps=[Step("hang", hangs)])
+
+
+async def slow_query(input: dict[str, Any], ctx: WorkflowContext) -> None:
+    assert ctx.connection is not None
+    await ctx.connection.execute("SELECT pg_sleep(%s)", (float(input["seconds"]),))
+
+
+slow_statement = Workflow(
+    type="slow_statement", max_retries=0, steps=[Step("query", slow_query, transactional=True)]
+)
+
+
+async def remember_key(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
+    await record_effect(ctx)
+    if input.get("fail_at") == ctx.step_name:
+        raise PermanentError(f"{ctx.step_name} refused")
+    return {"step": ctx.step_name}
+
+
+async def undo_remembering_key(input: dict[str, Any], output: Any, ctx: WorkflowContext) -> None:
+    await record_effect(replace(ctx, step_name=f"undo:{ctx.step_name}"))
+
+
+keyed_saga = Workflow(
+    type="keyed_saga",
+    requires_compensation=True,
+    steps=[Step("book", remember_key, compensate=undo_remembering_key), Step("pay", remember_key)],
+)

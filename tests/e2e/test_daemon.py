@@ -362,7 +362,7 @@ def test_the_listener_reconnects_and_notifications_wake_the_daemon_again(
 
     def listener_pid() -> int | None:
         row = db.execute(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = 'workflowd-listener' AND query = 'LISTEN workflowd'"
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'workflowd-listener' AND query = 'LISTEN workflowd'"
         ).fetchone()
         return row[0] if row else None
 

@@ -7,11 +7,13 @@ import sys
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+from types import MappingProxyType
 from typing import Any
 
 import pytest
 
-from engine import PermanentError, Step, WorkflowContext
+from engine import NotExecuted, PermanentError, Step, WorkflowContext
 from engine.runner import StepFailed, StepSucceeded, run_step
 
 
@@ -31,7 +33,7 @@ async def test_an_async_step_runs_on_the_loop_and_returns_its_output() -> None:
         return {"doubled": input["n"] * 2, "key": ctx.idempotency_key}
 
     outcome = await run_step(Step("s", execute), {"n": 21}, context())
-    assert outcome == StepSucceeded({"doubled": 42, "key": "step:s:x"})
+    assert outcome == StepSucceeded({"doubled": 42, "key": "step:s:x"}, '{"doubled":42,"key":"step:s:x"}')
 
 
 async def test_a_plain_step_runs_in_the_executor_thread() -> None:
@@ -49,7 +51,7 @@ async def test_a_plain_function_may_return_an_awaitable() -> None:
         return 7
 
     outcome = await run_step(Step("s", lambda input, ctx: later()), {}, context())
-    assert outcome == StepSucceeded(7)
+    assert outcome == StepSucceeded(7, "7")
 
 
 async def test_an_exception_is_a_retryable_failure_with_a_summary_and_a_traceback() -> None:
@@ -146,3 +148,75 @@ async def test_broken_code_is_not_retried(broken: Exception) -> None:
     assert isinstance(outcome, StepFailed)
     assert not outcome.retryable
     assert outcome.error["type"] == type(broken).__name__
+
+
+async def test_a_step_that_is_not_idempotent_is_retried_only_after_not_executed() -> None:
+    async def refused(input: Any, ctx: WorkflowContext) -> None:
+        raise NotExecuted("refused before acting")
+
+    async def dropped(input: Any, ctx: WorkflowContext) -> None:
+        raise ConnectionResetError("the connection dropped mid-call")
+
+    not_executed = await run_step(Step("s", refused, is_idempotent=False), {}, context())
+    unknown = await run_step(Step("s", dropped, is_idempotent=False), {}, context())
+    assert isinstance(not_executed, StepFailed)
+    assert not_executed.retryable
+    assert isinstance(unknown, StepFailed)
+    assert not unknown.retryable
+    assert unknown.error["type"] == "OutcomeUnknown"
+    assert "ConnectionResetError: the connection dropped mid-call" in unknown.error["message"]
+
+
+async def test_a_timeout_of_a_step_that_is_not_idempotent_is_outcome_unknown() -> None:
+    async def slow(input: Any, ctx: WorkflowContext) -> None:
+        await asyncio.sleep(5)
+
+    outcome = await run_step(Step("s", slow, is_idempotent=False, timeout=0.05), {}, context())
+    assert isinstance(outcome, StepFailed)
+    assert (outcome.error["type"], outcome.retryable) == ("OutcomeUnknown", False)
+    assert outcome.still_running is None  # a coroutine stops at its timeout
+
+
+async def test_a_timed_out_thread_is_reported_still_running_until_it_returns() -> None:
+    release = threading.Event()
+
+    def blocked(input: Any, ctx: WorkflowContext) -> None:
+        release.wait(5)
+
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        outcome = await run_step(Step("s", blocked, timeout=0.05), {}, context(), executor)
+        assert isinstance(outcome, StepFailed)
+        assert outcome.error["type"] == "StepTimeout"
+        assert outcome.still_running is not None
+        assert not outcome.still_running.done()
+        release.set()
+        await asyncio.wrap_future(outcome.still_running)
+
+
+async def test_the_default_timeout_bounds_a_step_without_its_own() -> None:
+    async def slow(input: Any, ctx: WorkflowContext) -> None:
+        await asyncio.sleep(5)
+
+    outcome = await run_step(Step("s", slow), {}, context(), default_timeout=0.05)
+    assert isinstance(outcome, StepFailed)
+    assert outcome.error["type"] == "StepTimeout"
+
+
+async def test_an_output_with_a_decimal_or_a_mapping_is_stored_as_json() -> None:
+    async def priced(input: Any, ctx: WorkflowContext) -> dict[str, Any]:
+        return {"amount": Decimal("1.10"), "meta": MappingProxyType({"currency": "EUR"})}
+
+    outcome = await run_step(Step("s", priced), {}, context())
+    assert outcome == StepSucceeded(
+        {"amount": 1.1, "meta": {"currency": "EUR"}}, '{"amount":1.1,"meta":{"currency":"EUR"}}'
+    )
+
+
+@pytest.mark.parametrize("output", [{"text": "nul\x00"}, {"x": float("nan")}, {"s": "\ud800"}])
+async def test_an_output_jsonb_cannot_hold_fails_permanently(output: Any) -> None:
+    async def returns(input: Any, ctx: WorkflowContext) -> Any:
+        return output
+
+    outcome = await run_step(Step("s", returns), {}, context())
+    assert isinstance(outcome, StepFailed)
+    assert (outcome.error["type"], outcome.retryable) == ("InvalidStepOutput", False)
