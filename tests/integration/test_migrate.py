@@ -108,3 +108,30 @@ def test_the_cli_reports_a_changed_migration_in_one_line(empty_db_url: str, tmp_
     assert result.stderr.count("\n") == 1
     assert "0001_init.sql was changed after it was applied" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_migration_0005_fails_the_runnable_rows_that_break_its_rules_and_keeps_what_they_held(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    for name in ("0001_init.sql", "0002_compensation.sql", "0003_ledgers.sql", "0004_hot_updates.sql"):
+        shutil.copy(sql_dir() / "migrations" / name, tmp_path / name)
+    await _migrate(empty_db_url, tmp_path)
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO workflows (type, input, context, state) VALUES "
+            "('a', '[1]', '{}', 'pending'), ('b', '{}', '[2]', 'running'), ('c', '[3]', '{}', 'completed')"
+        )
+    assert "0005_row_checks.sql" in await _migrate(empty_db_url)
+    with psycopg.connect(empty_db_url) as conn:
+        rows = conn.execute(
+            "SELECT type, state::text, input, context, error->>'type', error->'input', error->'context' "
+            "FROM workflows ORDER BY type"
+        ).fetchall()
+        events = conn.execute("SELECT from_state, to_state FROM workflow_events ORDER BY id").fetchall()
+    assert rows == [
+        ("a", "failed", {}, {}, "InvalidRow", [1], {}),
+        ("b", "failed", {}, {}, "InvalidRow", {}, [2]),
+        # A finished row stays as it was: the new rules check new rows and updates only.
+        ("c", "completed", [3], {}, None, None, None),
+    ]
+    assert sorted(events) == [("pending", "failed"), ("running", "failed")]

@@ -219,3 +219,21 @@ async def test_execution_summary_of_a_sql_inserted_workflow_uses_the_definition(
         0.0,
     )
     assert summary.current_step == "execute_trade"
+
+
+async def test_stats_and_the_gauge_report_workflows_no_daemon_will_claim(
+    service: WorkflowService, db: psycopg.Connection[Any], db_url: str
+) -> None:
+    from daemon.metrics import QueueDepthCollector  # noqa: PLC0415 (a daemon part, used here only)
+
+    insert_workflow(db, state="running", next_retry_at="2999-01-01T00:00:00Z")  # edited by hand
+    insert_workflow(db, state="compensating", next_retry_at="2999-01-01T00:00:00Z")
+    insert_workflow(db, state="running")  # due now: claimable
+    insert_workflow(db, state="pending", next_retry_at="2999-01-01T00:00:00Z")  # a start for later
+    insert_workflow(db, state="failed", next_retry_at="2999-01-01T00:00:00Z")  # finished
+    assert (await service.get_stats()).stuck_workflows == 2
+    collector = QueueDepthCollector()
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await collector.run_once(conn)
+    gauges = {family.name: family.samples for family in collector.collect()}
+    assert [sample.value for sample in gauges["workflowd_stuck_workflows"]] == [2]
