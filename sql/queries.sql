@@ -562,10 +562,10 @@ skipped AS (
     RETURNING s.workflow_id, s.step_index, s.step_name
 ),
 events AS (
-    INSERT INTO workflow_events (workflow_id, from_state, to_state, actor)
-    SELECT id, 'pending', 'cancelled', %(actor)s FROM changed WHERE previous_state = 'pending'
+    INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state, actor)
+    SELECT id, NULL, NULL, 'pending', 'cancelled', %(actor)s FROM changed WHERE previous_state = 'pending'
     UNION ALL
-    SELECT workflow_id, 'pending', 'skipped', %(actor)s FROM skipped
+    SELECT workflow_id, step_index, step_name, 'pending', 'skipped', %(actor)s FROM skipped
 )
 SELECT id, previous_state, state, compensate FROM changed;
 
