@@ -88,7 +88,7 @@ async def cmd_start(args: argparse.Namespace, settings: Settings) -> int:
     registry = load_registry(settings)
     async with connect(settings) as conn:
         result = await WorkflowService(Store(conn), registry).start(
-            args.type, args.input, args.user, args.wallet
+            args.type, args.input, args.user, args.wallet, idempotency_key=args.idempotency_key
         )
     _print_start(result, args.json)
     return 0
@@ -147,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--input", type=_json_object, default={}, help="the input, a JSON object")
     start.add_argument("--user", required=True, help="the user the workflow runs for")
     start.add_argument("--wallet", default=None, help="the user's wallet address")
+    start.add_argument(
+        "--idempotency-key",
+        default=None,
+        help="your own key for this start (default: computed from type, user and input); "
+        "reusing it for a different start is refused",
+    )
     start.add_argument("--json", action="store_true", help="print the workflow as JSON")
     start.set_defaults(handler=cmd_start)
 

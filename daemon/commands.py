@@ -5,7 +5,9 @@ tables, or JSON with --json."""
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import os
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -135,16 +137,26 @@ async def cmd_timeline(args: argparse.Namespace, service: WorkflowService) -> st
     return to_json(events) if args.json else timeline_table(events)
 
 
+def cli_actor() -> str:
+    """Who runs a command from the shell, for the timeline: cli:<os user>."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # a uid without a name, as in some containers
+        user = str(os.getuid())
+    return f"cli:{user}"
+
+
 async def cmd_retry(args: argparse.Namespace, service: WorkflowService) -> str:
-    return _after_command(await service.retry_workflow(args.id), args.json)
+    workflow = await service.retry_workflow(args.id, force=args.force, actor=cli_actor())
+    return _after_command(workflow, args.json)
 
 
 async def cmd_cancel(args: argparse.Namespace, service: WorkflowService) -> str:
-    return _after_command(await service.cancel_workflow(args.id), args.json)
+    return _after_command(await service.cancel_workflow(args.id, actor=cli_actor()), args.json)
 
 
 async def cmd_compensate(args: argparse.Namespace, service: WorkflowService) -> str:
-    return _after_command(await service.compensate_workflow(args.id), args.json)
+    return _after_command(await service.compensate_workflow(args.id, actor=cli_actor()), args.json)
 
 
 def _after_command(workflow: WorkflowRecord, as_json: bool) -> str:
@@ -192,14 +204,24 @@ def add_operator_commands(commands: Any) -> None:
         parser.set_defaults(service_handler=handler)
         return parser
 
-    for name, handler, help in (
-        ("status", cmd_status, "a workflow with its steps and progress"),
-        ("timeline", cmd_timeline, "every transition of a workflow, in order"),
-        ("retry", cmd_retry, "resume a failed workflow at its failed step"),
-        ("cancel", cmd_cancel, "cancel a workflow (at its next step boundary if running)"),
-        ("compensate", cmd_compensate, "undo the completed steps of a failed or cancelled workflow"),
-    ):
-        command(name, handler, help).add_argument("id", metavar="ID", help="the workflow id")
+    one_workflow = {
+        name: command(name, handler, help)
+        for name, handler, help in (
+            ("status", cmd_status, "a workflow with its steps and progress"),
+            ("timeline", cmd_timeline, "every transition of a workflow, in order"),
+            ("retry", cmd_retry, "resume a failed workflow at its failed step"),
+            ("cancel", cmd_cancel, "cancel a workflow (at its next step boundary if running)"),
+            ("compensate", cmd_compensate, "undo the completed steps of a failed or cancelled workflow"),
+        )
+    }
+    for parser in one_workflow.values():
+        parser.add_argument("id", metavar="ID", help="the workflow id")
+    one_workflow["retry"].add_argument(
+        "--force",
+        action="store_true",
+        help="retry a workflow whose outcome is unknown (a step that must not run twice was "
+        "interrupted): check the outside service first",
+    )
     listing = command("list", cmd_list, "workflows, newest first")
     listing.add_argument("--state", default=None, help="only this state")
     listing.add_argument("--type", default=None, help="only this type")

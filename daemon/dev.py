@@ -186,8 +186,14 @@ def run_dev(settings: Settings) -> int:
     log_path = DEV_HOME / "workflowd.log"
     with log_path.open("a", encoding="utf-8") as log:
         configure_logging("json", settings.log_level, stream=log)
-        token = settings.admin_token.get_secret_value() if settings.admin_token else secrets.token_urlsafe(24)
-        update = {"admin_token": SecretStr(token), "builtins": True, "adapters": "sandbox"}
+        token = settings.admin_token_value() or secrets.token_urlsafe(32)
+        # The token is now given as is: a token file of the settings is read once, above.
+        update = {
+            "admin_token": SecretStr(token),
+            "admin_token_file": None,
+            "builtins": True,
+            "adapters": "sandbox",
+        }
         settings = settings.model_copy(update=update)
         registry = dev_registry(settings)
         configured = settings.database_url or settings.db_host

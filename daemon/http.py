@@ -2,40 +2,44 @@
 
 FastAPI, served by uvicorn inside the daemon's own event loop (the daemon keeps its
 signal handling). Admin endpoints need `Authorization: Bearer <WORKFLOWD_ADMIN_TOKEN>`;
-with no token configured they answer 503: the admin API is never open by default.
+with no token configured they answer 503: the admin API is never open by default. The
+token and the size of the body are checked by `daemon.http_guard` before any body is
+read; every command that changes a workflow is logged with who asked.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from enum import Enum
 from typing import Annotated, Any, Protocol
 from uuid import UUID
 
 import psycopg
+import structlog
 import uvicorn
-from fastapi import Depends, FastAPI, Query, Request, Response, status
+from fastapi import Depends, FastAPI, Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import PoolTimeout
-from pydantic import BaseModel, Field, JsonValue
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
+from daemon.health import Readiness
+from daemon.http_guard import RequestGuard, problem
 from daemon.metrics import Metrics
 from engine import (
+    IdempotencyKeyConflictError,
     IllegalTransitionError,
     InputValidationError,
     InvalidWorkflowIdError,
     UnstorableValueError,
+    WorkflowEngineError,
     WorkflowNotFoundError,
     WorkflowService,
     WorkflowState,
 )
-from engine.migrate import schema_is_current
 from engine.records import (
     ExecutionSummary,
     StepRecord,
@@ -44,14 +48,11 @@ from engine.records import (
     WorkflowRecord,
     WorkflowStats,
 )
-from engine.service import LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, LIST_PAGE_MAX
+from engine.service import IDEMPOTENCY_KEY_MAX_LENGTH, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, LIST_PAGE_MAX
 
-READINESS_TIMEOUT_SECONDS = 2.0
+LOG = structlog.get_logger("workflowd")
 LIVENESS_STALL_SECONDS_MIN = 30.0
-ADMIN_DISABLED_MESSAGE = (
-    "the admin API is disabled because no token is configured: set WORKFLOWD_ADMIN_TOKEN to a long "
-    "random secret and send it as 'Authorization: Bearer <token>'"
-)
+ACTOR_HEADER_MAX_LENGTH = 128
 
 
 class DaemonState(Protocol):
@@ -65,12 +66,22 @@ class DaemonState(Protocol):
 
 
 class StartRequest(BaseModel):
-    """The body of POST /admin/workflows."""
+    """The body of POST /admin/workflows. A field it does not know is refused, never
+    dropped: a misspelt `idempotency_key` must not quietly start a second workflow."""
+
+    model_config = ConfigDict(extra="forbid")
 
     type: str = Field(min_length=1, max_length=128)
     input: dict[str, JsonValue] = Field(default_factory=dict)
     user_id: str | None = Field(default=None, max_length=256)
     wallet_address: str | None = Field(default=None, max_length=256)
+    idempotency_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=IDEMPOTENCY_KEY_MAX_LENGTH,
+        description="your own key for this start (default: computed from type, user and input); "
+        "reusing it for a different start is refused with 409",
+    )
 
 
 class WorkflowDetail(WorkflowRecord):
@@ -91,6 +102,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "missing or wrong bearer token"},
     503: {"model": Problem, "description": "no admin token configured"},
 }
+START_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    409: {"model": Problem, "description": "the idempotency key belongs to a different start"},
+    413: {"model": Problem, "description": "the body is larger than WORKFLOWD_MAX_BODY_BYTES"},
+}
 ONE_WORKFLOW_ERRORS: dict[int | str, dict[str, Any]] = {
     **ERRORS,
     404: {"model": Problem, "description": "no workflow with this id"},
@@ -100,78 +116,58 @@ COMMAND_ERRORS: dict[int | str, dict[str, Any]] = {
     409: {"model": Problem, "description": "the workflow's state does not allow this"},
 }
 
-
-BEARER = HTTPBearer(auto_error=False)
-
-
-class BearerAuth:
-    """A dependency that checks the bearer token in constant time."""
-
-    def __init__(self, token: str | None) -> None:
-        self.token = token
-
-    async def __call__(
-        self, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
-    ) -> None:
-        if self.token is None:
-            raise _Refusal(status.HTTP_503_SERVICE_UNAVAILABLE, ADMIN_DISABLED_MESSAGE)
-        given = credentials.credentials if credentials else ""
-        if not secrets.compare_digest(given.encode(), self.token.encode()):
-            raise _Refusal(
-                status.HTTP_401_UNAUTHORIZED, "a valid 'Authorization: Bearer <token>' header is required"
-            )
-
-
-class _Refusal(Exception):
-    def __init__(self, status_code: int, detail: str) -> None:
-        self.status_code = status_code
-        self.detail = detail
-
-
-def _problem(status_code: int, detail: str, **extra: Any) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status_code == status.HTTP_401_UNAUTHORIZED else None
-    return JSONResponse({"detail": detail, **extra}, status_code=status_code, headers=headers)
+# Only for the OpenAPI document (it declares the bearer scheme on the admin routes):
+# the token itself is checked by RequestGuard, before the body is read.
+ADMIN_SECURITY = Depends(
+    HTTPBearer(auto_error=False, description="WORKFLOWD_ADMIN_TOKEN, checked before the body is read")
+)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     """Engine errors become JSON answers with the right status."""
 
-    @app.exception_handler(_Refusal)
-    async def refused(request: Request, error: _Refusal) -> JSONResponse:
-        return _problem(error.status_code, error.detail)
-
     @app.exception_handler(WorkflowNotFoundError)
     async def not_found(request: Request, error: WorkflowNotFoundError) -> JSONResponse:
-        return _problem(status.HTTP_404_NOT_FOUND, str(error))
+        return problem(status.HTTP_404_NOT_FOUND, str(error))
 
     @app.exception_handler(InvalidWorkflowIdError)
     async def malformed_id(request: Request, error: InvalidWorkflowIdError) -> JSONResponse:
-        return _problem(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error))
+        return problem(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error))
 
     @app.exception_handler(IllegalTransitionError)
     async def conflict(request: Request, error: IllegalTransitionError) -> JSONResponse:
-        return _problem(status.HTTP_409_CONFLICT, str(error))
+        return problem(status.HTTP_409_CONFLICT, str(error))
+
+    @app.exception_handler(IdempotencyKeyConflictError)
+    async def key_taken(request: Request, error: IdempotencyKeyConflictError) -> JSONResponse:
+        return problem(status.HTTP_409_CONFLICT, str(error))
 
     @app.exception_handler(psycopg.OperationalError)
     async def database_unavailable(request: Request, error: psycopg.OperationalError) -> JSONResponse:
         detail = " ".join(str(error).split()) or "the database is unavailable"
-        return _problem(status.HTTP_503_SERVICE_UNAVAILABLE, f"database unavailable: {detail}")
+        return problem(status.HTTP_503_SERVICE_UNAVAILABLE, f"database unavailable: {detail}")
 
     @app.exception_handler(PoolTimeout)
     async def database_busy(request: Request, error: PoolTimeout) -> JSONResponse:
-        return _problem(status.HTTP_503_SERVICE_UNAVAILABLE, "database unavailable: no connection in time")
+        return problem(status.HTTP_503_SERVICE_UNAVAILABLE, "database unavailable: no connection in time")
 
     @app.exception_handler(UnstorableValueError)
     async def unstorable(request: Request, error: UnstorableValueError) -> JSONResponse:
-        return _problem(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error))
+        return problem(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error))
 
     @app.exception_handler(InputValidationError)
     async def invalid_input(request: Request, error: InputValidationError) -> JSONResponse:
-        return _problem(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error), errors=error.messages)
+        return problem(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error), errors=error.messages)
 
 
 def create_app(
-    service: WorkflowService, daemon: DaemonState, metrics: Metrics, admin_token: str | None
+    service: WorkflowService,
+    daemon: DaemonState,
+    metrics: Metrics,
+    readiness: Readiness,
+    *,
+    admin_token: str | None,
+    max_body_bytes: int,
 ) -> FastAPI:
     """The daemon's HTTP application."""
     app = FastAPI(
@@ -180,30 +176,24 @@ def create_app(
         version="1",
         responses={422: {"model": Problem, "description": "malformed id or request"}},
     )
+    app.add_middleware(RequestGuard, admin_token=admin_token, max_body_bytes=max_body_bytes)
     install_error_handlers(app)
-    add_health_routes(app, service, daemon, metrics)
-    add_admin_routes(app, service, Depends(BearerAuth(admin_token)))
+    add_health_routes(app, readiness, daemon, metrics)
+    add_admin_routes(app, service)
     return app
 
 
-def add_health_routes(app: FastAPI, service: WorkflowService, daemon: DaemonState, metrics: Metrics) -> None:
-    """/livez, /readyz, /healthz and /metrics: no token needed."""
-    schema_ok = False
+def add_health_routes(app: FastAPI, readiness: Readiness, daemon: DaemonState, metrics: Metrics) -> None:
+    """/livez, /readyz, /healthz and /metrics: no token needed, and none of them waits for
+    the admin API's connections."""
 
-    async def readiness() -> dict[str, Any]:
-        nonlocal schema_ok
-        database = False
-        try:
-            async with asyncio.timeout(READINESS_TIMEOUT_SECONDS), service.store.connection() as conn:
-                await conn.execute("SELECT 1")
-                database = True
-                # Once current, the schema stays current: only a migration changes it.
-                schema_ok = schema_ok or await schema_is_current(conn)
-        except Exception:
-            database = False
-        ready = database and schema_ok and not daemon.draining
-        return {"status": "ready" if ready else "unready", "database": database,
-                "schema_current": schema_ok, "draining": daemon.draining}  # fmt: skip
+    async def ready() -> dict[str, Any]:
+        health = await readiness.check()
+        # Draining is read live, not from the cached answer: it must show at once.
+        draining = daemon.draining
+        ok = health.database and health.schema_current and not draining
+        return {"status": "ready" if ok else "unready", "database": health.database,
+                "schema_current": health.schema_current, "draining": draining}  # fmt: skip
 
     @app.get("/livez", tags=["health"])
     async def livez(response: Response) -> dict[str, Any]:
@@ -215,8 +205,9 @@ def add_health_routes(app: FastAPI, service: WorkflowService, daemon: DaemonStat
 
     @app.get("/readyz", tags=["health"])
     async def readyz(response: Response) -> dict[str, Any]:
-        """Database reachable, schema current, not draining."""
-        result = await readiness()
+        """Database reachable, schema current, not draining (the database's answer is at
+        most a second old)."""
+        result = await ready()
         response.status_code = 200 if result["status"] == "ready" else status.HTTP_503_SERVICE_UNAVAILABLE
         return result
 
@@ -231,10 +222,53 @@ def add_health_routes(app: FastAPI, service: WorkflowService, daemon: DaemonStat
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def add_admin_routes(app: FastAPI, service: WorkflowService, auth: Any) -> None:
+def operator(
+    request: Request,
+    x_workflowd_actor: Annotated[
+        str | None,
+        Header(
+            max_length=ACTOR_HEADER_MAX_LENGTH,
+            description="who you are, for the audit log and the timeline (default: your address)",
+        ),
+    ] = None,
+) -> str:
+    """Who asks for a command: the client's address, and the name it gives if it gives one.
+
+    The name is the caller's word (anyone with the token may claim any name); the
+    address is what the server saw.
+    """
+    address = request.client.host if request.client else "unknown"
+    actor = f"admin-api:{address}"
+    return f"{x_workflowd_actor} via {actor}" if x_workflowd_actor else actor
+
+
+OperatorActor = Annotated[str, Depends(operator)]
+
+
+def audit(command: str, actor: str, workflow_id: UUID, outcome: str, **facts: Any) -> None:
+    """The audit line of a command that changes a workflow: who, what, which, how it went."""
+    LOG.info("admin_command", command=command, actor=actor, workflow_id=str(workflow_id), outcome=outcome,
+             **facts)  # fmt: skip
+
+
+async def audited(
+    command: str, actor: str, workflow_id: UUID, outcome: Awaitable[WorkflowRecord]
+) -> WorkflowRecord:
+    """Run a command on a workflow and log it, done or refused."""
+    try:
+        workflow = await outcome
+    except WorkflowEngineError as error:
+        audit(command, actor, workflow_id, "refused", reason=str(error))
+        raise
+    audit(command, actor, workflow_id, "done", state=workflow.state.value)
+    return workflow
+
+
+def add_admin_routes(app: FastAPI, service: WorkflowService) -> None:
     """The seed's /admin/workflows endpoints, plus POST to start one."""
     prefix = "/admin/workflows"
     tags: list[str | Enum] = ["admin"]
+    auth = ADMIN_SECURITY
 
     @app.get(prefix, dependencies=[auth], tags=tags, responses=ERRORS)
     async def list_workflows(
@@ -254,13 +288,22 @@ def add_admin_routes(app: FastAPI, service: WorkflowService, auth: Any) -> None:
         dependencies=[auth],
         tags=tags,
         status_code=201,
-        responses=ERRORS | {200: {"model": WorkflowRecord}},
+        responses=START_ERRORS | {200: {"model": WorkflowRecord}},
     )
-    async def start_workflow(body: StartRequest, response: Response) -> WorkflowRecord:
-        """Start a workflow: 201 when created, 200 with the existing one on a duplicate key."""
-        result = await service.start(body.type, body.input, body.user_id, body.wallet_address)
+    async def start_workflow(body: StartRequest, response: Response, actor: OperatorActor) -> WorkflowRecord:
+        """Start a workflow: 201 when created, 200 with the existing one on a duplicate key
+        (409 if that key belongs to a different type, user or input)."""
+        try:
+            result = await service.start(
+                body.type, body.input, body.user_id, body.wallet_address, idempotency_key=body.idempotency_key
+            )
+        except IdempotencyKeyConflictError as error:
+            audit("start", actor, error.workflow_id, "refused", reason=str(error))
+            raise
+        workflow = result.workflow
+        audit("start", actor, workflow.id, "created" if result.created else "existing", type=workflow.type)
         response.status_code = status.HTTP_201_CREATED if result.created else status.HTTP_200_OK
-        return result.workflow
+        return workflow
 
     @app.get(f"{prefix}/stats/overview", dependencies=[auth], tags=tags, responses=ERRORS)
     async def stats_overview() -> WorkflowStats:
@@ -288,21 +331,33 @@ def add_admin_routes(app: FastAPI, service: WorkflowService, auth: Any) -> None:
         return await service.get_timeline(workflow_id)
 
     @app.post(f"{prefix}/{{workflow_id}}/retry", dependencies=[auth], tags=tags, responses=COMMAND_ERRORS)
-    async def retry(workflow_id: UUID) -> WorkflowRecord:
-        """Resume a failed workflow at its failed step."""
-        return await service.retry_workflow(workflow_id)
+    async def retry(
+        workflow_id: UUID,
+        actor: OperatorActor,
+        force: Annotated[
+            bool,
+            Query(description="retry a workflow whose outcome is unknown (check the outside service first)"),
+        ] = False,
+    ) -> WorkflowRecord:
+        """Resume a failed workflow at its failed step (an outcome-unknown failure only with force)."""
+        command = "retry --force" if force else "retry"
+        return await audited(
+            command, actor, workflow_id, service.retry_workflow(workflow_id, force=force, actor=actor)
+        )
 
     @app.post(f"{prefix}/{{workflow_id}}/cancel", dependencies=[auth], tags=tags, responses=COMMAND_ERRORS)
-    async def cancel(workflow_id: UUID) -> WorkflowRecord:
+    async def cancel(workflow_id: UUID, actor: OperatorActor) -> WorkflowRecord:
         """Cancel a pending workflow at once, a running one at its next step boundary."""
-        return await service.cancel_workflow(workflow_id)
+        return await audited("cancel", actor, workflow_id, service.cancel_workflow(workflow_id, actor=actor))
 
     @app.post(
         f"{prefix}/{{workflow_id}}/compensate", dependencies=[auth], tags=tags, responses=COMMAND_ERRORS
     )
-    async def compensate(workflow_id: UUID) -> WorkflowRecord:
+    async def compensate(workflow_id: UUID, actor: OperatorActor) -> WorkflowRecord:
         """Undo the completed steps of a failed or cancelled workflow (or re-drive a stuck undo)."""
-        return await service.compensate_workflow(workflow_id)
+        return await audited(
+            "compensate", actor, workflow_id, service.compensate_workflow(workflow_id, actor=actor)
+        )
 
 
 class EmbeddedServer(uvicorn.Server):
@@ -313,6 +368,15 @@ class EmbeddedServer(uvicorn.Server):
         yield
 
 
-def http_server(app: FastAPI, host: str, port: int) -> EmbeddedServer:
-    config = uvicorn.Config(app, host=host, port=port, lifespan="off", access_log=False, log_config=None)
+def http_server(app: FastAPI, host: str, port: int, *, max_connections: int) -> EmbeddedServer:
+    """uvicorn for `app`; beyond `max_connections` open connections, requests get 503."""
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        lifespan="off",
+        access_log=False,
+        log_config=None,
+        limit_concurrency=max_connections,
+    )
     return EmbeddedServer(config)

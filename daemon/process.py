@@ -13,6 +13,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from daemon import systemd
+from daemon.health import Readiness
 from daemon.http import EmbeddedServer, create_app, http_server
 from daemon.metrics import Metrics
 from daemon.settings import ConfigurationError, Settings, with_session_limits
@@ -72,6 +73,7 @@ async def run_daemon(
         raise ConfigurationError(
             "no workflow types to serve: set WORKFLOWD_MODULES to the modules that define them"
         )
+    admin_token = settings.admin_token_value()  # a bad token stops us before anything starts
     conninfo = with_session_limits(conninfo, settings)
     async with await AsyncConnection.connect(conninfo, autocommit=True) as conn:
         applied = await migrate(conn)
@@ -113,7 +115,9 @@ async def run_daemon(
     await pool.open(wait=True, timeout=POOL_OPEN_TIMEOUT_SECONDS)
     await api_pool.open(wait=True, timeout=POOL_OPEN_TIMEOUT_SECONDS)
     try:
-        await serve(settings, registry, conninfo, pool, api_pool, companion=companion)
+        await serve(
+            settings, registry, conninfo, pool, api_pool, admin_token=admin_token, companion=companion
+        )
     finally:
         await api_pool.close()
         await pool.close()
@@ -127,16 +131,19 @@ async def serve(
     pool: AsyncConnectionPool,
     api_pool: AsyncConnectionPool,
     *,
+    admin_token: str | None,
     companion: Companion | None = None,
 ) -> None:
     metrics = Metrics(queue_depth_refresh_seconds=settings.queue_depth_interval)
     watchdog = systemd.Watchdog()
     worker = Worker(pool, conninfo, registry, worker_config(settings), metrics=metrics, on_loop=watchdog.ping)
     install_signal_handlers(worker)
-    token = settings.admin_token.get_secret_value() if settings.admin_token else None
     service = WorkflowService(Store(api_pool), registry)
-    app = create_app(service, worker, metrics, token)
-    server = http_server(app, settings.host, settings.port)
+    readiness = Readiness(conninfo)
+    app = create_app(
+        service, worker, metrics, readiness, admin_token=admin_token, max_body_bytes=settings.max_body_bytes
+    )
+    server = http_server(app, settings.host, settings.port, max_connections=settings.http_max_connections)
     http_task = asyncio.create_task(serve_http(server))
     while not server.started:  # listen before claiming: a taken port stops us early
         if http_task.done():
@@ -147,13 +154,15 @@ async def serve(
         await asyncio.sleep(0.01)
     depth_task = asyncio.create_task(metrics.queue_depth.run(conninfo))
     worker_task = asyncio.create_task(worker.run())
-    LOG.info("http_listening", url=f"http://{settings.host}:{settings.port}", admin_api=token is not None)
-    if token is None:
+    LOG.info(
+        "http_listening", url=f"http://{settings.host}:{settings.port}", admin_api=admin_token is not None
+    )
+    if admin_token is None:
         LOG.warning("admin_api_disabled", reason="WORKFLOWD_ADMIN_TOKEN is not set")
     systemd.notify("READY=1")
     side = [depth_task]
     if companion:
-        side.append(asyncio.create_task(companion(service, token)))
+        side.append(asyncio.create_task(companion(service, admin_token)))
         side[-1].add_done_callback(_log_crash)
     try:
         await worker_task
@@ -162,6 +171,7 @@ async def serve(
         for task in side:
             task.cancel()
         await asyncio.gather(http_task, *side, return_exceptions=True)
+        await readiness.close()
 
 
 async def serve_http(server: EmbeddedServer) -> None:

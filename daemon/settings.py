@@ -6,6 +6,7 @@ DB_PASSWORD, DB_DATABASE, PORT); the daemon's own settings are prefixed WORKFLOW
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -29,6 +30,12 @@ TCP_KEEPALIVE_SECONDS_DEFAULT = 10
 # kernel gives a connection up.
 TCP_KEEPALIVE_INTERVAL_SECONDS = 5
 TCP_KEEPALIVE_PROBES = 3
+# Long enough that guessing is hopeless (secrets.token_urlsafe(32) gives 43 characters).
+ADMIN_TOKEN_MIN_LENGTH = 32
+MAX_BODY_BYTES_DEFAULT = 1024 * 1024
+# Far above what probes and operators need, so 200 slow clients leave room for the
+# health probes; far below the usual limit of 1024 open files.
+HTTP_MAX_CONNECTIONS_DEFAULT = 500
 
 
 class ConfigurationError(Exception):
@@ -89,8 +96,16 @@ class Settings(BaseSettings):
     ai_transcription_model: str = "whisper-1"
     ai_speech_model: str = "tts-1"
     http_timeout: float = Field(30.0, gt=0)
-    # The bearer token of the admin API; without one the admin endpoints answer 503.
+    # The bearer token of the admin API, given as is or in a file (systemd's
+    # LoadCredential=); without one the admin endpoints answer 503. Read it with
+    # admin_token_value(), which enforces the rules.
     admin_token: SecretStr | None = None
+    admin_token_file: Path | None = None
+    # The largest request body the HTTP server accepts; larger ones are refused with 413
+    # before they are read.
+    max_body_bytes: int = Field(MAX_BODY_BYTES_DEFAULT, ge=0)
+    # Open HTTP connections at most; requests beyond them are answered 503.
+    http_max_connections: int = Field(HTTP_MAX_CONNECTIONS_DEFAULT, ge=1)
     # How often the one exporting daemon refreshes the queue-depth gauges.
     queue_depth_interval: float = Field(QUEUE_DEPTH_INTERVAL_SECONDS_DEFAULT, gt=0)
     # Log lines as JSON (the default off a terminal) or for humans (on a terminal).
@@ -103,6 +118,29 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(name.strip() for name in value.split(",") if name.strip())
         return value
+
+    def admin_token_value(self) -> str | None:
+        """The admin token (from WORKFLOWD_ADMIN_TOKEN or the file of WORKFLOWD_ADMIN_TOKEN_FILE),
+        or None for none; a ConfigurationError if both are set, the file cannot be read,
+        or the token is too short."""
+        if self.admin_token is not None and self.admin_token_file is not None:
+            raise ConfigurationError(
+                "both WORKFLOWD_ADMIN_TOKEN and WORKFLOWD_ADMIN_TOKEN_FILE are set: set only one"
+            )
+        if self.admin_token_file is not None:
+            token = read_token_file(self.admin_token_file)
+            source = f"WORKFLOWD_ADMIN_TOKEN_FILE ({self.admin_token_file})"
+        elif self.admin_token is not None:
+            token, source = self.admin_token.get_secret_value(), "WORKFLOWD_ADMIN_TOKEN"
+        else:
+            return None
+        if len(token) < ADMIN_TOKEN_MIN_LENGTH:
+            raise ConfigurationError(
+                f"the admin token of {source} has {len(token)} characters, fewer than "
+                f"{ADMIN_TOKEN_MIN_LENGTH}: use a long random secret, e.g. "
+                "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
+        return token
 
     def conninfo(self) -> str:
         """The libpq connection string: DATABASE_URL, else one built from the DB_* names."""
@@ -143,6 +181,16 @@ def with_session_limits(conninfo: str, settings: Settings) -> str:
         # Also bounds a send that the peer never acknowledges (a link cut mid-write).
         tcp_user_timeout=silence * 1000,
     )
+
+
+def read_token_file(path: Path) -> str:
+    """A secret from a file, without the one trailing newline that editors and echo add."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise ConfigurationError(f"cannot read WORKFLOWD_ADMIN_TOKEN_FILE {path}: {reason}") from None
+    return text.removesuffix("\r\n") if text.endswith("\r\n") else text.removesuffix("\n")
 
 
 def describe_database(conninfo: str) -> str:

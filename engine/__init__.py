@@ -8,6 +8,7 @@ Import the definition API and the service from here:
 from engine.definitions import Step, Workflow, WorkflowContext
 from engine.errors import (
     DefinitionError,
+    IdempotencyKeyConflictError,
     IllegalTransitionError,
     InputValidationError,
     InvalidWorkflowIdError,
@@ -37,6 +38,7 @@ from engine.states import StepState, WorkflowState
 __all__ = [
     "DefinitionError",
     "ExecutionSummary",
+    "IdempotencyKeyConflictError",
     "IllegalTransitionError",
     "InputValidationError",
     "InvalidWorkflowIdError",

@@ -15,7 +15,7 @@ from typing import Any
 from uuid import UUID
 
 from engine.definitions import Workflow
-from engine.errors import InputValidationError
+from engine.errors import OUTCOME_UNKNOWN, InputValidationError
 from engine.idempotency import step_input_digest
 from engine.runner import StepFailed, failure
 
@@ -168,7 +168,7 @@ def _not_started(claimed: ClaimedWorkflow, definition: Workflow) -> StepFailed:
             f"outcome unknown: the worker running step {step.name!r} (attempt {attempt}) stopped before "
             "recording its result, and the step is not idempotent, so it is not run again"
         )
-        return failure(step.name, attempt, "OutcomeUnknown", message, retryable=False)
+        return failure(step.name, attempt, OUTCOME_UNKNOWN, message, retryable=False)
     what = f"the compensation of step {step.name!r}" if claimed.compensating else f"step {step.name!r}"
     message = (
         f"the worker died during {what} in attempt {attempt}, and no retries are left "

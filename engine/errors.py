@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from uuid import UUID
+
+# The error type of a workflow failed because a step that must not run twice was
+# interrupted: it may or may not have taken effect, so only an operator who checked
+# may retry it (with force).
+OUTCOME_UNKNOWN = "OutcomeUnknown"
+
 
 class WorkflowEngineError(Exception):
     """Base class of every error the engine raises on purpose."""
@@ -54,6 +61,23 @@ class IllegalTransitionError(WorkflowEngineError):
         choices = ", ".join(sorted(allowed)) or "nothing (it is final)"
         because = reason or f"from {source} it may go to {choices}"
         super().__init__(f"a {kind} cannot go from {source} to {target}; {because}")
+
+
+class IdempotencyKeyConflictError(WorkflowEngineError):
+    """A start reuses an idempotency key that belongs to a different start.
+
+    A key names one start: the same type, user and input. Reusing it for another is a
+    mistake of the caller, refused rather than answered with the other workflow.
+    """
+
+    def __init__(self, key: str, workflow_id: UUID, differences: list[str]) -> None:
+        self.key = key
+        self.workflow_id = workflow_id
+        self.differences = differences
+        super().__init__(
+            f"idempotency key {key!r} already belongs to workflow {workflow_id}, started with a "
+            f"different {' and '.join(differences)}; use a new key for a different start"
+        )
 
 
 class WorkflowNotFoundError(WorkflowEngineError):

@@ -103,10 +103,23 @@ def _sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def start_identity(workflow_type: str, user_id: str | None, input: Any) -> dict[str, str]:
+    """What makes two starts the same start: the parts of the workflow key, before hashing.
+
+    No user and an empty user are alike; inputs compare by their canonical JSON, so key
+    order and number spelling make no difference.
+    """
+    return {
+        "type": workflow_type,
+        "user": user_id or "",
+        "input": canonical_json({} if input is None else input),
+    }
+
+
 def workflow_idempotency_key(workflow_type: str, user_id: str | None, input: Any) -> str:
     """The key that deduplicates starts of the same workflow for the same user and input."""
-    digest = _sha256_hex(canonical_json({} if input is None else input))
-    return f"workflow:{workflow_type}:{user_id or ''}:{digest}"
+    parts = start_identity(workflow_type, user_id, input)
+    return f"workflow:{parts['type']}:{parts['user']}:{_sha256_hex(parts['input'])}"
 
 
 def step_idempotency_key(workflow_key: str, step_name: str, step_input: Any) -> str:

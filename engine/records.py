@@ -131,6 +131,9 @@ class TimelineEvent(_Record):
     to_state: str
     attempt: int | None
     worker_id: str | None
+    # The operator whose command made the transition (cancel, retry, compensate), e.g.
+    # "admin-api:10.0.0.7" or "cli:alice"; None for what a worker did on its own.
+    actor: str | None
     error: dict[str, Any] | None
     at: datetime
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from engine.definitions import Step, WorkflowContext
-from engine.errors import InputValidationError, NotExecuted, PermanentError
+from engine.errors import OUTCOME_UNKNOWN, InputValidationError, NotExecuted, PermanentError
 from engine.idempotency import json_text
 
 
@@ -85,7 +85,7 @@ def _outcome_unknown(step: Step, attempt: int, ending: str, trace: str = "") -> 
         f"{ending}; it may have taken effect, so it is not run again (step code raises "
         "engine.NotExecuted to say an attempt did not take effect)"
     )
-    return failure(step.name, attempt, "OutcomeUnknown", message, retryable=False, trace=trace)
+    return failure(step.name, attempt, OUTCOME_UNKNOWN, message, retryable=False, trace=trace)
 
 
 class _Thread:

@@ -13,12 +13,14 @@ from psycopg_pool import AsyncConnectionPool
 
 from engine.definitions import MAX_RETRIES_DEFAULT
 from engine.errors import (
+    OUTCOME_UNKNOWN,
+    IdempotencyKeyConflictError,
     IllegalTransitionError,
     InvalidWorkflowIdError,
     UnstorableValueError,
     WorkflowNotFoundError,
 )
-from engine.idempotency import canonical_json, check_storable_text
+from engine.idempotency import canonical_json, check_storable_text, start_identity
 from engine.records import (
     ExecutionSummary,
     StartResult,
@@ -42,6 +44,9 @@ POOL_SIZE_DEFAULT = 4
 # A worker unseen for this long is not counted as live (three default leases).
 WORKER_STALE_SECONDS_DEFAULT = 90.0
 WAIT_POLL_SECONDS_MAX = 0.5
+# A caller's own idempotency key: long enough for any order number or UUID, short
+# enough for the unique index.
+IDEMPOTENCY_KEY_MAX_LENGTH = 512
 # States a workflow stays in until an operator acts.
 FINISHED_STATES = frozenset(
     {WorkflowState.COMPLETED, WorkflowState.FAILED, WorkflowState.CANCELLED, WorkflowState.COMPENSATED}
@@ -55,6 +60,26 @@ def check_text(**fields: str | None) -> None:
             check_storable_text(value, name)
 
 
+def check_idempotency_key(key: str | None) -> None:
+    """Refuse a caller's key that is empty, too long, or text PostgreSQL cannot hold."""
+    if key is None:
+        return
+    if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX_LENGTH:
+        raise UnstorableValueError(f"an idempotency key must be 1 to {IDEMPOTENCY_KEY_MAX_LENGTH} characters")
+    check_storable_text(key, "the idempotency key")
+
+
+def check_same_start(
+    existing: WorkflowRecord, type: str, input: Mapping[str, Any], user_id: str | None
+) -> None:
+    """A start that found its key taken must be the start that took it (type, user, input)."""
+    theirs = start_identity(existing.type, existing.user_id, existing.input)
+    ours = start_identity(type, user_id, input)
+    differences = [part for part in ours if ours[part] != theirs[part]]
+    if differences:
+        raise IdempotencyKeyConflictError(existing.idempotency_key, existing.id, differences)
+
+
 def parse_workflow_id(workflow_id: UUID | str) -> UUID:
     """A UUID from a UUID or its text; anything else is an `InvalidWorkflowIdError`."""
     if isinstance(workflow_id, UUID):
@@ -65,11 +90,28 @@ def parse_workflow_id(workflow_id: UUID | str) -> UUID:
         raise InvalidWorkflowIdError(f"{workflow_id!r} is not a workflow id (a UUID)") from None
 
 
+def explain_refused_retry(workflow: WorkflowRecord) -> None:
+    """Raise the IllegalTransitionError that says why the retry query refused `workflow`."""
+    if workflow.state is not WorkflowState.FAILED:
+        WORKFLOW_TRANSITIONS.check(workflow.state, WorkflowState.PENDING)
+        return
+    if (workflow.error or {}).get("type") == OUTCOME_UNKNOWN:
+        step = (workflow.error or {}).get("step")
+        reason = (
+            f"its step {step!r} must not run twice and was interrupted, so it may have taken effect: "
+            "check the outside service, then retry with force"
+        )
+    else:
+        reason = "its compensation has begun; re-drive it with compensate instead"
+    raise IllegalTransitionError("workflow", "failed", "pending", frozenset(), reason=reason)
+
+
 class WorkflowService:
     """Start workflows and read their state.
 
     Starting is idempotent: the same type, user and input (in any key order) map to one
-    workflow, also when many callers race. A type this process has a definition for is
+    workflow, also when many callers race; so does a caller's own idempotency key, which
+    may not be reused for a different start. A type this process has a definition for is
     validated against its input model at once; an unknown type may still be started,
     because another daemon may serve it.
     """
@@ -101,9 +143,16 @@ class WorkflowService:
         wallet_address: str | None = None,
         *,
         priority: int = 0,
+        idempotency_key: str | None = None,
     ) -> StartResult:
-        """Start a workflow, or find the one this start duplicates."""
+        """Start a workflow, or find the one this start duplicates.
+
+        `idempotency_key`: the caller's own key instead of the computed one. A second
+        start with it finds the first workflow if type, user and input are the same, and
+        raises `IdempotencyKeyConflictError` if not.
+        """
         check_text(type=type, user_id=user_id, wallet_address=wallet_address)
+        check_idempotency_key(idempotency_key)
         canonical_json(input)  # refuses what is not JSON before it reaches the database
         definition = self.registry.get(type)
         if definition is not None:
@@ -117,15 +166,22 @@ class WorkflowService:
             max_retries=definition.max_retries if definition else MAX_RETRIES_DEFAULT,
             requires_compensation=definition.requires_compensation if definition else False,
             priority=priority,
+            idempotency_key=idempotency_key,
         )
         if row is not None:
             return StartResult(workflow=WorkflowRecord.model_validate(row), created=True)
         # The key exists. Its row is committed: ON CONFLICT waited for the other insert,
         # and this new statement reads a new snapshot.
-        existing = await self.store.get_workflow_by_start(type=type, input=input, user_id=user_id)
+        existing = await self.store.get_workflow_by_start(
+            type=type, input=input, user_id=user_id, idempotency_key=idempotency_key
+        )
         if existing is None:  # deleted in between: rare, and a retry settles it
-            return await self.start(type, input, user_id, wallet_address, priority=priority)
-        return StartResult(workflow=WorkflowRecord.model_validate(existing), created=False)
+            return await self.start(
+                type, input, user_id, wallet_address, priority=priority, idempotency_key=idempotency_key
+            )
+        workflow = WorkflowRecord.model_validate(existing)
+        check_same_start(workflow, type, input, user_id)
+        return StartResult(workflow=workflow, created=False)
 
     async def start_workflow(
         self,
@@ -135,9 +191,12 @@ class WorkflowService:
         wallet_address: str | None = None,
         *,
         priority: int = 0,
+        idempotency_key: str | None = None,
     ) -> WorkflowRecord:
         """Start a workflow and return it; a duplicate start returns the existing one."""
-        result = await self.start(type, input, user_id, wallet_address, priority=priority)
+        result = await self.start(
+            type, input, user_id, wallet_address, priority=priority, idempotency_key=idempotency_key
+        )
         return result.workflow
 
     async def get_workflow(self, workflow_id: UUID | str) -> WorkflowRecord:
@@ -184,18 +243,19 @@ class WorkflowService:
         workflow = await self.get_workflow(workflow_id)
         return [TimelineEvent.model_validate(row) for row in await self.store.get_timeline(workflow.id)]
 
-    async def cancel_workflow(self, workflow_id: UUID | str) -> WorkflowRecord:
+    async def cancel_workflow(self, workflow_id: UUID | str, *, actor: str | None = None) -> WorkflowRecord:
         """Cancel a workflow: a pending one at once, a running one at its next step boundary.
 
         A running workflow gets `cancel_requested` (its running step sees it in
         `ctx.cancel_requested`) and then compensates if its definition requires it.
-        Cancelling a finished workflow raises IllegalTransitionError.
+        Cancelling a finished workflow raises IllegalTransitionError. `actor` (who asks)
+        is recorded in the timeline events of the transition.
         """
         key = parse_workflow_id(workflow_id)
         async with self.store.transaction() as tx:
-            changed = await tx.cancel_workflow(key)
+            changed = await tx.cancel_workflow(key, actor=actor)
             if changed is not None and changed["compensate"]:
-                await tx.begin_compensation(workflow_id=key, worker_id=None)
+                await tx.begin_compensation(workflow_id=key, worker_id=None, actor=actor)
             if changed is not None:
                 await tx.notify_due()
         if changed is None:
@@ -205,34 +265,40 @@ class WorkflowService:
                 return workflow
         return await self.get_workflow(key)
 
-    async def retry_workflow(self, workflow_id: UUID | str) -> WorkflowRecord:
-        """Resume a failed workflow at its failed step; completed steps do not run again."""
+    async def retry_workflow(
+        self, workflow_id: UUID | str, *, force: bool = False, actor: str | None = None
+    ) -> WorkflowRecord:
+        """Resume a failed workflow at its failed step; completed steps do not run again.
+
+        A workflow that failed with an unknown outcome (a step that must not run twice
+        was interrupted, and may have taken effect) is retried only with `force`, once
+        the operator has checked the outside service. `actor` (who asks) is recorded in
+        the timeline events of the transition.
+        """
         key = parse_workflow_id(workflow_id)
         async with self.store.transaction() as tx:
-            retried = await tx.retry_workflow(key)
+            retried = await tx.retry_workflow(key, force=force, needs_force=OUTCOME_UNKNOWN, actor=actor)
             if retried:
                 await tx.notify_due()
         workflow = await self.get_workflow(key)
         if not retried:
-            if workflow.state is WorkflowState.FAILED:
-                raise IllegalTransitionError(
-                    "workflow", "failed", "pending", frozenset(),
-                    reason="its compensation has begun; re-drive it with compensate instead",
-                )  # fmt: skip
-            WORKFLOW_TRANSITIONS.check(workflow.state, WorkflowState.PENDING)
+            explain_refused_retry(workflow)
         return workflow
 
-    async def compensate_workflow(self, workflow_id: UUID | str) -> WorkflowRecord:
+    async def compensate_workflow(
+        self, workflow_id: UUID | str, *, actor: str | None = None
+    ) -> WorkflowRecord:
         """Undo the completed steps of a failed or cancelled workflow, in reverse order.
 
         Works whether or not the definition compensates by itself, and re-drives a
-        compensation that gave up (its stuck step gets a fresh retry budget).
+        compensation that gave up (its stuck step gets a fresh retry budget). `actor`
+        (who asks) is recorded in the timeline events of the transition.
         """
         key = parse_workflow_id(workflow_id)
         async with self.store.transaction() as tx:
             locked = await tx.lock_for_compensation(key)
             if locked:
-                await tx.begin_compensation(workflow_id=key, worker_id=None)
+                await tx.begin_compensation(workflow_id=key, worker_id=None, actor=actor)
                 await tx.notify_due()
         workflow = await self.get_workflow(key)
         if not locked:

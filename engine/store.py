@@ -203,8 +203,12 @@ class Store:
         max_retries: int,
         requires_compensation: bool,
         priority: int,
+        idempotency_key: str | None = None,
     ) -> Row | None:
-        """Insert a pending workflow; None when its idempotency key already exists."""
+        """Insert a pending workflow; None when its idempotency key already exists.
+
+        `idempotency_key`: the caller's own key; None lets the insert trigger compute it.
+        """
         return await self._one(
             "insert_workflow",
             {
@@ -216,12 +220,15 @@ class Store:
                 "max_retries": max_retries,
                 "requires_compensation": requires_compensation,
                 "priority": priority,
+                "idempotency_key": idempotency_key,
             },
         )
 
-    async def get_workflow_by_start(self, *, type: str, input: Any, user_id: str | None) -> Row | None:
-        """The workflow that a start with these arguments maps to, if any."""
-        params = {"type": type, "input": Jsonb(input), "user_id": user_id}
+    async def get_workflow_by_start(
+        self, *, type: str, input: Any, user_id: str | None, idempotency_key: str | None = None
+    ) -> Row | None:
+        """The workflow that a start with these arguments (or with this key) maps to, if any."""
+        params = {"type": type, "input": Jsonb(input), "user_id": user_id, "idempotency_key": idempotency_key}
         return await self._one("get_workflow_by_start", params)
 
     async def get_workflow(self, workflow_id: UUID) -> Row | None:
@@ -276,13 +283,19 @@ class Store:
 
     # Commands of operators: cancel, retry, compensate.
 
-    async def cancel_workflow(self, workflow_id: UUID) -> Row | None:
+    async def cancel_workflow(self, workflow_id: UUID, *, actor: str | None) -> Row | None:
         """Cancel a pending workflow or flag a running one; None in any other state."""
-        return await self._one("cancel_workflow", {"id": workflow_id})
+        return await self._one("cancel_workflow", {"id": workflow_id, "actor": actor})
 
-    async def retry_workflow(self, workflow_id: UUID) -> bool:
-        """Resume a failed workflow at its failed step; False when it may not be retried."""
-        return await self._one("retry_workflow", {"id": workflow_id}) is not None
+    async def retry_workflow(
+        self, workflow_id: UUID, *, force: bool, needs_force: str, actor: str | None
+    ) -> bool:
+        """Resume a failed workflow at its failed step; False when it may not be retried.
+
+        A workflow whose error type is `needs_force` is retried only with `force`.
+        """
+        params = {"id": workflow_id, "force": force, "needs_force": needs_force, "actor": actor}
+        return await self._one("retry_workflow", params) is not None
 
     async def lock_for_compensation(self, workflow_id: UUID) -> bool:
         """Lock a failed or cancelled workflow for the compensate command; False otherwise."""
@@ -431,9 +444,15 @@ class Store:
         """State and attempt counters of one step."""
         return await self._one("get_step", {"id": workflow_id, "step_index": step_index})
 
-    async def begin_compensation(self, *, workflow_id: UUID, worker_id: str | None) -> str:
-        """Start undoing a failed or cancelled workflow; returns its new state."""
-        return str(await self._scalar("begin_compensation", {"id": workflow_id, "worker_id": worker_id}))
+    async def begin_compensation(
+        self, *, workflow_id: UUID, worker_id: str | None, actor: str | None = None
+    ) -> str:
+        """Start undoing a failed or cancelled workflow; returns its new state.
+
+        `actor`: the operator whose command this is (None for a worker's own decision).
+        """
+        params = {"id": workflow_id, "worker_id": worker_id, "actor": actor}
+        return str(await self._scalar("begin_compensation", params))
 
     async def cancel_at_boundary(self, *, workflow_id: UUID, lease_token: UUID, worker_id: str) -> bool:
         """Cancel a claimed workflow between two steps; False when it was not running under this lease."""

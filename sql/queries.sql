@@ -2,20 +2,23 @@
 -- Parameters are always bound (%(name)s), never formatted into the text.
 
 -- name: insert_workflow
--- Start a workflow. The before-insert trigger fills in the idempotency key; a duplicate
--- key inserts nothing and returns no row, and the caller then reads the existing one.
+-- Start a workflow. The before-insert trigger fills in the idempotency key unless the
+-- caller chose one (NULL: computed); a duplicate key inserts nothing and returns no
+-- row, and the caller then reads the existing one.
 INSERT INTO workflows (type, input, user_id, wallet_address, total_steps, max_retries,
-                       requires_compensation, priority)
+                       requires_compensation, priority, idempotency_key)
 VALUES (%(type)s, %(input)s, %(user_id)s, %(wallet_address)s, %(total_steps)s,
-        %(max_retries)s, %(requires_compensation)s, %(priority)s)
+        %(max_retries)s, %(requires_compensation)s, %(priority)s, %(idempotency_key)s)
 ON CONFLICT (idempotency_key) DO NOTHING
 RETURNING *;
 
 -- name: get_workflow_by_start
--- The workflow a start with these arguments maps to. It calls the same SQL function
--- as the insert trigger, so it finds the row whatever the input's key order.
+-- The workflow a start with these arguments maps to: the one holding the caller's own
+-- key, else the computed one. It calls the same SQL function as the insert trigger, so
+-- it finds the row whatever the input's key order.
 SELECT * FROM workflows
-WHERE idempotency_key = workflow_idempotency_key(%(type)s, %(user_id)s, %(input)s);
+WHERE idempotency_key = coalesce(%(idempotency_key)s::text,
+                                 workflow_idempotency_key(%(type)s, %(user_id)s, %(input)s));
 
 -- name: get_workflow
 SELECT * FROM workflows WHERE id = %(id)s;
@@ -335,9 +338,10 @@ events AS (
 SELECT id FROM failed_workflow;
 
 -- name: begin_compensation
--- After fail_workflow or cancel_at_boundary, in the same transaction: undo the completed
--- steps (see workflow_begin_compensation in the migrations).
-SELECT workflow_begin_compensation(%(id)s, %(worker_id)s);
+-- After fail_workflow or cancel_at_boundary, in the same transaction, or for an
+-- operator's command (`actor`): undo the completed steps (see
+-- workflow_begin_compensation in the migrations).
+SELECT workflow_begin_compensation(%(id)s, %(worker_id)s, %(actor)s);
 
 -- name: cancel_at_boundary
 -- A claimed workflow whose cancel was requested stops here, between two steps: it is
@@ -587,20 +591,23 @@ skipped AS (
     RETURNING s.workflow_id, s.step_index, s.step_name
 ),
 events AS (
-    INSERT INTO workflow_events (workflow_id, from_state, to_state)
-    SELECT id, 'pending', 'cancelled' FROM changed WHERE previous_state = 'pending'
+    INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state, actor)
+    SELECT id, NULL, NULL, 'pending', 'cancelled', %(actor)s FROM changed WHERE previous_state = 'pending'
     UNION ALL
-    SELECT workflow_id, 'pending', 'skipped' FROM skipped
+    SELECT workflow_id, step_index, step_name, 'pending', 'skipped', %(actor)s FROM skipped
 )
 SELECT id, previous_state, state, compensate FROM changed;
 
 -- name: retry_workflow
 -- Resume a failed workflow at its failed step: that step's counters reset, completed
--- steps stay completed (they do not run again). Refused (no row) in any other state, or
--- once compensation has begun (the compensate command re-drives that instead).
+-- steps stay completed (they do not run again). Refused (no row) in any other state,
+-- once compensation has begun (the compensate command re-drives that instead), and,
+-- unless forced, when the error is one that only an operator may retry (an outcome
+-- unknown: the step may have taken effect).
 WITH target AS (
     SELECT id, current_step_index FROM workflows
     WHERE id = %(id)s AND state = 'failed'
+      AND (%(force)s OR error->>'type' IS DISTINCT FROM %(needs_force)s::text)
       AND NOT EXISTS (SELECT 1 FROM workflow_steps s WHERE s.workflow_id = %(id)s
                       AND s.state IN ('compensating', 'compensated'))
     FOR UPDATE
@@ -622,10 +629,10 @@ changed AS (
     RETURNING w.id
 ),
 events AS (
-    INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state)
-    SELECT id, NULL, NULL, 'failed', 'pending' FROM changed
+    INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state, actor)
+    SELECT id, NULL, NULL, 'failed', 'pending', %(actor)s FROM changed
     UNION ALL
-    SELECT workflow_id, step_index, step_name, 'failed', 'pending' FROM reset_step
+    SELECT workflow_id, step_index, step_name, 'failed', 'pending', %(actor)s FROM reset_step
 )
 SELECT id FROM changed;
 
@@ -646,7 +653,7 @@ reset AS (
 SELECT id FROM target;
 
 -- name: get_timeline
-SELECT id, workflow_id, step_index, step_name, from_state, to_state, attempt, worker_id, error, at
+SELECT id, workflow_id, step_index, step_name, from_state, to_state, attempt, worker_id, actor, error, at
 FROM workflow_events WHERE workflow_id = %(id)s ORDER BY id;
 
 -- name: count_by_type_and_state

@@ -56,3 +56,25 @@ def insert_step(
         "idempotency_key": f"step:{step_name}:{workflow['id']}",
     }
     return _insert(conn, "workflow_steps", values | columns)
+
+
+OUTCOME_UNKNOWN_ERROR = {
+    "type": "OutcomeUnknown",
+    "message": "outcome unknown: the worker running step 'transfer' (attempt 1) stopped before recording "
+    "its result, and the step is not idempotent, so it is not run again",
+    "step": "transfer",
+    "attempt": 1,
+}
+
+
+def insert_outcome_unknown_failure(
+    conn: psycopg.Connection[Any], *, type: str = "transfer_funds", **columns: Any
+) -> dict[str, Any]:
+    """A workflow failed as the worker leaves it when a non-idempotent step was interrupted:
+    its one step `transfer` failed with `OutcomeUnknown` (it may have taken effect)."""
+    workflow = insert_workflow(
+        conn, type=type, state="failed", total_steps=1, error=OUTCOME_UNKNOWN_ERROR, **columns
+    )
+    step = {"state": "failed", "is_idempotent": False, "attempt": 1, "error": OUTCOME_UNKNOWN_ERROR}
+    insert_step(conn, workflow, 0, "transfer", **step)
+    return workflow

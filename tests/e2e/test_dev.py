@@ -20,6 +20,7 @@ import structlog
 from daemon import local_postgres
 from daemon.cli import main
 from daemon.local_postgres import free_port
+from daemon.settings import ADMIN_TOKEN_MIN_LENGTH
 from tests.e2e.conftest import ROOT
 
 SAMPLE_SIZE = 20
@@ -28,6 +29,7 @@ UNSET = (
     "DB_HOST",
     "TEST_DATABASE_URL",
     "WORKFLOWD_ADMIN_TOKEN",
+    "WORKFLOWD_ADMIN_TOKEN_FILE",
     "WORKFLOWD_MODULES",
     "NOTIFY_SOCKET",
     "INVOCATION_ID",
@@ -80,6 +82,7 @@ def run_once(folder: Path, expected_total: int) -> str:
         shown = read_until(process, "summary", 120)
         token = re.search(r"token: ([\w-]+)\)", shown)
         assert token is not None, shown
+        assert len(token[1]) >= ADMIN_TOKEN_MIN_LENGTH  # the daemon would refuse a shorter one
         url = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{url}/healthz").json()["status"] == "ready"
         stats = httpx.get(

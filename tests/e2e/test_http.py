@@ -18,6 +18,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from tests.e2e.conftest import Daemon, Daemons, all_finished, insert_workflows, wait_until
+from tests.factories import insert_outcome_unknown_failure
 from tests.proxy import CuttableProxy
 
 TOKEN = "test-token-" + uuid.uuid4().hex
@@ -83,6 +84,91 @@ def test_start_is_idempotent_and_validated(api: httpx.Client, db: psycopg.Connec
         assert answer.status_code == 422, bad
         assert "detail" in answer.json()
     assert api.post("/admin/workflows", json={"type": "nobody_serves_this", "input": {}}).status_code == 201
+
+
+def test_start_with_an_explicit_idempotency_key(api: httpx.Client, db: psycopg.Connection[Any]) -> None:
+    body = {"type": "nobody_serves_this", "input": {"amount": 1.5, "to": "0xa"}, "user_id": "u1",
+            "idempotency_key": "order-7"}  # fmt: skip
+    created = api.post("/admin/workflows", json=body)
+    assert created.status_code == 201
+    assert created.json()["idempotency_key"] == "order-7"
+    # The same start, spelt differently: another key order, another spelling of 1.5.
+    respelt = (
+        '{"idempotency_key": "order-7", "user_id": "u1", "type": "nobody_serves_this", '
+        '"input": {"to": "0xa", "amount": 15e-1}}'
+    )
+    again = api.post("/admin/workflows", content=respelt, headers={"Content-Type": "application/json"})
+    assert again.status_code == 200
+    assert again.json()["id"] == created.json()["id"]
+    for different in ({"input": {"amount": 2, "to": "0xa"}}, {"user_id": "u2"}, {"type": "other"}):
+        conflict = api.post("/admin/workflows", json=body | different)
+        assert conflict.status_code == 409, different
+        assert "idempotency key 'order-7' already belongs to workflow" in conflict.json()["detail"]
+    assert db.execute("SELECT count(*) FROM workflows").fetchone() == (1,)
+
+
+def test_unknown_fields_of_a_start_are_refused_not_dropped(
+    api: httpx.Client, db: psycopg.Connection[Any]
+) -> None:
+    misspelt = api.post(
+        "/admin/workflows", json={"type": "nobody_serves_this", "input": {}, "idempotency_kee": "order-8"}
+    )
+    assert misspelt.status_code == 422
+    [error] = misspelt.json()["detail"]
+    assert (error["loc"], error["type"]) == (["body", "idempotency_kee"], "extra_forbidden")
+    for bad_key in ("", "k" * 513):
+        answer = api.post("/admin/workflows", json={"type": "t", "idempotency_key": bad_key})
+        assert answer.status_code == 422, bad_key
+    assert db.execute("SELECT count(*) FROM workflows").fetchone() == (0,)
+
+
+def test_retry_of_an_outcome_unknown_failure_needs_force(
+    api: httpx.Client, db: psycopg.Connection[Any]
+) -> None:
+    staged = insert_outcome_unknown_failure(db, type="nobody_serves_this")
+    refused = api.post(f"/admin/workflows/{staged['id']}/retry")
+    assert refused.status_code == 409
+    assert (
+        "may have taken effect: check the outside service, then retry with force" in refused.json()["detail"]
+    )
+    assert api.get(f"/admin/workflows/{staged['id']}").json()["state"] == "failed"
+    forced = api.post(f"/admin/workflows/{staged['id']}/retry", params={"force": "true"})
+    assert forced.status_code == 200
+    assert forced.json()["state"] == "pending"
+
+
+def test_commands_are_audited_and_their_actor_is_in_the_timeline(api: httpx.Client, daemon: Daemon) -> None:
+    workflow_id = api.post(
+        "/admin/workflows", json={"type": "nobody_serves_this", "input": {}, "user_id": "u"}
+    ).json()["id"]
+    assert (
+        api.post(f"/admin/workflows/{workflow_id}/cancel", headers={"X-Workflowd-Actor": "alice"}).status_code
+        == 200
+    )
+    assert api.post(f"/admin/workflows/{workflow_id}/compensate").status_code == 200
+    assert api.post(f"/admin/workflows/{workflow_id}/retry").status_code == 409
+    too_long = api.post(f"/admin/workflows/{workflow_id}/cancel", headers={"X-Workflowd-Actor": "a" * 129})
+    assert too_long.status_code == 422
+    timeline = api.get(f"/admin/workflows/{workflow_id}/timeline").json()
+    assert [(event["to_state"], event["actor"]) for event in timeline] == [
+        ("cancelled", "alice via admin-api:127.0.0.1"),
+        ("compensating", "admin-api:127.0.0.1"),
+        ("compensated", "admin-api:127.0.0.1"),
+    ]
+
+    def audit_lines() -> list[dict[str, Any]]:
+        return [event for event in daemon.log_events() if event["event"] == "admin_command"]
+
+    lines = wait_until(lambda: len(audit_lines()) == 4 and audit_lines(), 5, "four audit lines")
+    assert [(line["command"], line["actor"], line["outcome"]) for line in lines] == [
+        ("start", "admin-api:127.0.0.1", "created"),
+        ("cancel", "alice via admin-api:127.0.0.1", "done"),
+        ("compensate", "admin-api:127.0.0.1", "done"),
+        ("retry", "admin-api:127.0.0.1", "refused"),
+    ]
+    assert {line["workflow_id"] for line in lines} == {workflow_id}
+    assert {line["level"] for line in lines} == {"info"}
+    assert "cannot go from compensated to pending" in lines[-1]["reason"]
 
 
 def test_reading_listing_searching_and_the_errors(

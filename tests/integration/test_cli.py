@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import psycopg
 import pytest
 
 from daemon.local_postgres import free_port
-from tests.factories import insert_step, insert_workflow
+from tests.factories import insert_outcome_unknown_failure, insert_step, insert_workflow
 
 DB_VARIABLES = (
     "DATABASE_URL",
@@ -220,3 +221,35 @@ def test_operator_commands_explain_refusals_in_one_line(db_url: str, db: psycopg
         workflowd("status", "00000000-0000-0000-0000-000000000000", env=env), 1, "no workflow with id"
     )
     assert_one_line_error(workflowd("timeline", "not-an-id", env=env), 1, "is not a workflow id")
+
+
+def test_start_takes_an_idempotency_key(db_url: str, db: psycopg.Connection[Any]) -> None:
+    env = {"DATABASE_URL": db_url}
+    start = ("start", "report", "--user", "u1", "--idempotency-key", "report-2026-11")
+    first = workflowd(*start, "--input", '{"month": 11, "format": "pdf"}', "--json", env=env)
+    assert first.returncode == 0, first.stderr
+    document = json.loads(first.stdout)
+    assert (document["created"], document["idempotency_key"]) == (True, "report-2026-11")
+    again = workflowd(*start, "--input", '{"format": "pdf", "month": 11.0}', env=env)
+    assert again.stdout.startswith(f"already started (same idempotency key): workflow {document['id']}")
+    assert_one_line_error(
+        workflowd(*start, "--input", '{"month": 12, "format": "pdf"}', env=env),
+        1,
+        "idempotency key 'report-2026-11' already belongs to workflow",
+    )
+    assert db.execute("SELECT count(*) FROM workflows").fetchone() == (1,)
+
+
+def test_retry_of_an_outcome_unknown_failure_needs_force(db_url: str, db: psycopg.Connection[Any]) -> None:
+    env = {"DATABASE_URL": db_url}
+    staged = insert_outcome_unknown_failure(db)
+    assert_one_line_error(
+        workflowd("retry", str(staged["id"]), env=env), 1, "may have taken effect: check the outside service"
+    )
+    forced = workflowd("retry", str(staged["id"]), "--force", env=env)
+    assert forced.stdout == f"workflow {staged['id']} is pending\n", forced.stderr
+    events = json.loads(workflowd("timeline", str(staged["id"]), "--json", env=env).stdout)
+    assert [(event["to_state"], event["actor"]) for event in events] == [
+        ("pending", f"cli:{getpass.getuser()}"),
+        ("pending", f"cli:{getpass.getuser()}"),
+    ]

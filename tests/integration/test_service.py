@@ -11,10 +11,12 @@ import pytest
 from pydantic import BaseModel
 
 from engine import (
+    IdempotencyKeyConflictError,
     InputValidationError,
     InvalidWorkflowIdError,
     Registry,
     Step,
+    UnstorableValueError,
     Workflow,
     WorkflowNotFoundError,
     WorkflowService,
@@ -76,6 +78,48 @@ async def test_a_duplicate_start_returns_the_existing_workflow(
     other_user = await service.start("report", {"month": "2026-11", "format": "pdf"}, "u2")
     assert other_user.created is True
     assert db.execute("SELECT count(*) FROM workflows").fetchone() == (2,)
+
+
+async def test_an_explicit_idempotency_key_finds_its_start_and_refuses_another(
+    service: WorkflowService, db: psycopg.Connection[Any]
+) -> None:
+    first = await service.start("payout", {"amount": 1.5, "to": "0xa"}, "u1", idempotency_key="order-7")
+    assert first.created is True
+    assert first.workflow.idempotency_key == "order-7"
+    # The same start in another key order and number spelling: the same workflow.
+    again = await service.start("payout", {"to": "0xa", "amount": 1.50}, "u1", idempotency_key="order-7")
+    assert (again.created, again.workflow.id) == (False, first.workflow.id)
+    assert (await service.start_workflow("payout", {"to": "0xa", "amount": 1.5}, "u1",
+                                         idempotency_key="order-7")).id == first.workflow.id  # fmt: skip
+    for start, differing in (
+        (("payout", {"amount": 2, "to": "0xa"}, "u1"), ["input"]),
+        (("refund", {"amount": 1.5, "to": "0xa"}, "u1"), ["type"]),
+        (("payout", {"amount": 1.5, "to": "0xa"}, "u2"), ["user"]),
+        (("refund", {"amount": 1.5, "to": "0xa"}, None), ["type", "user"]),
+    ):
+        with pytest.raises(IdempotencyKeyConflictError) as conflict:
+            await service.start(*start, idempotency_key="order-7")
+        assert conflict.value.differences == differing
+        assert conflict.value.workflow_id == first.workflow.id
+        assert "idempotency key 'order-7' already belongs to workflow" in str(conflict.value)
+    assert db.execute("SELECT count(*) FROM workflows").fetchone() == (1,)
+
+
+async def test_a_key_chosen_in_sql_is_found_by_a_start_with_it(
+    service: WorkflowService, db: psycopg.Connection[Any]
+) -> None:
+    row = insert_workflow(db, type="payout", input={"amount": 3}, user_id="u1", idempotency_key="sql-chosen")
+    found = await service.start("payout", {"amount": 3.0}, "u1", idempotency_key="sql-chosen")
+    assert (found.created, found.workflow.id) == (False, row["id"])
+    with pytest.raises(IdempotencyKeyConflictError, match="'sql-chosen'"):
+        await service.start("payout", {"amount": 4}, "u1", idempotency_key="sql-chosen")
+
+
+async def test_an_idempotency_key_must_be_storable_text_of_a_sane_length(service: WorkflowService) -> None:
+    for bad in ("", "k" * 513, "nul\x00key"):
+        with pytest.raises(UnstorableValueError, match="idempotency key"):
+            await service.start("payout", {}, "u1", idempotency_key=bad)
+    assert (await service.start("payout", {}, "u1", idempotency_key="k" * 512)).created is True
 
 
 async def test_twenty_concurrent_duplicate_starts_from_separate_connections_give_one_row(

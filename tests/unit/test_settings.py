@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from psycopg.conninfo import conninfo_to_dict
@@ -11,7 +12,9 @@ from pydantic import ValidationError
 from daemon.settings import (
     DB_PORT_DEFAULT,
     HTTP_HOST_DEFAULT,
+    HTTP_MAX_CONNECTIONS_DEFAULT,
     HTTP_PORT_DEFAULT,
+    MAX_BODY_BYTES_DEFAULT,
     ConfigurationError,
     Settings,
     describe_database,
@@ -44,6 +47,9 @@ def test_defaults() -> None:
     assert settings.port == HTTP_PORT_DEFAULT
     assert settings.host == HTTP_HOST_DEFAULT
     assert settings.modules == ()
+    assert (settings.max_body_bytes, settings.http_max_connections) == (1_048_576, 500)
+    assert (MAX_BODY_BYTES_DEFAULT, HTTP_MAX_CONNECTIONS_DEFAULT) == (1_048_576, 500)
+    assert settings.admin_token_value() is None
 
 
 def test_database_url_wins_over_the_db_names(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -181,3 +187,54 @@ def test_describe_database_of_the_built_conninfo(monkeypatch: pytest.MonkeyPatch
 def test_describe_database_of_an_unreadable_conninfo() -> None:
     description = describe_database("postgresql://alice:secret@[broken")
     assert description == "the configured database"
+
+
+LONG_TOKEN = "t" * 32
+
+
+def test_the_admin_token_must_have_32_characters(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKFLOWD_ADMIN_TOKEN", LONG_TOKEN)
+    assert Settings().admin_token_value() == LONG_TOKEN
+    monkeypatch.setenv("WORKFLOWD_ADMIN_TOKEN", LONG_TOKEN[1:])
+    with pytest.raises(ConfigurationError, match="WORKFLOWD_ADMIN_TOKEN has 31 characters, fewer than 32"):
+        Settings().admin_token_value()
+
+
+@pytest.mark.parametrize(
+    ("written", "token"),
+    [
+        (LONG_TOKEN, LONG_TOKEN),
+        (LONG_TOKEN + "\n", LONG_TOKEN),
+        (LONG_TOKEN + "\r\n", LONG_TOKEN),
+        (LONG_TOKEN + " \n\n", LONG_TOKEN + " \n"),  # only one newline goes: the rest is the secret
+    ],
+)
+def test_the_admin_token_file_loses_one_trailing_newline(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, written: str, token: str
+) -> None:
+    path = tmp_path / "token"
+    path.write_bytes(written.encode())
+    monkeypatch.setenv("WORKFLOWD_ADMIN_TOKEN_FILE", str(path))
+    assert Settings().admin_token_value() == token
+
+
+def test_admin_token_file_errors_are_one_clear_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text(LONG_TOKEN)
+    monkeypatch.setenv("WORKFLOWD_ADMIN_TOKEN_FILE", str(path))
+    monkeypatch.setenv("WORKFLOWD_ADMIN_TOKEN", LONG_TOKEN)
+    with pytest.raises(ConfigurationError, match="both WORKFLOWD_ADMIN_TOKEN and WORKFLOWD_ADMIN_TOKEN_FILE"):
+        Settings().admin_token_value()
+    monkeypatch.delenv("WORKFLOWD_ADMIN_TOKEN")
+    monkeypatch.setenv("WORKFLOWD_ADMIN_TOKEN_FILE", str(tmp_path / "missing"))
+    with pytest.raises(
+        ConfigurationError, match=r"cannot read WORKFLOWD_ADMIN_TOKEN_FILE .*missing: No such file"
+    ):
+        Settings().admin_token_value()
+    path.write_bytes(b"\xff" * 40)
+    monkeypatch.setenv("WORKFLOWD_ADMIN_TOKEN_FILE", str(path))
+    with pytest.raises(ConfigurationError, match="not UTF-8 text"):
+        Settings().admin_token_value()
+    path.write_text("short\n")
+    with pytest.raises(ConfigurationError, match=r"WORKFLOWD_ADMIN_TOKEN_FILE \(.*\) has 5 characters"):
+        Settings().admin_token_value()
