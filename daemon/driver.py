@@ -217,7 +217,7 @@ class Driver:
         if isinstance(outcome, StepFailed):
             await self._record_failure(assignment, outcome)
             return False
-        write = self._completion(assignment, outcome, self.store)
+        write = self._completion(assignment, outcome, transaction=None)
         return self._advance(assignment, outcome, await self._fenced(assignment, write, self._settle))
 
     async def _record_failure(self, assignment: Assignment, outcome: StepFailed) -> None:
@@ -265,11 +265,12 @@ class Driver:
         return True
 
     def _completion(
-        self, assignment: Assignment, outcome: StepSucceeded, store: Store
+        self, assignment: Assignment, outcome: StepSucceeded, *, transaction: Store | None
     ) -> Callable[[], Awaitable[Advanced | None]]:
-        """The write that records a succeeded attempt: in `store`'s transaction for a
-        transactional step, else in the group commit."""
+        """The write that records a succeeded attempt: in a transactional step's own
+        `transaction`, else in the group commit (a compensation on its own)."""
         go_on = self._may_go_on(assignment)
+        store = transaction or self.store
         if assignment.compensating:
             return lambda: store.complete_compensation(
                 workflow_id=assignment.workflow_id, lease_token=assignment.lease_token,
@@ -280,9 +281,9 @@ class Driver:
             assignment.workflow_id, assignment.lease_token, assignment.step_index, assignment.attempt,
             outcome.output_json, go_on,
         )  # fmt: skip
-        if store is self.store:
+        if transaction is None:
             return lambda: self.group_commit.complete(completion)
-        return lambda: self._complete_alone(store, completion)
+        return lambda: self._complete_alone(transaction, completion)
 
     async def _complete_alone(self, store: Store, completion: Completion) -> Advanced | None:
         rows = await store.complete_steps([completion], worker_id=self.id)
@@ -343,7 +344,7 @@ class Driver:
         async with conn.transaction():
             outcome = await self._run(assignment, replace(self._context(assignment), connection=conn))
             if isinstance(outcome, StepSucceeded):
-                result = await self._completion(assignment, outcome, Store(conn))()
+                result = await self._completion(assignment, outcome, transaction=Store(conn))()
                 return self._advance(assignment, outcome, result)
             raise psycopg.Rollback
         assert isinstance(outcome, StepFailed)
@@ -356,10 +357,9 @@ class Driver:
         step = await self._fenced(
             assignment, lambda: self.store.get_step(assignment.workflow_id, assignment.step_index)
         )
-        state, attempt = (
-            ("compensating", "compensation_attempt") if assignment.compensating else ("running", "attempt")
-        )
-        if step is not None and step["state"] == state and step[attempt] == assignment.attempt:
+        in_flight = "compensating" if assignment.compensating else "running"
+        attempt = step and (step.compensation_attempt if assignment.compensating else step.attempt)
+        if step is not None and step.state == in_flight and attempt == assignment.attempt:
             retry = failure(
                 assignment.step.name, assignment.attempt, type(error).__name__, str(error), retryable=True
             )
@@ -411,18 +411,15 @@ class Driver:
         progress = await self.store.get_step_progress(assignment.workflow_id)
         if (
             progress is not None
-            and progress["lease_token"] == assignment.lease_token
-            and progress["current_step_index"] != assignment.step_index
-            and progress["step_state"] in ("running", "compensating")
+            and progress.lease_token == assignment.lease_token
+            and progress.current_step_index != assignment.step_index
+            and progress.step_state in ("running", "compensating")
         ):
-            compensating = progress["step_state"] == "compensating"
             return Advanced(
                 id=assignment.workflow_id,
                 was_last=False,
-                next_step_index=progress["current_step_index"],
-                next_attempt=progress["step_compensation_attempt" if compensating else "step_attempt"],
-                next_retry_count=progress[
-                    "step_compensation_retry_count" if compensating else "step_retry_count"
-                ],
+                next_step_index=progress.current_step_index,
+                next_attempt=progress.attempt,
+                next_retry_count=progress.retry_count,
             )
         return None

@@ -91,6 +91,27 @@ class Advanced:
 
 
 @dataclass(frozen=True, slots=True)
+class StepAttempts:
+    """A step's state and attempt counters (forward and compensating)."""
+
+    state: str
+    attempt: int
+    compensation_attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepProgress:
+    """Where a workflow stands: its lease, its cursor, and the state and attempt counters
+    of the step under the cursor (its compensation's while compensating)."""
+
+    lease_token: UUID | None
+    current_step_index: int
+    step_state: str | None
+    attempt: int | None
+    retry_count: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class Renewal:
     """A lease the heartbeat found still ours: renewed, or skipped because the row was
     locked at that moment (renewed at the next beat)."""
@@ -440,9 +461,10 @@ class Store:
         async with self.connection() as conn:
             await conn.execute(query("stop_worker"), {"worker_id": worker_id})
 
-    async def get_step(self, workflow_id: UUID, step_index: int) -> Row | None:
+    async def get_step(self, workflow_id: UUID, step_index: int) -> StepAttempts | None:
         """State and attempt counters of one step."""
-        return await self._one("get_step", {"id": workflow_id, "step_index": step_index})
+        rows = await self._typed(StepAttempts, "get_step", {"id": workflow_id, "step_index": step_index})
+        return rows[0] if rows else None
 
     async def begin_compensation(
         self, *, workflow_id: UUID, worker_id: str | None, actor: str | None = None
@@ -481,6 +503,7 @@ class Store:
         rows = await self._typed(Advanced, "complete_compensation", params)
         return rows[0] if rows else None
 
-    async def get_step_progress(self, workflow_id: UUID) -> Row | None:
+    async def get_step_progress(self, workflow_id: UUID) -> StepProgress | None:
         """Where a workflow stands, to settle a commit whose answer a dropped connection lost."""
-        return await self._one("get_step_progress", {"id": workflow_id})
+        rows = await self._typed(StepProgress, "get_step_progress", {"id": workflow_id})
+        return rows[0] if rows else None

@@ -544,15 +544,17 @@ SET host = EXCLUDED.host, pid = EXCLUDED.pid, types = EXCLUDED.types, concurrenc
 UPDATE workflow_workers SET stopped_at = now(), last_seen_at = now() WHERE id = %(worker_id)s;
 
 -- name: get_step
-SELECT state, attempt, compensation_attempt FROM workflow_steps
+SELECT state::text, attempt, compensation_attempt FROM workflow_steps
 WHERE workflow_id = %(id)s AND step_index = %(step_index)s;
 
 -- name: get_step_progress
--- After a connection dropped during a commit, this tells whether the commit landed.
-SELECT w.state, w.lease_token, w.current_step_index,
-       cur.state AS step_state, cur.attempt AS step_attempt, cur.retry_count AS step_retry_count,
-       cur.compensation_attempt AS step_compensation_attempt,
-       cur.compensation_retry_count AS step_compensation_retry_count
+-- After a connection dropped during a commit, this tells whether the commit landed:
+-- the lease, the cursor, and the attempt counters of the step under it (its
+-- compensation's while it is compensating).
+SELECT w.lease_token, w.current_step_index, cur.state::text AS step_state,
+       CASE WHEN cur.state = 'compensating' THEN cur.compensation_attempt ELSE cur.attempt END AS attempt,
+       CASE WHEN cur.state = 'compensating' THEN cur.compensation_retry_count ELSE cur.retry_count END
+           AS retry_count
 FROM workflows w
 LEFT JOIN workflow_steps cur ON cur.workflow_id = w.id AND cur.step_index = w.current_step_index
 WHERE w.id = %(id)s;
