@@ -29,6 +29,7 @@ POOL_OPEN_TIMEOUT_SECONDS = 30.0
 # queue-depth reporter have a connection each.
 POOL_EXTRA_CONNECTIONS = 2
 API_POOL_MAX_SIZE = 4
+API_POOL_TIMEOUT_SECONDS = 5.0
 POOL_MAX_SIZE = 20
 
 
@@ -110,6 +111,9 @@ async def run_daemon(
         max_size=API_POOL_MAX_SIZE,
         open=False,
         check=AsyncConnectionPool.check_connection,
+        # A request waits this long for a connection, then answers 503: a client learns
+        # of an outage in seconds, not after the pool's default of 30.
+        timeout=API_POOL_TIMEOUT_SECONDS,
         kwargs={"autocommit": True, "application_name": "workflowd-api"},
     )
     await pool.open(wait=True, timeout=POOL_OPEN_TIMEOUT_SECONDS)

@@ -310,3 +310,11 @@ keyed_saga = Workflow(
     requires_compensation=True,
     steps=[Step("book", remember_key, compensate=undo_remembering_key), Step("pay", remember_key)],
 )
+unknown_saga = Workflow(
+    type="unknown_saga",
+    requires_compensation=True,
+    steps=[
+        Step("reserve", saga_step, compensate=undo),
+        Step("send", send_payment, is_idempotent=False),
+    ],
+)

@@ -1,0 +1,173 @@
+"""Life-cycle paths of a workflow against real daemons: cancels in every state that
+matters, a failure whose outcome is unknown followed by compensation, claim order and
+the concurrency cap, the built-in switch, and the daemon through a database outage."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from engine import IllegalTransitionError, WorkflowService, WorkflowState
+from tests.e2e.conftest import Daemons, all_finished, assert_timeline_is_legal, insert_workflows, wait_until
+from tests.proxy import CuttableProxy
+
+TOKEN = "lifecycle-token-0123456789abcdef0123456789"
+
+
+def only_workflow(db: psycopg.Connection[Any]) -> Any:
+    (workflow_id,) = db.execute("SELECT id FROM workflows").fetchone()  # type: ignore[misc]
+    return workflow_id
+
+
+def state_of(db: psycopg.Connection[Any], workflow_id: Any) -> str:
+    row = db.execute("SELECT state::text FROM workflows WHERE id = %s", (workflow_id,)).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def run(scenario: Any) -> Any:
+    return asyncio.run(scenario)
+
+
+async def cancel(db_url: str, workflow_id: Any) -> WorkflowState:
+    async with WorkflowService.connect(db_url) as service:
+        return (await service.cancel_workflow(workflow_id)).state
+
+
+def test_cancel_is_refused_while_compensating_and_once_failed(
+    daemons: Daemons, db: psycopg.Connection[Any], db_url: str
+) -> None:
+    daemons.start()
+    insert_workflows(db, "saga", 1, fail_at="ship", undo_sleep=1.5)
+    workflow_id = only_workflow(db)
+    wait_until(lambda: state_of(db, workflow_id) == "compensating", 20, "the saga to compensate")
+    with pytest.raises(IllegalTransitionError, match="from compensating to cancelled"):
+        run(cancel(db_url, workflow_id))
+    wait_until(lambda: all_finished(db, 1, "compensated"), 30, "the compensation to finish")
+
+    insert_workflows(db, "permanent", 1)
+    failed_id = db.execute("SELECT id FROM workflows WHERE type = 'permanent'").fetchone()[0]  # type: ignore[index]
+    wait_until(lambda: state_of(db, failed_id) == "failed", 20, "the workflow to fail")
+    with pytest.raises(IllegalTransitionError, match="from failed to cancelled"):
+        run(cancel(db_url, failed_id))
+    assert_timeline_is_legal(db)
+
+
+def test_a_manually_retried_workflow_can_be_cancelled_before_it_runs_again(
+    daemons: Daemons, db: psycopg.Connection[Any], db_url: str
+) -> None:
+    daemons.start()
+    insert_workflows(db, "plain_failing", 1, fail_at="charge")
+    workflow_id = only_workflow(db)
+    wait_until(lambda: state_of(db, workflow_id) == "failed", 20, "charge to fail")
+    daemons.stop_all()  # nobody claims it again before the cancel
+
+    async def scenario() -> WorkflowState:
+        async with WorkflowService.connect(db_url) as service:
+            retried = await service.retry_workflow(workflow_id)
+            assert retried.state is WorkflowState.PENDING
+            return (await service.cancel_workflow(workflow_id)).state
+
+    assert run(scenario()) is WorkflowState.CANCELLED
+    assert dict(db.execute("SELECT step_name, state::text FROM workflow_steps").fetchall()) == {
+        "reserve": "completed",
+        "charge": "skipped",
+    }
+    assert_timeline_is_legal(db)
+
+
+def test_cancelling_a_workflow_waiting_out_a_backoff_takes_effect_at_once(
+    daemons: Daemons, db: psycopg.Connection[Any], db_url: str
+) -> None:
+    daemons.start()
+    insert_workflows(db, "retrying", 1, fail_times=99)
+    workflow_id = only_workflow(db)
+    # After the third failure the next retry is 4 s away (1 s x 2^2, +-10 %).
+    wait_until(
+        lambda: db.execute("SELECT retry_count FROM workflow_steps").fetchone() == (3,), 20, "three failures"
+    )
+    asked = time.monotonic()
+    assert run(cancel(db_url, workflow_id)) is WorkflowState.RUNNING  # flagged
+    wait_until(lambda: state_of(db, workflow_id) == "cancelled", 10, "the cancel")
+    assert time.monotonic() - asked < 2.5, "the cancel waited for the backoff"
+
+
+def test_an_outcome_unknown_failure_compensates_the_steps_before_it(
+    daemons: Daemons, db: psycopg.Connection[Any]
+) -> None:
+    daemons.start()
+    insert_workflows(db, "unknown_saga", 1, **{"break": True})
+    wait_until(lambda: all_finished(db, 1, "compensated"), 20, "the saga to compensate")
+    (error,) = db.execute("SELECT error FROM workflows").fetchone()  # type: ignore[misc]
+    assert error["type"] == "OutcomeUnknown"
+    assert dict(db.execute("SELECT step_name, state::text FROM workflow_steps").fetchall()) == {
+        "reserve": "compensated",
+        "send": "failed",
+    }
+    assert db.execute("SELECT count(*) FROM test_effects WHERE step_name = 'send'").fetchone() == (1,)
+    assert_timeline_is_legal(db)
+
+
+def test_the_claim_takes_the_lowest_priority_number_first(
+    daemons: Daemons, db: psycopg.Connection[Any]
+) -> None:
+    insert_workflows(db, "three_steps", 20)
+    db.execute(
+        "INSERT INTO workflows (type, input, user_id, priority) VALUES ('three_steps', '{\"urgent\": 1}', 'e2e', -5)"
+    )
+    daemons.start(concurrency=1)
+    wait_until(lambda: all_finished(db, 21), 30, "every workflow to complete")
+    first = db.execute("SELECT input FROM workflows ORDER BY started_at LIMIT 1").fetchone()
+    assert first == ({"urgent": 1},)
+
+
+def test_a_daemon_runs_at_most_its_concurrency_at_once(daemons: Daemons, db: psycopg.Connection[Any]) -> None:
+    daemons.start(concurrency=2)
+    insert_workflows(db, "three_steps", 6, sleep=0.3)
+    wait_until(lambda: all_finished(db, 6), 40, "every workflow to complete")
+    # Each step records when it starts and sleeps 0.3 s: count the starts within any
+    # 0.25 s window, which at most `concurrency` steps can share.
+    starts = [
+        float(row[0]) for row in db.execute("SELECT extract(epoch FROM at) FROM test_effects ORDER BY at")
+    ]
+    crowded = max(sum(1 for other in starts if start <= other < start + 0.25) for start in starts)
+    assert crowded <= 2
+
+
+def test_with_builtins_off_a_daemon_serves_only_its_modules(
+    daemons: Daemons, db: psycopg.Connection[Any]
+) -> None:
+    daemons.start(builtins="false")
+    (types,) = db.execute("SELECT types FROM workflow_workers").fetchone()  # type: ignore[misc]
+    assert "three_steps" in types
+    assert not {"trade_execution", "reward_grant", "contract_deployment"} & set(types)
+
+
+def test_through_a_database_outage_the_api_answers_503_and_the_errors_are_counted(
+    daemons: Daemons, db: psycopg.Connection[Any], db_url: str
+) -> None:
+    parts = conninfo_to_dict(db_url)
+    with CuttableProxy(str(parts.get("host", "127.0.0.1")), int(parts.get("port", 5432))).running() as proxy:
+        via_proxy = make_conninfo(db_url, host="127.0.0.1", port=proxy.port)
+        daemon = daemons.start(env_extra={"DATABASE_URL": via_proxy}, admin_token=TOKEN, poll_interval=0.1)
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        assert httpx.get(f"{daemon.url}/admin/workflows", headers=headers, timeout=5).status_code == 200
+        proxy.cut()
+        asked = time.monotonic()
+        answer = httpx.get(f"{daemon.url}/admin/workflows", headers=headers, timeout=15)
+        assert answer.status_code == 503
+        assert time.monotonic() - asked < 10
+        assert answer.json()["detail"].startswith("database unavailable")
+        time.sleep(1.5)  # the readiness answer is kept for a second
+        assert httpx.get(f"{daemon.url}/readyz", timeout=10).status_code == 503
+        metrics = httpx.get(f"{daemon.url}/metrics", timeout=5).text
+        assert 'workflowd_database_errors_total{operation="claim"}' in metrics
+        proxy.restore()
+        insert_workflows(db, "three_steps", 1)
+        wait_until(lambda: all_finished(db, 1), 30, "the daemon to work again after the outage")
