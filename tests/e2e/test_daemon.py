@@ -417,8 +417,8 @@ def test_an_input_too_large_for_a_float_fails_its_workflow_and_not_the_claims(
     wait_until(lambda: states(db) == {"failed": 1, "completed": 2}, 20, "one failure and two completions")
     error = db.execute("SELECT error FROM workflows WHERE state = 'failed'").fetchone()
     assert error is not None
-    assert error[0]["type"] == "InputValidationError"
-    assert "canonical form" in error[0]["message"]
+    assert error[0]["type"] == "UnreadableInput"
+    assert "is not a JSON number" in error[0]["message"]
     assert daemon.process.poll() is None
 
 
