@@ -27,7 +27,15 @@ from engine.attempts import ClaimedWorkflow
 from engine.definitions import Step, Workflow, WorkflowContext
 from engine.idempotency import compensation_key, step_key
 from engine.retry import RetryPolicy
-from engine.runner import StepFailed, StepOutcome, StepSucceeded, failure, run_compensation, run_step
+from engine.runner import (
+    StepFailed,
+    StepOutcome,
+    StepSucceeded,
+    failure,
+    outcome_unknown,
+    run_compensation,
+    run_step,
+)
 from engine.store import Advanced, Completion, FailedAttempt, Store
 
 T = TypeVar("T")
@@ -360,10 +368,15 @@ class Driver:
         in_flight = "compensating" if assignment.compensating else "running"
         attempt = step and (step.compensation_attempt if assignment.compensating else step.attempt)
         if step is not None and step.state == in_flight and attempt == assignment.attempt:
-            retry = failure(
-                assignment.step.name, assignment.attempt, type(error).__name__, str(error), retryable=True
-            )
-            await self._record_failure(assignment, retry)
+            # Its writes rolled back, but what it did outside the database stands: a step
+            # that must not run twice has an unknown outcome.
+            ending = f"{type(error).__name__}: {str(error).strip()}"
+            if assignment.compensating or assignment.step.is_idempotent:
+                outcome = failure(assignment.step.name, assignment.attempt, type(error).__name__, ending,
+                                  retryable=True)  # fmt: skip
+            else:
+                outcome = outcome_unknown(assignment.step, assignment.attempt, ending)
+            await self._record_failure(assignment, outcome)
             return False
         settled = await self._settle(assignment)
         return settled is not None and self._move_to(assignment, settled)
@@ -390,6 +403,7 @@ class Driver:
             try:
                 result = await write()
             except DATABASE_ERRORS as error:
+                self.metrics.database_errors.labels("commit").inc()
                 if time.monotonic() + delay >= assignment.lease_deadline:
                     raise LeaseLostError from error
                 self.log.warning(
@@ -406,20 +420,33 @@ class Driver:
             raise LeaseLostError
 
     async def _settle(self, assignment: Assignment) -> Advanced | None:
-        # The retried write found nothing to fence on: did our first try land? Only a
-        # completion that went straight on still holds our lease; follow it from the row.
+        """After a completion's answer was lost: did it land? Its step then holds this
+        attempt's result; the workflow went straight on under our lease (follow it), or
+        was released or finished. None: it did not land, the lease was lost."""
+        written = await self.store.get_step(assignment.workflow_id, assignment.step_index)
+        if written is None:
+            return None
+        done, attempt = (
+            ("compensated", written.compensation_attempt)
+            if assignment.compensating
+            else ("completed", written.attempt)
+        )
+        if written.state != done or attempt != assignment.attempt:
+            return None
         progress = await self.store.get_step_progress(assignment.workflow_id)
-        if (
-            progress is not None
-            and progress.lease_token == assignment.lease_token
+        assert progress is not None  # the step row exists, so does its workflow
+        went_on = (
+            progress.lease_token == assignment.lease_token
             and progress.current_step_index != assignment.step_index
             and progress.step_state in ("running", "compensating")
-        ):
-            return Advanced(
-                id=assignment.workflow_id,
-                was_last=False,
-                next_step_index=progress.current_step_index,
-                next_attempt=progress.attempt,
-                next_retry_count=progress.retry_count,
-            )
-        return None
+        )
+        if not went_on:
+            finished = progress.workflow_state in ("completed", "compensated")
+            return Advanced(assignment.workflow_id, finished, None, None, None)
+        return Advanced(
+            id=assignment.workflow_id,
+            was_last=False,
+            next_step_index=progress.current_step_index,
+            next_attempt=progress.attempt,
+            next_retry_count=progress.retry_count,
+        )

@@ -56,7 +56,12 @@ class GroupCommit:
         self.committing.discard(task)
         self._start_batches()
 
-    async def _commit(self, batch: list[tuple[Completion, asyncio.Future[Advanced | None]]]) -> None:
+    async def _commit(
+        self,
+        batch: list[tuple[Completion, asyncio.Future[Advanced | None]]],
+        after: Exception | None = None,
+    ) -> None:
+        """Commit `batch`; `after`: the error of the batch this member was part of."""
         try:
             rows = await self.store.complete_steps(
                 [completion for completion, _ in batch], worker_id=self.worker_id
@@ -74,8 +79,16 @@ class GroupCommit:
             # Which member failed it, or was it the moment (a lock timeout, a dropped
             # connection)? Each alone: the others commit, the culprit gets its own error.
             for member in batch:
-                await self._commit([member])
+                await self._commit([member], after=error)
             return
         for completion, answer in batch:
-            if not answer.done():
-                answer.set_result(rows.get(completion.workflow_id))
+            if answer.done():
+                continue
+            row = rows.get(completion.workflow_id)
+            if row is None and after is not None:
+                # Nothing to fence on: a lost lease, or the failed batch landed after all
+                # and only its answer was lost. Pass the batch's error on, so that the
+                # caller settles which from the rows.
+                answer.set_exception(after)
+            else:
+                answer.set_result(row)

@@ -74,11 +74,11 @@ def _failure_from(error: BaseException, step: Step, attempt: int, *, at_most_onc
     retryable = isinstance(error, Exception) and not isinstance(error, NOT_RETRYABLE)
     trace = "".join(traceback.format_exception(error))
     if at_most_once and retryable and not isinstance(error, NotExecuted):
-        return _outcome_unknown(step, attempt, f"{type(error).__name__}: {error}", trace)
+        return outcome_unknown(step, attempt, f"{type(error).__name__}: {error}", trace)
     return failure(step.name, attempt, type(error).__name__, str(error), retryable=retryable, trace=trace)
 
 
-def _outcome_unknown(step: Step, attempt: int, ending: str, trace: str = "") -> StepFailed:
+def outcome_unknown(step: Step, attempt: int, ending: str, trace: str = "") -> StepFailed:
     """A step that must run at most once ended without saying whether it took effect."""
     message = (
         f"outcome unknown: step {step.name!r} is not idempotent and its attempt {attempt} ended with "
@@ -194,7 +194,7 @@ def _timed_out(
 ) -> StepFailed:
     ending = f"a timeout after {timeout:g} s"
     if at_most_once:
-        outcome = _outcome_unknown(step, attempt, ending)
+        outcome = outcome_unknown(step, attempt, ending)
     else:
         message = f"step {step.name!r} exceeded its timeout of {timeout:g} s"
         outcome = failure(step.name, attempt, "StepTimeout", message, retryable=True)

@@ -104,6 +104,7 @@ class StepProgress:
     """Where a workflow stands: its lease, its cursor, and the state and attempt counters
     of the step under the cursor (its compensation's while compensating)."""
 
+    workflow_state: str
     lease_token: UUID | None
     current_step_index: int
     step_state: str | None

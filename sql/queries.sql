@@ -551,7 +551,7 @@ WHERE workflow_id = %(id)s AND step_index = %(step_index)s;
 -- After a connection dropped during a commit, this tells whether the commit landed:
 -- the lease, the cursor, and the attempt counters of the step under it (its
 -- compensation's while it is compensating).
-SELECT w.lease_token, w.current_step_index, cur.state::text AS step_state,
+SELECT w.state::text AS workflow_state, w.lease_token, w.current_step_index, cur.state::text AS step_state,
        CASE WHEN cur.state = 'compensating' THEN cur.compensation_attempt ELSE cur.attempt END AS attempt,
        CASE WHEN cur.state = 'compensating' THEN cur.compensation_retry_count ELSE cur.retry_count END
            AS retry_count

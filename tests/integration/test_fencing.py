@@ -167,3 +167,48 @@ async def test_a_commit_whose_answer_was_lost_is_settled_from_the_rows(
         "SELECT count(*) FROM workflow_events WHERE workflow_id = %s AND to_state = 'completed'", (row.id,)
     ).fetchone() == (1,)
     driver.executor.shutdown()
+
+
+class BatchAnswerLostOnce(Store):
+    """The real store, whose first batch of several completions commits and then loses
+    its answer."""
+
+    lost = False
+
+    async def complete_steps(
+        self, completions: Sequence[Completion], *, worker_id: str
+    ) -> dict[Any, Advanced]:
+        rows = await super().complete_steps(completions, worker_id=worker_id)
+        if len(completions) > 1 and not self.lost:
+            self.lost = True
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return rows
+
+
+async def test_a_batch_whose_answer_was_lost_is_settled_member_by_member(
+    pool: AsyncConnectionPool, db: psycopg.Connection[Any]
+) -> None:
+    for n in range(3):
+        insert_workflow(db, type="three", input={"n": n})
+    store = BatchAnswerLostOnce(pool)
+    rows = [await claim_one(store) for _ in range(3)]
+    config = DriverConfig(WORKER, 3, 30, DEFAULT_RETRY_POLICY, None)
+    driver = Driver(pool, config, metrics=Metrics(), stopping=asyncio.Event(), log=structlog.get_logger())
+    driver.store = driver.group_commit.store = store
+    assignments = []
+    for row in rows:
+        decision = decide(row, THREE)
+        assert isinstance(decision, Run)
+        assignments.append(
+            Assignment(row, THREE, decision.input, 0, row.attempt or 1, 0, time.monotonic() + 30, {}, "d")
+        )
+    outcome = StepSucceeded({}, "{}")
+    # The first commits alone; the other two share a batch, which lands and loses its answer.
+    went_on = await asyncio.gather(*(driver._record(a, outcome) for a in assignments))
+    assert store.lost
+    assert went_on == [True, True, True]
+    assert [a.step_index for a in assignments] == [1, 1, 1]
+    assert db.execute(
+        "SELECT count(*) FROM workflow_steps WHERE step_index = 1 AND state = 'running'"
+    ).fetchone() == (3,)
+    driver.executor.shutdown()
