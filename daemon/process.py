@@ -25,8 +25,9 @@ from engine.store import Store
 
 LOG = structlog.get_logger("workflowd")
 POOL_OPEN_TIMEOUT_SECONDS = 30.0
-# The claim loop, the heartbeat and the commits share the pool; the listener and the
-# queue-depth reporter have a connection each.
+# The pool serves the steps (a transactional step holds a connection while it runs), the
+# claim loop and the group commit: one connection per concurrent step and these two.
+# The heartbeat, the listener, the queue-depth reporter and readiness have their own.
 POOL_EXTRA_CONNECTIONS = 2
 API_POOL_MAX_SIZE = 4
 API_POOL_TIMEOUT_SECONDS = 5.0

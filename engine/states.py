@@ -97,8 +97,9 @@ STEP_TRANSITIONS = TransitionTable[StepState](
         _S.RUNNING: frozenset({_S.COMPLETED, _S.FAILED}),
         # A scheduled retry starts another attempt; a manual retry resets the step.
         _S.FAILED: frozenset({_S.RUNNING, _S.PENDING}),
-        # Undo it; a step without a compensate function is compensated at once.
-        _S.COMPLETED: frozenset({_S.COMPENSATING, _S.COMPENSATED}),
+        # Undo it (a step without a compensate function, too, passes through compensating:
+        # its compensation is a no-op).
+        _S.COMPLETED: frozenset({_S.COMPENSATING}),
         _S.COMPENSATING: frozenset({_S.COMPENSATED}),
         _S.SKIPPED: frozenset(),
         _S.COMPENSATED: frozenset(),

@@ -307,8 +307,9 @@ RETURNING id;
 -- name: fail_workflow
 -- A failure that retries cannot fix (permanent error, retries exhausted, an interrupted
 -- step that must not run twice): the step and the workflow fail, the lease is released.
--- The step may be running (a failed attempt) or already failed (an interrupted
--- non-idempotent step has no new attempt). Fenced like complete_steps.
+-- The step is running: an attempt that failed, or an interrupted one the claim did not
+-- start again (outcome unknown, no retries left); a workflow refused at its first claim
+-- has no step rows yet. Fenced like complete_steps.
 WITH owner AS (
     SELECT id FROM workflows WHERE id = %(id)s AND lease_token = %(lease_token)s FOR UPDATE
 ),
