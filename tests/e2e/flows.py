@@ -318,3 +318,19 @@ unknown_saga = Workflow(
         Step("send", send_payment, is_idempotent=False),
     ],
 )
+
+
+async def cut_own_connection(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
+    """A transactional step whose connection the server drops while it runs."""
+    await record_effect(ctx)
+    assert ctx.connection is not None
+    async with (await _effects_pool()).connection() as conn:
+        await conn.execute("SELECT pg_terminate_backend(%s)", (ctx.connection.info.backend_pid,))
+    return {"step": ctx.step_name}
+
+
+cut_transaction = Workflow(
+    type="cut_transaction",
+    max_retries=3,
+    steps=[Step("book", cut_own_connection, transactional=True, is_idempotent=False)],
+)

@@ -241,3 +241,15 @@ def test_a_compensation_gets_its_own_idempotency_key(daemons: Daemons, db: psyco
     assert keys["book"].startswith("step:book:")
     assert keys["undo:book"].startswith("compensate:book:")
     assert keys["undo:book"].removeprefix("compensate:") == keys["book"].removeprefix("step:")
+
+
+def test_a_transactional_step_that_must_not_run_twice_is_outcome_unknown_when_its_connection_drops(
+    daemons: Daemons, db: psycopg.Connection[Any]
+) -> None:
+    daemon = daemons.start()
+    insert_workflows(db, "cut_transaction", 1)
+    wait_until(lambda: all_finished(db, 1, "failed"), 20, "the workflow to fail")
+    (error,) = db.execute("SELECT error FROM workflows").fetchone()  # type: ignore[misc]
+    assert error["type"] == "OutcomeUnknown"
+    assert len(effects(db, "book")) == 1
+    assert any(e["event"] == "transactional_step_interrupted" for e in daemon.log_events())
