@@ -24,9 +24,6 @@ START_TIMEOUT_SECONDS = 60
 DEBIAN_POSTGRESQL = Path("/usr/lib/postgresql")
 SUPERUSER = "postgres"
 
-# For throwaway clusters whose data may be lost on a crash: tests, not benchmarks.
-FAST_UNSAFE_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
-
 
 class PostgresBinariesNotFoundError(RuntimeError):
     """No PostgreSQL server binaries (initdb, pg_ctl) on this machine."""

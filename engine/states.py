@@ -109,13 +109,3 @@ STEP_TRANSITIONS = TransitionTable[StepState](
 # The states in which a workflow is work for a daemon: the claim's partial index holds
 # exactly these.
 RUNNABLE_WORKFLOW_STATES = frozenset({_W.PENDING, _W.RUNNING, _W.COMPENSATING})
-
-
-def check_workflow_transition(source: WorkflowState, target: WorkflowState) -> None:
-    """Raise `IllegalTransitionError` unless a workflow may go from `source` to `target`."""
-    WORKFLOW_TRANSITIONS.check(source, target)
-
-
-def check_step_transition(source: StepState, target: StepState) -> None:
-    """Raise `IllegalTransitionError` unless a step may go from `source` to `target`."""
-    STEP_TRANSITIONS.check(source, target)

@@ -285,24 +285,6 @@ class Store:
         count = await self._scalar("count_workflows", {"state": state, "type": type, "user_id": user_id})
         return int(count)
 
-    async def workflow_idempotency_key(self, *, type: str, user_id: str | None, input: Any) -> str:
-        """The database's own computation of a workflow key."""
-        params = {"type": type, "user_id": user_id, "input": Jsonb(input)}
-        return str(await self._scalar("workflow_idempotency_key", params))
-
-    async def step_idempotency_key(self, *, workflow_key: str, step_name: str, step_input: Any) -> str:
-        """The database's own computation of a step key."""
-        params = {
-            "workflow_key": workflow_key,
-            "step_name": step_name,
-            "step_input": Jsonb(step_input),
-        }
-        return str(await self._scalar("step_idempotency_key", params))
-
-    async def canonical_json(self, value: Any) -> str:
-        """The database's canonical text of a JSON value."""
-        return str(await self._scalar("canonical_json", {"value": Jsonb(value)}))
-
     # Commands of operators: cancel, retry, compensate.
 
     async def cancel_workflow(self, workflow_id: UUID, *, actor: str | None) -> Row | None:

@@ -41,15 +41,6 @@ WHERE (%(state)s::workflow_state IS NULL OR state = %(state)s::workflow_state)
   AND (%(type)s::text IS NULL OR type = %(type)s::text)
   AND (%(user_id)s::text IS NULL OR user_id = %(user_id)s::text);
 
--- name: workflow_idempotency_key
-SELECT workflow_idempotency_key(%(type)s, %(user_id)s, %(input)s);
-
--- name: step_idempotency_key
-SELECT workflow_step_idempotency_key(%(workflow_key)s, %(step_name)s, %(step_input)s);
-
--- name: canonical_json
-SELECT workflow_canonical_json(%(value)s);
-
 -- name: claiming_transaction
 -- Opens the claiming transaction, in the same round trip as BEGIN (a text without
 -- parameters may hold several statements). The only good plan for the claim is to walk

@@ -18,9 +18,12 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from daemon.local_postgres import FAST_UNSAFE_SETTINGS, LocalPostgres
+from daemon.local_postgres import LocalPostgres
 from engine import WorkflowService
 from engine.migrate import migrate
+
+# Throwaway clusters need no durability: a crash loses a test run, nothing else.
+FAST_UNSAFE_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
 
 
 def _docker_answers() -> bool:

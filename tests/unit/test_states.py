@@ -19,8 +19,6 @@ from engine.states import (
     StepState,
     TransitionTable,
     WorkflowState,
-    check_step_transition,
-    check_workflow_transition,
 )
 
 W = WorkflowState
@@ -46,8 +44,8 @@ SEED_STEP_ARROWS = [
 ]
 
 MACHINES = [
-    pytest.param(WORKFLOW_TRANSITIONS, WorkflowState, check_workflow_transition, id="workflow"),
-    pytest.param(STEP_TRANSITIONS, StepState, check_step_transition, id="step"),
+    pytest.param(WORKFLOW_TRANSITIONS, WorkflowState, WORKFLOW_TRANSITIONS.check, id="workflow"),
+    pytest.param(STEP_TRANSITIONS, StepState, STEP_TRANSITIONS.check, id="step"),
 ]
 
 
@@ -65,13 +63,13 @@ def _reachable(table: TransitionTable[StrEnum], start: StrEnum) -> set[StrEnum]:
 @pytest.mark.parametrize(("source", "target"), SEED_WORKFLOW_ARROWS)
 def test_seed_workflow_arrows_exist(source: WorkflowState, target: WorkflowState) -> None:
     assert WORKFLOW_TRANSITIONS.can(source, target)
-    check_workflow_transition(source, target)
+    WORKFLOW_TRANSITIONS.check(source, target)
 
 
 @pytest.mark.parametrize(("source", "target"), SEED_STEP_ARROWS)
 def test_seed_step_arrows_exist(source: StepState, target: StepState) -> None:
     assert STEP_TRANSITIONS.can(source, target)
-    check_step_transition(source, target)
+    STEP_TRANSITIONS.check(source, target)
 
 
 @given(source=st.sampled_from(WorkflowState), target=st.sampled_from(WorkflowState))
@@ -79,22 +77,22 @@ def test_workflow_check_accepts_exactly_the_tables_arrows(
     source: WorkflowState, target: WorkflowState
 ) -> None:
     if target in WORKFLOW_TRANSITIONS.arrows[source]:
-        check_workflow_transition(source, target)
+        WORKFLOW_TRANSITIONS.check(source, target)
         WORKFLOW_TRANSITIONS.check(source, target)
     else:
         with pytest.raises(IllegalTransitionError) as raised:
-            check_workflow_transition(source, target)
+            WORKFLOW_TRANSITIONS.check(source, target)
         _assert_names_both_states(raised.value, "workflow", source, target)
 
 
 @given(source=st.sampled_from(StepState), target=st.sampled_from(StepState))
 def test_step_check_accepts_exactly_the_tables_arrows(source: StepState, target: StepState) -> None:
     if target in STEP_TRANSITIONS.arrows[source]:
-        check_step_transition(source, target)
+        STEP_TRANSITIONS.check(source, target)
         STEP_TRANSITIONS.check(source, target)
     else:
         with pytest.raises(IllegalTransitionError) as raised:
-            check_step_transition(source, target)
+            STEP_TRANSITIONS.check(source, target)
         _assert_names_both_states(raised.value, "step", source, target)
 
 
@@ -141,7 +139,7 @@ def test_completed_and_compensated_are_final_for_workflows() -> None:
     for source in (W.COMPLETED, W.COMPENSATED):
         for target in WorkflowState:
             with pytest.raises(IllegalTransitionError, match=r"nothing \(it is final\)"):
-                check_workflow_transition(source, target)
+                WORKFLOW_TRANSITIONS.check(source, target)
 
 
 def test_skipped_and_compensated_are_final_for_steps() -> None:
