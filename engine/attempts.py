@@ -1,6 +1,6 @@
 """What a claimed workflow is to do now: the rules of an attempt, in one pure function.
 
-The claim statement (sql/queries.sql, claim_due_workflows) has already started the
+The claim statement (sql/queries/claim.sql, claim_due_workflows) has already started the
 current step when it may run: a fresh or scheduled step, or an interrupted idempotent
 one with retries left. `decide` reads the claimed row and the definition and says
 whether to run that attempt, to cancel at this step boundary, or to refuse the workflow

@@ -1,8 +1,10 @@
 """Where the engine's SQL lives, and the named queries loaded from it.
 
-SQL stays in .sql files: migrations in sql/migrations, queries in sql/queries.sql as
-blocks that start with `-- name: <query_name>`. In a source checkout they sit in the
-top-level sql/ folder; a wheel carries them inside the engine package.
+SQL stays in .sql files: migrations in sql/migrations, queries in sql/queries/*.sql, one
+file per concern (claim, advance, fail and compensate, leases, operator commands,
+reads), as blocks that start with `-- name: <query_name>`; each file opens with the
+list of its queries. In a source checkout they sit in the top-level sql/ folder; a
+wheel carries them inside the engine package.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ _NAME_LINE = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
 
 
 def sql_dir() -> Path:
-    """The folder holding migrations/ and queries.sql."""
+    """The folder holding migrations/ and queries/."""
     here = Path(__file__).resolve().parent
     for candidate in (here / "sql", here.parent / "sql"):
-        if (candidate / "queries.sql").is_file():
+        if (candidate / "queries").is_dir():
             return candidate
     raise FileNotFoundError(f"the engine's sql/ folder is missing (looked beside {here})")
 
@@ -37,8 +39,14 @@ def parse_queries(text: str) -> dict[str, str]:
 
 @cache
 def queries() -> dict[str, str]:
-    """The named queries of sql/queries.sql, read once."""
-    return parse_queries((sql_dir() / "queries.sql").read_text(encoding="utf-8"))
+    """The named queries of every file in sql/queries, read once; a name may appear once."""
+    named: dict[str, str] = {}
+    for path in sorted((sql_dir() / "queries").glob("*.sql")):
+        for name, text in parse_queries(path.read_text(encoding="utf-8")).items():
+            if name in named:
+                raise ValueError(f"query {name!r} is defined twice (again in {path.name})")
+            named[name] = text
+    return named
 
 
 def query(name: str) -> LiteralString:

@@ -1,4 +1,4 @@
-"""The SQL access layer: one method per named query of sql/queries.sql.
+"""The SQL access layer: one method per named query of sql/queries/*.sql.
 
 A `Store` is built from a connection pool, or bound to one connection; `transaction()`
 yields a store bound to an open transaction with the same methods, so the same code

@@ -1,4 +1,5 @@
-"""The named queries: how queries.sql is split, and that the store asks only for real names."""
+"""The named queries: how a queries file is split, that each file lists what it holds,
+and that the store asks only for real names."""
 
 from __future__ import annotations
 
@@ -54,13 +55,24 @@ def test_a_duplicate_name_is_refused() -> None:
 
 def test_sql_dir_holds_the_queries_and_migrations() -> None:
     folder = sql_dir()
-    assert (folder / "queries.sql").is_file()
+    assert (folder / "queries" / "claim.sql").is_file()
     assert sorted(path.name for path in (folder / "migrations").glob("*.sql"))[0] == "0001_init.sql"
 
 
-def test_queries_are_read_once() -> None:
+def test_queries_are_read_once_from_every_file() -> None:
     assert queries() is queries()
-    assert queries() == parse_queries((sql_dir() / "queries.sql").read_text(encoding="utf-8"))
+    files = sorted((sql_dir() / "queries").glob("*.sql"))
+    assert len(files) > 1
+    merged = {name: text for path in files for name, text in parse_queries(path.read_text()).items()}
+    assert queries() == merged
+
+
+def test_each_queries_file_opens_with_the_list_of_its_queries() -> None:
+    for path in (sql_dir() / "queries").glob("*.sql"):
+        text = path.read_text()
+        header = text[: text.index("-- name:")]
+        listed = re.findall(r"^--   (\w+)$", header, flags=re.MULTILINE)
+        assert listed == list(parse_queries(text)), path.name
 
 
 def test_every_query_has_sql_and_no_trailing_semicolon() -> None:

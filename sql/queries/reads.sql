@@ -1,0 +1,93 @@
+-- Reads for the service, the admin API, the CLI and the metrics.
+-- Queries, in this order:
+--   get_workflow
+--   get_steps
+--   list_workflows
+--   count_workflows
+--   get_timeline
+--   count_by_type_and_state
+--   recent_outcomes
+--   count_stuck_workflows
+--   queue_depth
+--   live_workers
+--   unserved_types
+--   search_workflows
+-- Each is a named block; Store methods carry the same names. Parameters are always
+-- bound (%(name)s), never formatted into the text.
+
+-- name: get_workflow
+SELECT * FROM workflows WHERE id = %(id)s;
+
+-- name: get_steps
+SELECT * FROM workflow_steps WHERE workflow_id = %(id)s ORDER BY step_index;
+
+-- name: list_workflows
+-- Newest first; id breaks ties so that pages never overlap.
+SELECT * FROM workflows
+WHERE (%(state)s::workflow_state IS NULL OR state = %(state)s::workflow_state)
+  AND (%(type)s::text IS NULL OR type = %(type)s::text)
+  AND (%(user_id)s::text IS NULL OR user_id = %(user_id)s::text)
+ORDER BY created_at DESC, id
+LIMIT %(limit)s OFFSET %(offset)s;
+
+-- name: count_workflows
+SELECT count(*) FROM workflows
+WHERE (%(state)s::workflow_state IS NULL OR state = %(state)s::workflow_state)
+  AND (%(type)s::text IS NULL OR type = %(type)s::text)
+  AND (%(user_id)s::text IS NULL OR user_id = %(user_id)s::text);
+
+-- name: get_timeline
+SELECT id, workflow_id, step_index, step_name, from_state, to_state, attempt, worker_id, actor, error, at
+FROM workflow_events WHERE workflow_id = %(id)s ORDER BY id;
+
+-- name: count_by_type_and_state
+-- All workflows, or only those of the given ids.
+SELECT type, state::text AS state, count(*) AS count FROM workflows
+WHERE %(ids)s::uuid[] IS NULL OR id = ANY(%(ids)s::uuid[])
+GROUP BY type, state ORDER BY type, state;
+
+-- name: recent_outcomes
+SELECT count(*) FILTER (WHERE state = 'completed' AND completed_at > now() - interval '1 minute') AS completed_last_minute,
+       count(*) FILTER (WHERE state = 'failed' AND completed_at > now() - interval '1 minute') AS failed_last_minute,
+       count(*) FILTER (WHERE state = 'completed') AS completed_last_hour,
+       count(*) FILTER (WHERE state = 'failed') AS failed_last_hour,
+       (SELECT extract(epoch FROM now() - min(next_retry_at))::float8 FROM workflows
+         WHERE state IN ('pending', 'running', 'compensating') AND next_retry_at <= now()) AS oldest_due_age_seconds
+FROM workflows
+WHERE completed_at > now() - interval '1 hour';
+
+-- name: count_stuck_workflows
+-- Workflows no daemon will claim as they stand: running or compensating, but due (or
+-- leased) further ahead than any write of the engine puts them, which is a lease or a
+-- backoff, minutes at most. Only a row edited by hand gets here; an operator repairs it
+-- (UPDATE workflows SET next_retry_at = now() ...) or cancels it. Stats and the
+-- workflowd_stuck_workflows gauge report them.
+SELECT count(*) FROM workflows
+WHERE state IN ('running', 'compensating') AND next_retry_at > now() + interval '1 hour';
+
+-- name: queue_depth
+-- Runnable workflows by type and state, for the workflowd_queue_depth gauge.
+SELECT type, state::text, count(*) FROM workflows
+WHERE state IN ('pending', 'running', 'compensating') GROUP BY type, state;
+
+-- name: live_workers
+SELECT id, host, pid, types, concurrency, started_at, last_seen_at FROM workflow_workers
+WHERE stopped_at IS NULL AND last_seen_at > now() - %(stale_seconds)s * interval '1 second'
+ORDER BY started_at;
+
+-- name: unserved_types
+-- Types with due work that no live worker serves: such workflows wait forever until a
+-- daemon with their definition starts.
+SELECT DISTINCT type FROM workflows
+WHERE state IN ('pending', 'running', 'compensating') AND next_retry_at <= now()
+EXCEPT
+SELECT unnest(types) FROM workflow_workers
+WHERE stopped_at IS NULL AND last_seen_at > now() - %(stale_seconds)s * interval '1 second'
+ORDER BY 1;
+
+-- name: search_workflows
+-- Exact matches on the indexed columns; PostgreSQL ORs the index scans.
+SELECT * FROM workflows
+WHERE id = %(id)s OR idempotency_key = %(q)s OR type = %(q)s OR user_id = %(q)s OR wallet_address = %(q)s
+ORDER BY created_at DESC, id
+LIMIT %(limit)s;
