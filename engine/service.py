@@ -32,7 +32,7 @@ from engine.records import (
     WorkflowStats,
 )
 from engine.registry import Registry
-from engine.states import WORKFLOW_TRANSITIONS, WorkflowState
+from engine.states import FINISHED_WORKFLOW_STATES, WORKFLOW_TRANSITIONS, WorkflowState
 from engine.store import Store
 from engine.summary import summarize
 
@@ -47,10 +47,6 @@ WAIT_POLL_SECONDS_MAX = 0.5
 # A caller's own idempotency key: long enough for any order number or UUID, short
 # enough for the unique index.
 IDEMPOTENCY_KEY_MAX_LENGTH = 512
-# States a workflow stays in until an operator acts.
-FINISHED_STATES = frozenset(
-    {WorkflowState.COMPLETED, WorkflowState.FAILED, WorkflowState.CANCELLED, WorkflowState.COMPENSATED}
-)
 
 
 def check_text(**fields: str | None) -> None:
@@ -352,7 +348,7 @@ class WorkflowService:
         delay = 0.02
         while True:
             workflow = await self.get_workflow(workflow_id)
-            if workflow.state in FINISHED_STATES:
+            if workflow.state in FINISHED_WORKFLOW_STATES:
                 return workflow
             if deadline is not None and time.monotonic() + delay > deadline:
                 raise TimeoutError(f"workflow {workflow.id} is still {workflow.state} after {timeout} s")

@@ -107,5 +107,7 @@ STEP_TRANSITIONS = TransitionTable[StepState](
 )
 
 # The states in which a workflow is work for a daemon: the claim's partial index holds
-# exactly these.
+# exactly these, and every query that asks for due work lists them (a test compares).
 RUNNABLE_WORKFLOW_STATES = frozenset({_W.PENDING, _W.RUNNING, _W.COMPENSATING})
+# The others: a workflow stays in them until an operator acts (wait_for returns).
+FINISHED_WORKFLOW_STATES = frozenset(WorkflowState) - RUNNABLE_WORKFLOW_STATES

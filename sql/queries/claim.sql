@@ -112,7 +112,7 @@ LEFT JOIN started st ON st.workflow_id = c.id;
 -- none), in bulk, with step 0 already started; and the workflows' shape. The rows come
 -- from the definitions of the types (one array element per step of a type, not per step
 -- of every workflow). A step's idempotency key is built from its name and the digest of
--- the workflow's input, which the daemon computes (engine/idempotency.py, the same
+-- the workflow's input (workflow_step_key), which the daemon computes (engine/idempotency.py, the same
 -- function as workflow_step_idempotency_key, as a test proves) and hands to the steps.
 WITH fresh AS (
     SELECT * FROM unnest(%(ids)b::uuid[], %(digests)s::text[]) AS f(id, digest)
@@ -134,7 +134,7 @@ inserted AS (
     SELECT f.id, d.step_index, d.step_name,
            CASE WHEN d.step_index = 0 THEN 'running'::step_state ELSE 'pending'::step_state END,
            w.input, d.config, d.max_retries, d.requires_compensation, d.is_idempotent,
-           'step:' || d.step_name || ':' || f.digest,
+           workflow_step_key(d.step_name, f.digest),
            CASE WHEN d.step_index = 0 THEN 1 ELSE 0 END,
            CASE WHEN d.step_index = 0 THEN now() END
     FROM fresh f

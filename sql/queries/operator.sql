@@ -122,4 +122,4 @@ SELECT id FROM target;
 
 -- name: notify_due
 -- Wake the daemons after a command made a workflow due (retry, cancel, compensate).
-SELECT pg_notify('workflowd', '');
+SELECT workflow_wake();
