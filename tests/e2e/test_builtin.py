@@ -208,3 +208,13 @@ def test_the_ledgers_are_applied_exactly_once_across_kill_9(
     assert db.execute(
         "SELECT amount::float8 FROM portfolio_positions WHERE user_id = 'kill-trader' AND token = 'ETH'"
     ).fetchone() == (-15.0,)
+    # The kills really cut steps off (an interrupted step is started again: running ->
+    # running), and no step ever tried to apply a booking twice: the primary keys of the
+    # ledgers would have refused it with a unique violation, failing an attempt.
+    restarts = db.execute(
+        "SELECT count(*) FROM workflow_events WHERE from_state = 'running' AND to_state = 'running'"
+    )
+    assert restarts.fetchone()[0] > 0  # type: ignore[index]
+    assert db.execute(
+        "SELECT count(*) FROM workflow_events WHERE error::text LIKE '%%UniqueViolation%%'"
+    ).fetchone() == (0,)

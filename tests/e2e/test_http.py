@@ -66,7 +66,9 @@ def test_start_is_idempotent_and_validated(api: httpx.Client, db: psycopg.Connec
     created = api.post("/admin/workflows", json=body)
     assert created.status_code == 201
     workflow = created.json()
-    assert uuid.UUID(workflow["id"])
+    assert db.execute("SELECT type FROM workflows WHERE id = %s", (workflow["id"],)).fetchone() == (
+        "three_steps",
+    )
     assert (workflow["type"], workflow["user_id"], workflow["wallet_address"]) == ("three_steps", "u1", "0xw")
     again = api.post("/admin/workflows", json={**body, "input": {"order": 1, "sleep": 0}})
     assert again.status_code == 200
