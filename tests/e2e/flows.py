@@ -264,18 +264,6 @@ async def priced(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
 decimal_output = Workflow(type="decimal_output", steps=[Step("price", priced), Step("after", recorded)])
 
 
-def exits_the_process(input: dict[str, Any], ctx: WorkflowContext) -> None:
-    """What a segfault in a C extension or the OOM killer does to the daemon."""
-    _record_effect_now(ctx, ctx.step_name)
-    os._exit(1)
-
-
-crash_loop = Workflow(type="crash_loop", steps=[Step("crash", exits_the_process, max_retries=2)])
-# Innocent bystanders of a crash loop: each crash interrupts them too, and an interrupted
-# attempt spends a retry, so their budget covers the crashes.
-sturdy = Workflow(type="sturdy", max_retries=10, steps=[Step("one", recorded), Step("two", recorded)])
-
-
 async def hangs(input: dict[str, Any], ctx: WorkflowContext) -> None:
     await record_effect(ctx)
     await asyncio.sleep(3600)

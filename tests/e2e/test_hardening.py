@@ -197,13 +197,14 @@ def test_a_step_that_kills_its_process_ends_when_its_retries_do(
 ) -> None:
     insert_workflows(db, "crash_loop", 1)
     insert_workflows(db, "sturdy", 20)
-    daemon = daemons.start()
+    crash_modules = {"WORKFLOWD_MODULES": "tests.e2e.flows,tests.e2e.crash_flows"}
+    daemon = daemons.start(crash_modules)
     restarts = 0
     deadline = time.monotonic() + 90
     while not (all_finished(db, 1, "failed") and all_finished(db, 20)):
         assert time.monotonic() < deadline, f"still {states(db)} after {restarts} restarts"
         if daemon.process.poll() is not None:  # a supervisor restarts the daemon
-            daemon = daemons.start()
+            daemon = daemons.start(crash_modules)
             restarts += 1
         time.sleep(0.1)
     assert len(effects(db, "crash")) == 3  # max_retries=2: three attempts, each a crash

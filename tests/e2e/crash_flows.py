@@ -1,0 +1,25 @@
+"""A workflow type that kills its daemon on every attempt, for the crash-loop test only.
+
+Kept out of tests/e2e/flows.py: every daemon of the other tests loads that module, and a
+fuzzer that starts a workflow of this type would take its daemon down.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from engine import Step, Workflow, WorkflowContext
+from tests.e2e.flows import _record_effect_now, recorded
+
+
+def exits_the_process(input: dict[str, Any], ctx: WorkflowContext) -> None:
+    """What a segfault in a C extension or the OOM killer does to the daemon."""
+    _record_effect_now(ctx, ctx.step_name)
+    os._exit(1)
+
+
+crash_loop = Workflow(type="crash_loop", steps=[Step("crash", exits_the_process, max_retries=2)])
+# Innocent bystanders of a crash loop: each crash interrupts them too, and an interrupted
+# attempt spends a retry, so their budget covers the crashes.
+sturdy = Workflow(type="sturdy", max_retries=10, steps=[Step("one", recorded), Step("two", recorded)])
