@@ -50,8 +50,8 @@ BAD_ROWS = [
 ]
 
 
-def insert_bad_row(db_url: str, row: BadRow) -> str | None:
-    """Insert `row` in a statement of its own; None when a CHECK constraint refused it."""
+def insert_bad_row(db_url: str, row: BadRow) -> tuple[str | None, psycopg.Error | None]:
+    """Insert `row` in a statement of its own: (its id, None), or (None, the error that refused it)."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         try:
             inserted = conn.execute(
@@ -59,16 +59,22 @@ def insert_bad_row(db_url: str, row: BadRow) -> str | None:
                 "VALUES (%s, %s::jsonb, %s::jsonb, %s, 'chaos-bad', %s) RETURNING id",
                 (row.type, row.input, row.context, row.step_index, f"chaos-bad:{row.name}"),
             ).fetchone()
-        except errors.CheckViolation:
-            return None
+        except psycopg.DatabaseError as error:
+            return None, error
     assert inserted is not None
-    return str(inserted[0])
+    return str(inserted[0]), None
 
 
-def judge_bad_row(stage: Stage, row: BadRow, workflow_id: str | None) -> tuple[str | None, str]:
+def judge_bad_row(
+    stage: Stage, row: BadRow, workflow_id: str | None, refusal: psycopg.Error | None
+) -> tuple[str | None, str]:
     """(a problem or None, a note) for one bad row after the run."""
     if workflow_id is None:
-        return None, f"{row.name}: refused at insert (check_violation)"
+        # A CHECK constraint on the table is a fine answer to a bad row; any other error is not.
+        if isinstance(refusal, errors.CheckViolation):
+            return None, f"{row.name}: refused at insert (check_violation)"
+        why = f"{type(refusal).__name__} ({refusal.sqlstate if refusal else None}): {refusal}"
+        return f"{row.name} was refused at insert by {why}", f"{row.name}: refused at insert"
     state, error, seconds = stage.db.rows(
         "SELECT state::text, error, extract(epoch FROM completed_at - created_at) FROM workflows WHERE id = %s",
         (workflow_id,),
@@ -91,7 +97,7 @@ def bad_rows(stage: Stage) -> Verdict:
     at insert by a CHECK constraint), the daemons keep going."""
     db = stage.db
     expected = 0
-    inserted: dict[BadRow, str | None] = {}
+    inserted: dict[BadRow, tuple[str | None, psycopg.Error | None]] = {}
     with stage.fleet(2) as fleet:
         halves = (BAD_ROWS[::2], BAD_ROWS[1::2])
         for half in halves:
@@ -100,8 +106,8 @@ def bad_rows(stage: Stage) -> Verdict:
             for row in half:
                 inserted[row] = insert_bad_row(stage.db_url, row)
         expected += insert_load(stage, stage.size(20, 80), 0, sleep=0.05)
-        db.wait_until_finished(stage.size(30, 60))
-        judged = [judge_bad_row(stage, row, workflow_id) for row, workflow_id in inserted.items()]
+        db.wait_until_finished(stage.size(20, 40))
+        judged = [judge_bad_row(stage, row, *inserted[row]) for row in BAD_ROWS]
         problems = [problem for problem, _ in judged if problem]
         return stage.judge(fleet, expected, problems, [note for _, note in judged])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,9 @@ class Verdict:
     def details(self) -> list[str]:
         """Indented lines under the verdict: why it failed, then what it observed."""
         reasons = [*(self.invariants.problems if self.invariants else []), *self.problems]
-        reasons += [f"logged {event.get('event')}: {_brief(event)}" for event in self.crashes[:3]]
+        # The same crash repeats at every retry of the claim: each kind once, with its count.
+        kinds = Counter(f"logged {event.get('event')}: {_brief(event)}" for event in self.crashes)
+        reasons += [f"{kind} ({count}x)" for kind, count in kinds.most_common(3)]
         return [f"    FAIL: {reason}" for reason in reasons] + [f"    note: {note}" for note in self.notes]
 
 

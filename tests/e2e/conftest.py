@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -61,6 +62,10 @@ class Daemons:
                 "SELECT 1 FROM workflow_workers WHERE pid = %s AND stopped_at IS NULL", (daemon.pid,)
             ).fetchone()
         return row is not None
+
+    def all_but(self, *victims: Daemon) -> list[subprocess.Popen[bytes]]:
+        """The processes of the daemons a test did not stop on purpose: they must be alive."""
+        return [daemon.process for daemon in self.started if daemon not in victims]
 
     def stop_all(self) -> None:
         for daemon in self.started:
