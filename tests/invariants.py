@@ -18,6 +18,8 @@ from typing import Any
 
 import psycopg
 
+from engine.states import STEP_TRANSITIONS, WORKFLOW_TRANSITIONS, StepState, WorkflowState
+
 SIDE_TABLES = (
     "CREATE TABLE test_effects (workflow_id uuid, step_name text, attempt int, "
     "idempotency_key text, pid int, at timestamptz DEFAULT clock_timestamp())",
@@ -61,8 +63,6 @@ def illegal_transitions(conn: psycopg.Connection[Any]) -> list[tuple[str, str, i
     Two self-arrows are bookkeeping, not transitions: running -> running restarts an
     interrupted step, compensating -> compensating records a failed compensation attempt.
     """
-    from engine.states import STEP_TRANSITIONS, WORKFLOW_TRANSITIONS, StepState, WorkflowState  # noqa: PLC0415
-
     illegal = []
     for from_state, to_state, step_index in conn.execute(
         "SELECT from_state, to_state, step_index FROM workflow_events WHERE from_state IS NOT NULL"

@@ -73,7 +73,8 @@ class AttackReport:
         for answer in self.oversized:
             if not answer.refused:
                 found.append(
-                    f"the 50 MB unauthenticated POST got {answer.status} after {answer.body_bytes_sent >> 20} MB "
+                    f"the 50 MB unauthenticated POST got {answer.status} "
+                    f"after {answer.body_bytes_sent >> 20} MB "
                     f"(expected {' or '.join(map(str, REFUSALS))}, or a refusal before half the body)"
                 )
         return found

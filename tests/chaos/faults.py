@@ -16,7 +16,10 @@ from tests.daemons import Daemon
 from tests.proxy import CuttableProxy
 
 # The daemons' backends, by the application names the daemon gives its connections.
-DAEMON_BACKENDS = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'workflowd%'"
+DAEMON_BACKENDS = (
+    "SELECT pid FROM pg_stat_activity "
+    "WHERE datname = current_database() AND application_name LIKE 'workflowd%'"
+)
 
 
 def insert_load(stage: Stage, steps: int, ledgers: int, sleep: float = 0.1) -> int:
@@ -30,10 +33,12 @@ def insert_load(stage: Stage, steps: int, ledgers: int, sleep: float = 0.1) -> i
 def repeats(db: Database) -> str:
     """How much work the faults made the daemons do again, for the notes."""
     again = db.value(
-        "SELECT count(*) - count(DISTINCT (workflow_id, step_name)) FROM test_effects WHERE step_name <> 'credit'"
+        "SELECT count(*) - count(DISTINCT (workflow_id, step_name)) FROM test_effects "
+        "WHERE step_name <> 'credit'"
     )
     rolled_back = db.value(
-        "SELECT (SELECT count(*) FROM test_effects WHERE step_name = 'credit') - (SELECT count(*) FROM test_ledger)"
+        "SELECT (SELECT count(*) FROM test_effects WHERE step_name = 'credit') "
+        "- (SELECT count(*) FROM test_ledger)"
     )
     return f"{again} step executions repeated, {rolled_back} ledger transactions rolled back"
 
@@ -99,7 +104,8 @@ def sigstop_past_the_lease(stage: Stage) -> Verdict:
         lost = sum(event["event"] == "lease_lost" for daemon in stale for event in daemon.log_events())
         problems = [] if lost else ["no frozen worker found its lease taken: the scenario proved nothing"]
         notes = [
-            f"{len(stale)} freezes; the stale workers dropped {lost} results (lease_lost); {repeats(stage.db)}"
+            f"{len(stale)} freezes; the stale workers dropped {lost} results (lease_lost); "
+            f"{repeats(stage.db)}"
         ]
         return stage.judge(fleet, expected, problems, notes)
 

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql
 
 from daemon.local_postgres import FAST_UNSAFE_SETTINGS, LocalPostgres
 from engine.migrate import migrate
+from tests.conftest import create_database
 from tests.daemons import Daemon, launch
 from tests.invariants import create_side_tables
 
@@ -45,23 +45,14 @@ class ChaosPostgres(LocalPostgres):
 
     def prepare_template(self) -> None:
         """Migrate the schema once into a template database that scenarios clone."""
-        asyncio.run(_migrate(self._create(TEMPLATE)))
+        asyncio.run(_migrate(create_database(self.url(), TEMPLATE)))
 
     def scenario_database(self, name: str) -> str:
         """A fresh migrated database for one scenario, with the tests' side tables."""
-        url = self._create(name, template=TEMPLATE)
+        url = create_database(self.url(), name, template=TEMPLATE)
         with psycopg.connect(url, autocommit=True) as conn:
             create_side_tables(conn)
         return url
-
-    def _create(self, name: str, template: str | None = None) -> str:
-        with psycopg.connect(self.url(), autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-            statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
-            if template:
-                statement += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
-            conn.execute(statement)
-        return self.url(name)
 
 
 async def _migrate(url: str) -> None:

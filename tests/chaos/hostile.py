@@ -76,7 +76,8 @@ def judge_bad_row(
         why = f"{type(refusal).__name__} ({refusal.sqlstate if refusal else None}): {refusal}"
         return f"{row.name} was refused at insert by {why}", f"{row.name}: refused at insert"
     state, error, seconds = stage.db.rows(
-        "SELECT state::text, error, extract(epoch FROM completed_at - created_at) FROM workflows WHERE id = %s",
+        "SELECT state::text, error, extract(epoch FROM completed_at - created_at) "
+        "FROM workflows WHERE id = %s",
         (workflow_id,),
     )[0]
     error = error if isinstance(error, dict) else {}

@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join([verdict.line(), *verdict.details()]), flush=True)
     failed = [verdict.name for verdict in verdicts if not verdict.passed]
     print(
-        f"{len(verdicts) - len(failed)} of {len(verdicts)} scenarios passed in {time.monotonic() - started:.0f} s"
+        f"{len(verdicts) - len(failed)} of {len(verdicts)} scenarios passed "
+        f"in {time.monotonic() - started:.0f} s"
     )
     if failed:
         print(f"failed: {', '.join(failed)}; daemon logs in {logs}")
