@@ -39,15 +39,7 @@ class Daemon:
         return self.process.poll() is None
 
     def log_events(self) -> list[dict[str, Any]]:
-        """The JSON lines of the log; a line a kill -9 cut in half is skipped."""
-        events = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                try:
-                    events.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-        return events
+        return read_log_events(self.log_path)
 
     def signal(self, signum: int) -> None:
         os.kill(self.pid, signum)
@@ -83,8 +75,20 @@ def launch(
     return Daemon(process, log_path, port)
 
 
-def crash_events(daemons: Iterable[Daemon], expected: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """Every `*_crashed` or `critical` log line of `daemons` whose event is not in `expected`.
+def read_log_events(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of a daemon's log; a line a kill -9 cut in half is skipped."""
+    events = []
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return events
+
+
+def crash_lines(events: Iterable[dict[str, Any]], expected: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """The `*_crashed` and `critical` lines among `events` whose event is not in `expected`.
 
     A daemon's safety nets (a crashed claim is retried, a crashed workflow task is
     dropped) keep it alive through a bug; these lines are how a test still sees the bug.
@@ -92,8 +96,12 @@ def crash_events(daemons: Iterable[Daemon], expected: Iterable[str] = ()) -> lis
     allowed = set(expected)
     return [
         event
-        for daemon in daemons
-        for event in daemon.log_events()
+        for event in events
         if (str(event.get("event", "")).endswith(CRASH_SUFFIX) or event.get("level") == "critical")
         and event.get("event") not in allowed
     ]
+
+
+def crash_events(daemons: Iterable[Daemon], expected: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """crash_lines of the logs of all `daemons`."""
+    return crash_lines((event for daemon in daemons for event in daemon.log_events()), expected)

@@ -55,8 +55,10 @@ class Daemons:
         return daemon
 
     def registered(self, daemon: Daemon) -> bool:
-        # Asked before looking at the process: a daemon that registered has started, even
-        # if a step of a test killed it a moment later (os._exit), as some tests intend.
+        # A daemon that registered has started, even if a step of the test killed it a
+        # moment later (os._exit), as some tests intend; only one that exited without
+        # registering failed. The process is polled first, so a registration just before
+        # the exit is not missed.
         exited = daemon.process.poll() is not None
         with psycopg.connect(self.db_url) as conn:
             row = conn.execute(
