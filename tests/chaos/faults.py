@@ -84,24 +84,37 @@ def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
     return False
 
 
+def in_transactional_steps(db: Database, daemons: list[Daemon]) -> list[Daemon]:
+    """The daemons that hold a ledger workflow whose `credit` step runs: a transaction is open."""
+    holders = db.rows(
+        "SELECT w.locked_by FROM workflows w JOIN workflow_steps s ON s.workflow_id = w.id "
+        "AND s.step_index = w.current_step_index WHERE s.step_name = 'credit' AND s.state = 'running'"
+    )
+    return [daemon for daemon in daemons if any(f"-{daemon.pid}-" in (holder or "") for (holder,) in holders)]
+
+
 def sigstop_past_the_lease(stage: Stage) -> Verdict:
-    """Freeze a daemon holding leases for three leases, then let it go on: the others take
-    its workflows over, and what the stale worker then finishes is discarded."""
+    """Freeze a daemon for three leases while it runs a transactional step, then let it go
+    on: the others take its workflows over, and what the stale worker then finishes is
+    discarded, its transaction rolled back."""
     lease = 1.0
     expected = 0
     stale: list[Daemon] = []
     with stage.fleet(3, lease_seconds=lease, poll_interval=0.1) as fleet:
-        for round in range(stage.size(2, 6)):
-            expected += insert_load(stage, stage.size(40, 60), stage.size(15, 20), sleep=0.5)
-            victim = fleet.slots[round % len(fleet.slots)]
-            if not wait_for(lambda victim=victim: holds_leases(stage.db, victim, 2), 10):
+        for _ in range(stage.size(2, 6)):
+            # Fewer workflows than slots: the others are free to take the frozen one's over
+            # (a backlog of pending work would be due before its expired leases).
+            expected += insert_load(stage, 20, 8, sleep=0.5)
+            if not wait_for(lambda: bool(in_transactional_steps(stage.db, fleet.slots)), 10):
                 continue
+            victim = in_transactional_steps(stage.db, fleet.slots)[0]
             victim.signal(signal.SIGSTOP)
             time.sleep(lease * 3)
             victim.signal(signal.SIGCONT)
             stale.append(victim)
         stage.db.wait_until_finished(stage.size(40, 90))
-        lost = sum(event["event"] == "lease_lost" for daemon in stale for event in daemon.log_events())
+        frozen = {daemon.pid: daemon for daemon in stale}.values()  # one may be frozen twice
+        lost = sum(event["event"] == "lease_lost" for daemon in frozen for event in daemon.log_events())
         problems = [] if lost else ["no frozen worker found its lease taken: the scenario proved nothing"]
         notes = [
             f"{len(stale)} freezes; the stale workers dropped {lost} results (lease_lost); "
