@@ -65,10 +65,6 @@ def kill_storm(stage: Stage) -> Verdict:
         return stage.judge(fleet, expected, problems, notes)
 
 
-def leased(db: Database) -> int:
-    return int(db.value("SELECT count(*) FROM workflows WHERE locked_by IS NOT NULL"))
-
-
 def holds_leases(db: Database, daemon: Daemon, count: int) -> bool:
     held = db.value("SELECT count(*) FROM workflows WHERE locked_by LIKE %s", (f"%-{daemon.pid}-%",))
     return bool(held >= count)
@@ -124,13 +120,14 @@ def sigstop_past_the_lease(stage: Stage) -> Verdict:
 
 
 def postgres_restarts(stage: Stage) -> Verdict:
-    """pg_ctl restart -m fast, then -m immediate (crash recovery), with steps in flight."""
+    """pg_ctl restart -m fast, then -m immediate (crash recovery), while transactional steps run."""
     expected = 0
     modes = ["fast", "immediate"] * stage.size(1, 3)
     with stage.fleet(3) as fleet:
         for mode in modes:
             expected += insert_load(stage, stage.size(40, 80), stage.size(20, 40), sleep=0.5)
-            wait_for(lambda: leased(stage.db) >= 10, 10)
+            # Restart while a transactional step has its transaction open.
+            wait_for(lambda: bool(in_transactional_steps(stage.db, fleet.slots)), 10)
             stage.cluster.restart(mode)
         stage.db.wait_until_finished(stage.size(60, 120))
         notes = [f"restarts: {', '.join(modes)}; {repeats(stage.db)}"]

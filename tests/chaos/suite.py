@@ -40,6 +40,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--only", action="append", choices=sorted(SCENARIOS), help="run only this scenario")
     parser.add_argument("--seed", type=int, default=7, help="seed of the faults' randomness (default 7)")
+    parser.add_argument(
+        "--keep-logs", action="store_true", help="keep the daemons' logs of a passing run too"
+    )
     return parser.parse_args(argv)
 
 
@@ -77,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(verdicts) - len(failed)} of {len(verdicts)} scenarios passed "
         f"in {time.monotonic() - started:.0f} s"
     )
-    if failed:
-        print(f"failed: {', '.join(failed)}; daemon logs in {logs}")
-        return 1
-    shutil.rmtree(logs, ignore_errors=True)
-    return 0
+    if failed or args.keep_logs:
+        print(f"{'failed: ' + ', '.join(failed) + '; ' if failed else ''}daemon logs in {logs}")
+    else:
+        shutil.rmtree(logs, ignore_errors=True)
+    return 1 if failed else 0
