@@ -117,6 +117,15 @@ def exit_runs(stage: Stage) -> int:
     return int(stage.db.value("SELECT count(*) FROM test_effects WHERE step_name = 'exit'"))
 
 
+def exit_scenario_settled(stage: Stage) -> bool:
+    """The good workflows are final, and the exiting one is too or has already run too often."""
+    good_unfinished = stage.db.value(
+        "SELECT count(*) FROM workflows "
+        "WHERE type <> 'chaos_exit' AND state IN ('pending', 'running', 'compensating')"
+    )
+    return good_unfinished == 0 and (stage.db.unfinished() == 0 or exit_runs(stage) > EXIT_STEP_RUNS_AT_MOST)
+
+
 def exiting_step(stage: Stage) -> Verdict:
     """A step that calls os._exit(1), max_retries=2, among good workflows, under a
     supervisor that restarts the daemons it kills: it runs at most three times and its
@@ -126,18 +135,7 @@ def exiting_step(stage: Stage) -> Verdict:
     db.insert("chaos_exit", 1)
     with stage.fleet(3, lease_seconds=1, poll_interval=0.1) as fleet:
         with fleet.supervise():
-            # Done when all are final; or, sooner, when the step ran too often and the rest is done.
-            wait_for(
-                lambda: (
-                    db.value(
-                        "SELECT count(*) FROM workflows WHERE type <> 'chaos_exit' "
-                        "AND state IN ('pending', 'running', 'compensating')"
-                    )
-                    == 0
-                    and (db.unfinished() == 0 or exit_runs(stage) > EXIT_STEP_RUNS_AT_MOST)
-                ),
-                stage.size(40, 90),
-            )
+            wait_for(lambda: exit_scenario_settled(stage), stage.size(40, 90))
         runs = exit_runs(stage)
         state, error = db.rows("SELECT state::text, error FROM workflows WHERE type = 'chaos_exit'")[0]
         problems = []
