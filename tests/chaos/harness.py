@@ -19,9 +19,9 @@ from typing import Any
 
 import psycopg
 
-from daemon.local_postgres import FAST_UNSAFE_SETTINGS, LocalPostgres
+from daemon.local_postgres import LocalPostgres
 from engine.migrate import migrate
-from tests.conftest import create_database
+from tests.conftest import FAST_UNSAFE_SETTINGS, create_database
 from tests.daemons import Daemon, launch
 from tests.invariants import create_side_tables
 
