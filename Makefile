@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: install test lint format check bench
+.PHONY: install test lint format check bench chaos
 
 install:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ format:
 	$(VENV)/bin/ruff check --fix .
 
 check: lint test
+
+# The fault suite, full form (minutes; CI runs its short form in the tests). See README,
+# "The fault suite".
+chaos:
+	$(PY) -m tests.chaos
 
 # The benchmark suite (minutes; not part of CI). See README, "Performance".
 bench:

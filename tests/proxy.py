@@ -1,5 +1,5 @@
-"""A TCP proxy that a test can cut and restore, to take the database away from a daemon
-without touching the server (psycopg's tests/fix_proxy.py does the same)."""
+"""A TCP proxy that a test can cut, stall and restore, to take the database away from a
+daemon without touching the server (psycopg's tests/fix_proxy.py does the same)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from contextlib import contextmanager, suppress
 
 
 class CuttableProxy:
-    """Forwards 127.0.0.1:`port` to `upstream`; `cut()` drops every connection and refuses new ones."""
+    """Forwards 127.0.0.1:`port` to `upstream`. `cut()` drops every connection and refuses
+    new ones; `stall()` keeps them open but forwards nothing, as a network that loses
+    every packet for a while would; `restore()` ends either."""
 
     def __init__(self, upstream_host: str, upstream_port: int) -> None:
         self.upstream = (upstream_host, upstream_port)
@@ -18,6 +20,8 @@ class CuttableProxy:
         self._cut = False
         self._writers: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -51,6 +55,9 @@ class CuttableProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with suppress(OSError, asyncio.IncompleteReadError):
             while data := await reader.read(65536):
+                # A stalled link holds what it read; the kernel buffers fill up behind it
+                # and the peers simply wait, with their connections still open.
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         writer.transport.abort()
@@ -66,9 +73,18 @@ class CuttableProxy:
 
         self._loop.call_soon_threadsafe(drop)
 
+    def stall(self) -> None:
+        """Stop forwarding in both directions, keeping every connection open."""
+        self._loop.call_soon_threadsafe(self._flowing.clear)
+
     def restore(self) -> None:
-        """Accept and forward connections again."""
-        self._loop.call_soon_threadsafe(lambda: setattr(self, "_cut", False))
+        """Accept and forward connections again, and let stalled data through."""
+
+        def mend() -> None:
+            self._cut = False
+            self._flowing.set()
+
+        self._loop.call_soon_threadsafe(mend)
 
     @contextmanager
     def running(self) -> Iterator[CuttableProxy]:

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,9 +15,14 @@ from typing import Any, TypeVar
 import psycopg
 import pytest
 
-from daemon.local_postgres import free_port
+from tests.daemons import ROOT, Daemon, crash_events, launch
+from tests.invariants import create_side_tables, illegal_transitions
 
-ROOT = Path(__file__).resolve().parents[2]
+# What the e2e tests import from here (ROOT and Daemon live in tests.daemons).
+__all__ = [
+    "ROOT", "Daemon", "Daemons", "all_finished", "assert_timeline_is_legal", "insert_workflows", "states",
+    "wait_until",
+]  # fmt: skip
 T = TypeVar("T")
 
 
@@ -35,28 +39,6 @@ def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: 
 
 
 @dataclass
-class Daemon:
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log_events(self) -> list[dict[str, Any]]:
-        lines = self.log_path.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
-
-    def signal(self, signum: int) -> None:
-        os.kill(self.pid, signum)
-
-
-@dataclass
 class Daemons:
     """Starts `workflowd run` processes; kills whatever is left at the end of the test."""
 
@@ -65,42 +47,30 @@ class Daemons:
     started: list[Daemon] = field(default_factory=list)
 
     def start(self, env_extra: dict[str, str] | None = None, **settings: Any) -> Daemon:
-        port = free_port()
-        env = {
-            **os.environ,
-            "DATABASE_URL": self.db_url,
-            "PYTHONPATH": str(ROOT),
-            "WORKFLOWD_MODULES": "tests.e2e.flows",
-            "WORKFLOWD_LOG_FORMAT": "json",
-            "WORKFLOWD_LOG_LEVEL": "debug",
-            "WORKFLOWD_LEASE_SECONDS": "2",
-            "WORKFLOWD_POLL_INTERVAL": "0.2",
-            "PORT": str(port),
-            **(env_extra or {}),
-        }
-        env.update({f"WORKFLOWD_{name.upper()}": str(value) for name, value in settings.items()})
+        defaults = {"log_level": "debug", "lease_seconds": 2, "poll_interval": 0.2}
         log_path = self.log_dir / f"daemon-{len(self.started)}.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "daemon", "run"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-            )
-        daemon = Daemon(process, log_path, port)
+        daemon = launch(self.db_url, log_path, "tests.e2e.flows", {**defaults, **settings}, env_extra)
         self.started.append(daemon)
         wait_until(lambda: self.registered(daemon), 20, f"daemon {daemon.pid} to register")
         return daemon
 
     def registered(self, daemon: Daemon) -> bool:
-        if daemon.process.poll() is not None:
-            pytest.fail(f"daemon exited with {daemon.process.returncode}:\n{daemon.log_path.read_text()}")
+        # A daemon that registered has started, even if a step of the test killed it a
+        # moment later (os._exit), as some tests intend; only one that exited without
+        # registering failed. The process is polled first, so a registration just before
+        # the exit is not missed.
+        exited = daemon.process.poll() is not None
         with psycopg.connect(self.db_url) as conn:
             row = conn.execute(
                 "SELECT 1 FROM workflow_workers WHERE pid = %s AND stopped_at IS NULL", (daemon.pid,)
             ).fetchone()
+        if row is None and exited:
+            pytest.fail(f"daemon exited with {daemon.process.returncode}:\n{daemon.log_path.read_text()}")
         return row is not None
+
+    def all_but(self, *victims: Daemon) -> list[subprocess.Popen[bytes]]:
+        """The processes of the daemons a test did not stop on purpose: they must be alive."""
+        return [daemon.process for daemon in self.started if daemon not in victims]
 
     def stop_all(self) -> None:
         for daemon in self.started:
@@ -111,18 +81,23 @@ class Daemons:
 
 
 @pytest.fixture
-def daemons(db_url: str, db: psycopg.Connection[Any], tmp_path: Path) -> Iterator[Daemons]:
-    db.execute(
-        "CREATE TABLE test_effects (workflow_id uuid, step_name text, attempt int, "
-        "idempotency_key text, pid int, at timestamptz DEFAULT clock_timestamp())"
-    )
-    db.execute("CREATE TABLE test_switches (name text PRIMARY KEY)")
-    db.execute("CREATE TABLE test_ledger (workflow_id uuid, amount int)")
+def daemons(
+    db_url: str, db: psycopg.Connection[Any], tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Daemons]:
+    """Daemon processes for the test. At the end, a daemon that logged a `*_crashed` event
+    or a critical line fails the test, unless the test declares the event with
+    `@pytest.mark.expected_log("claim_crashed")`: a safety net that kept a daemon alive
+    through a bug must not turn the bug into a green run."""
+    create_side_tables(db)
     running = Daemons(db_url, tmp_path)
+    expected = {name for marker in request.node.iter_markers("expected_log") for name in marker.args}
     try:
         yield running
     finally:
         running.stop_all()
+    if crashes := crash_events(running.started, expected):
+        lines = "\n".join(json.dumps(event)[:2000] for event in crashes[:5])
+        pytest.fail(f"daemons logged {len(crashes)} crash or critical lines (first five):\n{lines}")
 
 
 def insert_workflows(db: psycopg.Connection[Any], type: str, count: int, **input: Any) -> None:
@@ -143,20 +118,5 @@ def all_finished(db: psycopg.Connection[Any], count: int, state: str = "complete
 
 
 def assert_timeline_is_legal(db: psycopg.Connection[Any]) -> None:
-    """Every recorded transition is an arrow of the state machines.
-
-    Two self-arrows are bookkeeping, not transitions: running -> running restarts an
-    interrupted step, compensating -> compensating records a failed compensation attempt.
-    """
-    from engine.states import STEP_TRANSITIONS, WORKFLOW_TRANSITIONS, StepState, WorkflowState  # noqa: PLC0415
-
-    for from_state, to_state, step_index in db.execute(
-        "SELECT from_state, to_state, step_index FROM workflow_events WHERE from_state IS NOT NULL"
-    ).fetchall():
-        if step_index is None:
-            assert WORKFLOW_TRANSITIONS.can(WorkflowState(from_state), WorkflowState(to_state)), (
-                from_state,
-                to_state,
-            )
-        elif from_state != to_state or from_state not in ("running", "compensating"):
-            assert STEP_TRANSITIONS.can(StepState(from_state), StepState(to_state)), (from_state, to_state)
+    """Every recorded transition is an arrow of the state machines."""
+    assert illegal_transitions(db) == []

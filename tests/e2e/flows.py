@@ -3,7 +3,7 @@
 Every step records that it really ran in `test_effects`, outside the engine's
 transactions, so a test can compare what was executed with what was committed. The
 workflow input steers the behaviour: `sleep` seconds per step, `fail_times` failures
-before success.
+before success. The fault suite (tests/chaos) builds its own types from these steps.
 """
 
 from __future__ import annotations
@@ -26,10 +26,20 @@ from engine import NotExecuted, PermanentError, Step, Workflow, WorkflowContext
 _pool: AsyncConnectionPool | None = None
 
 
+def effects_url() -> str:
+    """Where steps record their effects: TEST_EFFECTS_URL when a test routes the daemon's
+    own DATABASE_URL through a faulty proxy, so that the instrument is not the fault."""
+    return os.environ.get("TEST_EFFECTS_URL") or os.environ["DATABASE_URL"]
+
+
 async def _effects_pool() -> AsyncConnectionPool:
     global _pool  # noqa: PLW0603 (one pool per daemon process, made on first use)
     if _pool is None:
-        _pool = AsyncConnectionPool(os.environ["DATABASE_URL"], min_size=1, max_size=4, open=False)
+        # Checked before lending: after a server restart a step should record its effect,
+        # not fail on a connection that died while it sat in the pool.
+        _pool = AsyncConnectionPool(
+            effects_url(), min_size=1, max_size=4, open=False, check=AsyncConnectionPool.check_connection
+        )
         await _pool.open()
     return _pool
 
@@ -51,7 +61,7 @@ async def recorded(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any
 
 def recorded_in_a_thread(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
     """A plain function: the daemon runs it in its thread pool, off the event loop."""
-    with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True) as conn:
+    with psycopg.connect(effects_url(), autocommit=True) as conn:
         conn.execute(
             "INSERT INTO test_effects (workflow_id, step_name, attempt, idempotency_key, pid) "
             "VALUES (%s, %s, %s, %s, %s)",

@@ -13,6 +13,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from tests.e2e.conftest import Daemons, all_finished, insert_workflows, states, wait_until
+from tests.invariants import assert_invariants
 
 
 def step_ledger(db: psycopg.Connection[Any]) -> list[dict[str, Any]]:
@@ -108,6 +109,7 @@ def test_kill_9_with_steps_in_flight_loses_nothing(daemons: Daemons, db: psycopg
     daemons.start(lease_seconds=lease, poll_interval=poll)
     wait_until(lambda: all_finished(db, 30), 60, "every workflow to complete after the kill")
     assert_every_step_committed_exactly_once(db, 30, 3)
+    assert_invariants(db, expected_completed=30, daemons=daemons.all_but(victim))
     # Each orphan resumed, with its interrupted step started again, within lease + poll.
     resumed = db.execute(
         "SELECT workflow_id, min(at) FROM workflow_events WHERE workflow_id = ANY(%s) AND to_state = 'running' "
@@ -150,6 +152,7 @@ def test_orphans_resume_within_lease_plus_poll_when_another_daemon_is_up(
     # Every orphan's interrupted step started again within lease + poll (and a little slack).
     assert max(at for (at,) in restarts) - killed_at <= timedelta(seconds=lease + poll + 0.5)
     assert_every_step_committed_exactly_once(db, 8, 3)
+    assert_invariants(db, expected_completed=8, daemons=daemons.all_but(victim))
 
 
 def test_a_stale_worker_resumed_after_sigstop_commits_nothing(
@@ -180,6 +183,7 @@ def test_a_stale_worker_resumed_after_sigstop_commits_nothing(
     # The first step really ran twice (once per worker) but was committed once.
     assert db.execute("SELECT count(*) FROM test_effects WHERE step_name = 'first'").fetchone() == (2,)
     assert stale.process.poll() is None, "the stale daemon keeps running"
+    assert_invariants(db, expected_completed=1, daemons=daemons.all_but())
 
 
 def test_the_heartbeat_keeps_the_lease_of_a_step_longer_than_the_lease(
@@ -285,6 +289,7 @@ def test_sigterm_drains_in_flight_steps_and_exits_zero(daemons: Daemons, db: psy
     daemons.start()
     wait_until(lambda: all_finished(db, 5), 30, "another daemon to finish the released workflows")
     assert_every_step_committed_exactly_once(db, 5, 3)
+    assert_invariants(db, expected_completed=5, daemons=daemons.all_but(leaving))
 
 
 def test_sigterm_past_the_grace_period_releases_leases_for_another_daemon(
@@ -308,6 +313,7 @@ def test_sigterm_past_the_grace_period_releases_leases_for_another_daemon(
     daemons.start(lease_seconds=30)
     wait_until(lambda: all_finished(db, 3), 40, "another daemon to finish the released workflows")
     assert_every_step_committed_exactly_once(db, 3, 3)
+    assert_invariants(db, expected_completed=3, daemons=daemons.all_but(leaving))
 
 
 def test_a_second_signal_exits_at_once(daemons: Daemons, db: psycopg.Connection[Any]) -> None:
@@ -335,7 +341,7 @@ def test_terminated_database_connections_are_ridden_out(
             "WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
         )
     wait_until(lambda: all_finished(db, 300), 90, f"every workflow to complete (now {states(db)})")
-    assert all(daemon.process.poll() is None for daemon in daemons.started), "no daemon exited"
+    assert_invariants(db, expected_completed=300, daemons=daemons.all_but())
     assert_every_step_committed_exactly_once(db, 300, 3)
     logged = {event["event"] for daemon in daemons.started for event in daemon.log_events()}
     assert logged & {"claim_failed", "commit_retry", "listener_disconnected", "heartbeat_failed"}
@@ -351,7 +357,7 @@ def test_a_result_is_committed_through_a_dropped_connection(
     # The step that cut the connections ran once: its result was not lost and redone.
     assert db.execute("SELECT count(*) FROM test_effects WHERE step_name = 'cut'").fetchone() == (3,)
     assert "commit_retry" in {event["event"] for event in daemon.log_events()}
-    assert daemon.process.poll() is None
+    assert_invariants(db, expected_completed=3, daemons=daemons.all_but())
 
 
 def test_the_listener_reconnects_and_notifications_wake_the_daemon_again(
@@ -439,6 +445,7 @@ def test_an_interrupted_non_idempotent_step_fails_as_outcome_unknown_and_is_not_
     assert error[0]["message"].startswith("outcome unknown: the worker running step 'transfer' (attempt 1)")
     assert db.execute("SELECT state::text, attempt FROM workflow_steps").fetchone() == ("failed", 1)
     assert db.execute("SELECT count(*) FROM test_effects").fetchone() == (1,), "the step was not run again"
+    assert_invariants(db, expected_completed=0, daemons=daemons.all_but(victim))
 
 
 def test_broken_step_code_fails_its_workflow_and_the_daemon_keeps_running(

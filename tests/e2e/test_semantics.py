@@ -22,6 +22,7 @@ from tests.e2e.conftest import (
     states,
     wait_until,
 )
+from tests.invariants import assert_invariants
 
 
 def effects(db: psycopg.Connection[Any], step_name: str) -> int:
@@ -126,7 +127,7 @@ def test_a_compensation_interrupted_by_kill_9_resumes_and_each_step_is_compensat
     assert on_the_books == [("charge", 3), ("notify", 3), ("reserve", 3)]
     assert effects(db, "undo:charge") == 6  # the interrupted compensations ran again (at least once)
     assert effects(db, "undo:reserve") == 3
-    assert_timeline_is_legal(db)
+    assert_invariants(db, expected_completed=0, daemons=daemons.all_but(victim))
 
 
 def test_compensate_undoes_a_failed_workflow_whose_definition_does_not(
@@ -319,6 +320,7 @@ def test_a_transactional_step_writes_exactly_once_across_20_kill_9_cycles(
     assert db.execute("SELECT sum(amount) FROM test_ledger").fetchone() == (120,)
     # The kills really interrupted transactional steps: they ran more often than they committed.
     assert effects(db, "credit") > 12
+    assert_invariants(db, expected_completed=12, daemons=daemons.all_but(*daemons.started[:-1]))
 
 
 def test_a_transactional_step_of_a_stale_worker_rolls_back(
@@ -335,6 +337,7 @@ def test_a_transactional_step_of_a_stale_worker_rolls_back(
         lambda: any(e["event"] == "lease_lost" for e in stale.log_events()), 15, "the stale worker to give up"
     )
     assert db.execute("SELECT count(*), sum(amount) FROM test_ledger").fetchone() == (1, 5)
+    assert_invariants(db, expected_completed=1, daemons=daemons.all_but())
 
 
 def test_a_failing_transactional_step_leaves_no_write(daemons: Daemons, db: psycopg.Connection[Any]) -> None:
