@@ -87,6 +87,14 @@ class LeaseLostError(Exception):
     """The lease ran out, or was taken over, before the result could be committed."""
 
 
+class _AttemptFailed(Exception):
+    """Leaves a transactional step's transaction, rolling its writes back."""
+
+    def __init__(self, outcome: StepFailed) -> None:
+        super().__init__(outcome.error.get("message"))
+        self.outcome = outcome
+
+
 @dataclass(frozen=True)
 class DriverConfig:
     worker_id: str
@@ -348,15 +356,18 @@ class Driver:
         A failed attempt's writes are rolled back; its failure is returned to be recorded
         outside the transaction.
         """
-        outcome: StepOutcome | None = None
-        async with conn.transaction():
-            outcome = await self._run(assignment, replace(self._context(assignment), connection=conn))
-            if isinstance(outcome, StepSucceeded):
-                result = await self._completion(assignment, outcome, transaction=Store(conn))()
-                return self._advance(assignment, outcome, result)
-            raise psycopg.Rollback
-        assert isinstance(outcome, StepFailed)
-        return outcome
+        try:
+            async with conn.transaction():
+                outcome = await self._run(assignment, replace(self._context(assignment), connection=conn))
+                if isinstance(outcome, StepSucceeded):
+                    result = await self._completion(assignment, outcome, transaction=Store(conn))()
+                    return self._advance(assignment, outcome, result)
+                raise _AttemptFailed(outcome)
+        except _AttemptFailed as failed:
+            # Rolled back; or, when the connection died meanwhile, rolled back by the
+            # server (psycopg passes our exception on after its ROLLBACK fails, where it
+            # would pass psycopg.Rollback on, which nothing here expects).
+            return failed.outcome
 
     async def _settle_interrupted(self, assignment: Assignment, error: Exception) -> bool:
         # The connection broke mid-transaction: nothing of it committed, unless the break

@@ -324,6 +324,8 @@ async def cut_own_connection(input: dict[str, Any], ctx: WorkflowContext) -> dic
     assert ctx.connection is not None
     async with (await _effects_pool()).connection() as conn:
         await conn.execute("SELECT pg_terminate_backend(%s)", (ctx.connection.info.backend_pid,))
+    if input.get("fail"):
+        raise RuntimeError("the step failed after its connection was cut")
     return {"step": ctx.step_name}
 
 
@@ -331,4 +333,7 @@ cut_transaction = Workflow(
     type="cut_transaction",
     max_retries=3,
     steps=[Step("book", cut_own_connection, transactional=True, is_idempotent=False)],
+)
+cut_then_fail = Workflow(
+    type="cut_then_fail", max_retries=1, steps=[Step("book", cut_own_connection, transactional=True)]
 )

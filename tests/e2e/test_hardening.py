@@ -254,3 +254,16 @@ def test_a_transactional_step_that_must_not_run_twice_is_outcome_unknown_when_it
     assert error["type"] == "OutcomeUnknown"
     assert len(effects(db, "book")) == 1
     assert any(e["event"] == "transactional_step_interrupted" for e in daemon.log_events())
+
+
+def test_a_transactional_step_failing_on_a_dead_connection_is_retried_not_crashed(
+    daemons: Daemons, db: psycopg.Connection[Any]
+) -> None:
+    # Its transaction cannot even be rolled back: the failure is still recorded (the
+    # daemons fixture fails the test on any *_crashed line).
+    daemons.start()
+    insert_workflows(db, "cut_then_fail", 1, fail=True)
+    wait_until(lambda: all_finished(db, 1, "failed"), 20, "both attempts to fail")
+    (error,) = db.execute("SELECT error FROM workflows").fetchone()  # type: ignore[misc]
+    assert error["type"] == "RuntimeError"
+    assert [attempt for attempt, _ in effects(db, "book")] == [1, 2]
