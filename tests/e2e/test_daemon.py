@@ -9,6 +9,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
+import httpx
 import psycopg
 from psycopg.rows import dict_row
 
@@ -183,6 +184,8 @@ def test_a_stale_worker_resumed_after_sigstop_commits_nothing(
     # The first step really ran twice (once per worker) but was committed once.
     assert db.execute("SELECT count(*) FROM test_effects WHERE step_name = 'first'").fetchone() == (2,)
     assert stale.process.poll() is None, "the stale daemon keeps running"
+    lost = httpx.get(f"{stale.url}/metrics", timeout=5).text
+    assert "workflowd_lost_leases_total 1.0" in lost.splitlines()
     assert_invariants(db, expected_completed=1, daemons=daemons.all_but())
 
 

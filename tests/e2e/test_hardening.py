@@ -267,3 +267,21 @@ def test_a_transactional_step_failing_on_a_dead_connection_is_retried_not_crashe
     (error,) = db.execute("SELECT error FROM workflows").fetchone()  # type: ignore[misc]
     assert error["type"] == "RuntimeError"
     assert [attempt for attempt, _ in effects(db, "book")] == [1, 2]
+
+
+def test_a_compensation_that_kills_its_process_ends_when_its_retries_do(
+    daemons: Daemons, db: psycopg.Connection[Any]
+) -> None:
+    insert_workflows(db, "crash_loop_undo", 1)
+    crash_modules = {"WORKFLOWD_MODULES": "tests.e2e.flows,tests.e2e.crash_flows"}
+    daemon = daemons.start(crash_modules)
+    deadline = time.monotonic() + 60
+    while not all_finished(db, 1, "failed"):
+        assert time.monotonic() < deadline, f"still {states(db)}"
+        if daemon.process.poll() is not None:  # a supervisor restarts the daemon
+            daemon = daemons.start(crash_modules)
+        time.sleep(0.1)
+    assert len(effects(db, "undo:book")) == 2  # max_retries=1: two attempts, each a crash
+    (error,) = db.execute("SELECT error FROM workflows").fetchone()  # type: ignore[misc]
+    assert error["type"] == "WorkerDied"
+    assert "compensation of step 'book'" in error["message"]
