@@ -171,3 +171,24 @@ def test_through_a_database_outage_the_api_answers_503_and_the_errors_are_counte
         proxy.restore()
         insert_workflows(db, "three_steps", 1)
         wait_until(lambda: all_finished(db, 1), 30, "the daemon to work again after the outage")
+
+
+def test_livez_fails_while_the_claim_loop_is_stuck_and_recovers_after(
+    daemons: Daemons, db: psycopg.Connection[Any], db_url: str
+) -> None:
+    # A claim that waits on a table lock (SKIP LOCKED skips locked rows, not a locked
+    # table) for longer than the liveness window: the HTTP server still answers, and says
+    # the worker loop is stuck, so a supervisor restarts the daemon.
+    daemon = daemons.start(lock_timeout=60, statement_timeout=60, poll_interval=0.2)
+    assert httpx.get(f"{daemon.url}/livez", timeout=5).status_code == 200
+    with psycopg.connect(db_url) as blocker:
+        blocker.execute("LOCK TABLE workflows IN ACCESS EXCLUSIVE MODE")
+        stalled = wait_until(
+            lambda: (r := httpx.get(f"{daemon.url}/livez", timeout=5)).status_code == 503 and r, 45,
+            "/livez to report the stuck loop",
+        )  # fmt: skip
+        assert stalled.json()["status"] == "stalled"
+        blocker.rollback()
+    wait_until(
+        lambda: httpx.get(f"{daemon.url}/livez", timeout=5).status_code == 200, 15, "/livez to recover"
+    )
