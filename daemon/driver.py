@@ -132,6 +132,12 @@ class Driver:
         self.busy: set[UUID] = set()
         self.lost_leases = 0
 
+    def close(self) -> None:
+        """Stop the step threads' pool (a thread still running is left to finish) and
+        say how many leases this process lost."""
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.log.info("driver_closed", lost_leases=self.lost_leases)
+
     async def drive(self, assignment: Assignment) -> None:
         """Run the workflow's steps one after the other while this worker holds its lease."""
         try:

@@ -123,8 +123,8 @@ class Worker:
             await asyncio.gather(*side_tasks, return_exceptions=True)
             await self._close_heartbeat_connection()
             await self._ignore_database_errors(self.store.stop_worker(worker_id=self.id))
-            self.driver.executor.shutdown(wait=False, cancel_futures=True)
-            self.log.info("worker_stopped", lost_leases=self.driver.lost_leases)
+            self.driver.close()
+            self.log.info("worker_stopped")
 
     @property
     def draining(self) -> bool:

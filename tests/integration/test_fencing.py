@@ -166,7 +166,7 @@ async def test_a_commit_whose_answer_was_lost_is_settled_from_the_rows(
     assert db.execute(
         "SELECT count(*) FROM workflow_events WHERE workflow_id = %s AND to_state = 'completed'", (row.id,)
     ).fetchone() == (1,)
-    driver.executor.shutdown()
+    driver.close()
 
 
 class BatchAnswerLostOnce(Store):
@@ -211,4 +211,4 @@ async def test_a_batch_whose_answer_was_lost_is_settled_member_by_member(
     assert db.execute(
         "SELECT count(*) FROM workflow_steps WHERE step_index = 1 AND state = 'running'"
     ).fetchone() == (3,)
-    driver.executor.shutdown()
+    driver.close()
