@@ -188,8 +188,10 @@ def test_the_ledgers_are_applied_exactly_once_across_kill_9(
 
     asyncio.run(start_all())
     rng = random.Random(5)
-    for _ in range(8):
-        victim = daemons.start(lease_seconds=0.5, poll_interval=0.05, sandbox_latency_ms=40)
+    # Three kills, each while steps are in flight (150 ms per outside call): an
+    # interrupted attempt spends a retry, and the built-in types allow three.
+    for _ in range(3):
+        victim = daemons.start(lease_seconds=0.5, poll_interval=0.05, sandbox_latency_ms=150)
         time.sleep(rng.uniform(0.2, 0.8))
         victim.signal(signal.SIGKILL)
         victim.process.wait(timeout=5)
