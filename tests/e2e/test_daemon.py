@@ -326,7 +326,9 @@ def test_a_second_signal_exits_at_once(daemons: Daemons, db: psycopg.Connection[
         lambda: db.execute("SELECT count(*) FROM test_effects").fetchone() == (2,), 15, "two steps in flight"
     )
     leaving.signal(signal.SIGTERM)
-    time.sleep(0.3)
+    wait_until(
+        lambda: any(e["event"] == "worker_stopping" for e in leaving.log_events()), 10, "the first signal"
+    )
     leaving.signal(signal.SIGINT)
     assert leaving.process.wait(timeout=5) == 1  # the README promises exit code 1
 
