@@ -173,9 +173,8 @@ def test_commands_are_audited_and_their_actor_is_in_the_timeline(api: httpx.Clie
     assert "cannot go from compensated to pending" in lines[-1]["reason"]
 
 
-def test_reading_listing_searching_and_the_errors(
-    api: httpx.Client, daemon: Daemon, db: psycopg.Connection[Any]
-) -> None:
+def five_completed(api: httpx.Client, db: psycopg.Connection[Any]) -> list[str]:
+    """Five three-step workflows started over HTTP (users u0, u1, u0, u1, u0), completed."""
     ids = [
         api.post(
             "/admin/workflows", json={"type": "three_steps", "input": {"n": n}, "user_id": f"u{n % 2}"}
@@ -183,6 +182,11 @@ def test_reading_listing_searching_and_the_errors(
         for n in range(5)
     ]
     wait_until(lambda: all_finished(db, 5), 20, "the workflows to complete")
+    return ids
+
+
+def test_the_listing_pages_filters_and_caps_its_limit(api: httpx.Client, db: psycopg.Connection[Any]) -> None:
+    five_completed(api, db)
     page = api.get(
         "/admin/workflows", params={"page": 1, "limit": 2, "state": "completed", "type": "three_steps"}
     ).json()
@@ -191,45 +195,64 @@ def test_reading_listing_searching_and_the_errors(
     assert api.get("/admin/workflows", params={"limit": 5000}).json()["limit"] == 100
     assert api.get("/admin/workflows", params={"state": "bogus"}).status_code == 422
     assert api.get("/admin/workflows", params={"page": 0}).status_code == 422
-    detail = api.get(f"/admin/workflows/{ids[0]}").json()
-    assert detail["id"] == ids[0]
+
+
+def test_a_workflow_shows_its_steps_summary_and_timeline_and_unknown_ids_are_404(
+    api: httpx.Client, db: psycopg.Connection[Any]
+) -> None:
+    first = five_completed(api, db)[0]
+    detail = api.get(f"/admin/workflows/{first}").json()
+    assert detail["id"] == first
     assert [step["step_name"] for step in detail["steps"]] == ["first", "second", "third"]
     assert detail["summary"]["progress_percentage"] == 100.0
-    timeline = api.get(f"/admin/workflows/{ids[0]}/timeline").json()
+    timeline = api.get(f"/admin/workflows/{first}/timeline").json()
     assert timeline[0]["to_state"] == "running"
     assert timeline[-1]["to_state"] == "completed"
     assert api.get(f"/admin/workflows/{uuid.uuid4()}").status_code == 404
     assert api.get(f"/admin/workflows/{uuid.uuid4()}/timeline").status_code == 404
     assert api.get("/admin/workflows/not-a-uuid").status_code == 422
+
+
+def test_search_finds_by_id_and_user_and_an_injection_finds_nothing(
+    api: httpx.Client, db: psycopg.Connection[Any]
+) -> None:
+    ids = five_completed(api, db)
     assert [w["id"] for w in api.get("/admin/workflows/search", params={"q": ids[1]}).json()] == [ids[1]]
     assert len(api.get("/admin/workflows/search", params={"q": "u1"}).json()) == 2
     assert api.get("/admin/workflows/search", params={"q": "x' OR '1'='1"}).json() == []
     assert api.get("/admin/workflows/search").status_code == 422
+
+
+def test_stats_count_by_state_and_name_the_live_workers(
+    api: httpx.Client, daemon: Daemon, db: psycopg.Connection[Any]
+) -> None:
+    five_completed(api, db)
     stats = api.get("/admin/workflows/stats/overview").json()
     assert stats["by_state"] == {"completed": 5}
     assert stats["completed_last_minute"] == 5
     assert [worker["pid"] for worker in stats["live_workers"]] == [daemon.pid]
 
 
-def test_commands_and_their_conflicts(api: httpx.Client, db: psycopg.Connection[Any]) -> None:
+def test_commands_on_a_finished_workflow_conflict_and_unknown_or_malformed_ids_are_refused(
+    api: httpx.Client, db: psycopg.Connection[Any]
+) -> None:
     done = api.post("/admin/workflows", json={"type": "three_steps", "input": {}, "user_id": "u"}).json()
-    waiting = api.post(
-        "/admin/workflows", json={"type": "nobody_serves_this", "input": {}, "user_id": "u"}
-    ).json()
     wait_until(
-        lambda: (
-            db.execute("SELECT state FROM workflows WHERE id = %s", (done["id"],)).fetchone()
-            == ("completed",)
-        ),
-        20,
-        "completion",
-    )
+        lambda: db.execute("SELECT state FROM workflows WHERE id = %s", (done["id"],)).fetchone() == ("completed",),
+        20, "completion",
+    )  # fmt: skip
     for command in ("retry", "cancel", "compensate"):
         conflict = api.post(f"/admin/workflows/{done['id']}/{command}")
         assert conflict.status_code == 409, command
         assert "cannot go from completed" in conflict.json()["detail"]
         assert api.post(f"/admin/workflows/{uuid.uuid4()}/{command}").status_code == 404
         assert api.post(f"/admin/workflows/123/{command}").status_code == 422
+
+
+def test_a_waiting_workflow_is_cancelled_then_compensated_with_nothing_to_undo(api: httpx.Client) -> None:
+    waiting = api.post(
+        "/admin/workflows", json={"type": "nobody_serves_this", "input": {}, "user_id": "u"}
+    ).json()
     cancelled = api.post(f"/admin/workflows/{waiting['id']}/cancel")
     assert cancelled.status_code == 200
     assert cancelled.json()["state"] == "cancelled"

@@ -374,8 +374,8 @@ def test_an_unserved_type_stays_pending_and_is_reported_by_stats(
     assert [worker.pid for worker in overview.live_workers] == [daemons.started[0].pid]
 
 
-def test_timeline_summary_search_and_wait_for(
-    daemons: Daemons, db: psycopg.Connection[Any], db_url: str
+def test_a_completed_workflow_has_its_whole_timeline_in_order_and_a_full_summary(
+    daemons: Daemons, db_url: str
 ) -> None:
     daemons.start()
 
@@ -400,9 +400,24 @@ def test_timeline_summary_search_and_wait_for(
                 3,
                 None,
             )
+
+    asyncio.run(scenario())
+
+
+def test_search_finds_a_workflow_by_each_of_its_keys_and_an_injection_finds_nothing(db_url: str) -> None:
+    async def scenario() -> None:
+        async with WorkflowService.connect(db_url) as service:
+            started = await service.start_workflow("three_steps", {"sleep": 0}, "u-search", "0xwallet")
             for q in (str(started.id), started.idempotency_key, "u-search", "0xwallet", "three_steps"):
                 assert [w.id for w in await service.search_workflows(q)] == [started.id], q
             assert await service.search_workflows("'; DROP TABLE workflows; --") == []
+
+    asyncio.run(scenario())
+
+
+def test_wait_for_times_out_on_a_workflow_nobody_runs(db_url: str) -> None:
+    async def scenario() -> None:
+        async with WorkflowService.connect(db_url) as service:
             pending = await service.start_workflow("served_by_nobody", {}, "u")
             with pytest.raises(TimeoutError):
                 await service.wait_for(pending.id, timeout=0.3)
