@@ -347,7 +347,7 @@ class Worker:
         except DATABASE_ERRORS:
             raise  # the connection is gone: the claim as a whole rolls back
         except Exception:
-            self.log.exception("claim_row_unsettled", workflow_id=str(claimed.id), type=claimed.type)
+            self.log.exception("claim_row_crashed", workflow_id=str(claimed.id), type=claimed.type)
 
     async def _refuse(
         self, tx: Store, claimed: ClaimedWorkflow, definition: Workflow, refusal: Refuse

@@ -87,7 +87,8 @@ def daemons(
     """Daemon processes for the test. At the end, a daemon that logged a `*_crashed` event
     or a critical line fails the test, unless the test declares the event with
     `@pytest.mark.expected_log("claim_crashed")`: a safety net that kept a daemon alive
-    through a bug must not turn the bug into a green run."""
+    through a bug must not turn the bug into a green run. So does a transition in the
+    timeline that is not an arrow of the state machines, whatever the test checked."""
     create_side_tables(db)
     running = Daemons(db_url, tmp_path)
     expected = {name for marker in request.node.iter_markers("expected_log") for name in marker.args}
@@ -98,6 +99,8 @@ def daemons(
     if crashes := crash_events(running.started, expected):
         lines = "\n".join(json.dumps(event)[:2000] for event in crashes[:5])
         pytest.fail(f"daemons logged {len(crashes)} crash or critical lines (first five):\n{lines}")
+    if illegal := illegal_transitions(db):
+        pytest.fail(f"the timeline holds transitions the state machines do not allow: {illegal[:5]}")
 
 
 def insert_workflows(db: psycopg.Connection[Any], type: str, count: int, **input: Any) -> None:
