@@ -9,6 +9,7 @@ read; every command that changes a workflow is logged with who asked.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Iterator
@@ -16,6 +17,7 @@ from enum import Enum
 from typing import Annotated, Any, Protocol
 from uuid import UUID
 
+import h11
 import psycopg
 import structlog
 import uvicorn
@@ -25,10 +27,12 @@ from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import PoolTimeout
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from daemon.health import Readiness
 from daemon.http_guard import RequestGuard, problem
 from daemon.metrics import Metrics
+from daemon.settings import HTTP_HEAD_TIMEOUT_SECONDS_DEFAULT
 from engine import (
     IdempotencyKeyConflictError,
     IllegalTransitionError,
@@ -368,8 +372,54 @@ class EmbeddedServer(uvicorn.Server):
         yield
 
 
-def http_server(app: FastAPI, host: str, port: int, *, max_connections: int) -> EmbeddedServer:
-    """uvicorn for `app`; beyond `max_connections` open connections, requests get 503."""
+class HeadDeadlineProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, with a deadline for each request's head.
+
+    uvicorn waits for a head as long as the client likes (its keep-alive timer stops at
+    the first byte), so clients sending a byte now and then could hold connections up to
+    the cap and starve the probes. The deadline runs from the connection, or from the
+    first byte after a response, and is not pushed back by more bytes.
+    """
+
+    head_timeout = HTTP_HEAD_TIMEOUT_SECONDS_DEFAULT
+    head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE:
+            self._arm_head_deadline()  # a new request begins: its head has until then
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # the head is in
+            self._disarm_head_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_deadline()
+        super().connection_lost(exc)
+
+    def _arm_head_deadline(self) -> None:
+        if self.head_deadline is None:
+            self.head_deadline = asyncio.get_running_loop().call_later(self.head_timeout, self._head_too_slow)
+
+    def _disarm_head_deadline(self) -> None:
+        if self.head_deadline is not None:
+            self.head_deadline.cancel()
+            self.head_deadline = None
+
+    def _head_too_slow(self) -> None:
+        self.head_deadline = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+
+def http_server(
+    app: FastAPI, host: str, port: int, *, max_connections: int, head_timeout: float
+) -> EmbeddedServer:
+    """uvicorn for `app`; beyond `max_connections` open connections, requests get 503; a
+    request head slower than `head_timeout` seconds closes its connection."""
+    protocol = type("Protocol", (HeadDeadlineProtocol,), {"head_timeout": head_timeout})
     config = uvicorn.Config(
         app,
         host=host,
@@ -378,5 +428,6 @@ def http_server(app: FastAPI, host: str, port: int, *, max_connections: int) -> 
         access_log=False,
         log_config=None,
         limit_concurrency=max_connections,
+        http=protocol,
     )
     return EmbeddedServer(config)

@@ -148,7 +148,13 @@ async def serve(
     app = create_app(
         service, worker, metrics, readiness, admin_token=admin_token, max_body_bytes=settings.max_body_bytes
     )
-    server = http_server(app, settings.host, settings.port, max_connections=settings.http_max_connections)
+    server = http_server(
+        app,
+        settings.host,
+        settings.port,
+        max_connections=settings.http_max_connections,
+        head_timeout=settings.http_head_timeout,
+    )
     http_task = asyncio.create_task(serve_http(server))
     while not server.started:  # listen before claiming: a taken port stops us early
         if http_task.done():

@@ -36,6 +36,7 @@ MAX_BODY_BYTES_DEFAULT = 1024 * 1024
 # Far above what probes and operators need, so 200 slow clients leave room for the
 # health probes; far below the usual limit of 1024 open files.
 HTTP_MAX_CONNECTIONS_DEFAULT = 500
+HTTP_HEAD_TIMEOUT_SECONDS_DEFAULT = 10.0
 
 
 class ConfigurationError(Exception):
@@ -106,6 +107,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(MAX_BODY_BYTES_DEFAULT, ge=0)
     # Open HTTP connections at most; requests beyond them are answered 503.
     http_max_connections: int = Field(HTTP_MAX_CONNECTIONS_DEFAULT, ge=1)
+    # How long a client may take to send a request's head (from its connection, or from
+    # the first byte after a response); then the connection is closed, so that clients
+    # that never finish a head cannot hold connections up to the cap.
+    http_head_timeout: float = Field(HTTP_HEAD_TIMEOUT_SECONDS_DEFAULT, gt=0)
     # How often the one exporting daemon refreshes the queue-depth gauges.
     queue_depth_interval: float = Field(QUEUE_DEPTH_INTERVAL_SECONDS_DEFAULT, gt=0)
     # Log lines as JSON (the default off a terminal) or for humans (on a terminal).

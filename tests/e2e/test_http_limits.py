@@ -4,6 +4,7 @@ holding connections or flooding them, or reach the admin API with a guessable to
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import socket
 import threading
@@ -270,3 +271,32 @@ def test_readiness_asks_the_database_at_most_once_a_second(
     gaps = [(later - earlier).total_seconds() for earlier, later in itertools.pairwise(starts)]
     assert len(starts) >= 3, starts  # it did ask during the flood, every second or so
     assert min(gaps) >= 0.95, gaps
+
+
+def test_a_head_that_never_ends_is_closed_after_the_head_timeout_however_often_it_trickles(
+    daemons: Daemons,
+) -> None:
+    daemon = daemons.start(admin_token=TOKEN, http_head_timeout=1)
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        sock.settimeout(0.3)
+        closed = False
+        while not closed and time.monotonic() - started < 8:
+            try:
+                closed = sock.recv(1024) == b""
+            except TimeoutError:
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"X")  # a byte now and then does not push the deadline back
+            except OSError:
+                closed = True
+        assert closed
+        assert 0.9 <= time.monotonic() - started < 3
+
+
+def test_slow_heads_beyond_the_cap_give_the_probes_back_after_the_head_timeout(daemons: Daemons) -> None:
+    daemon = daemons.start(admin_token=TOKEN, http_max_connections=10, http_head_timeout=1)
+    with slow_clients(daemon, 10, inside_bodies=False):
+        assert httpx.get(f"{daemon.url}/livez", timeout=5).status_code == 503
+        # Still held open by the clients, the slow heads are closed by the server.
+        wait_until(lambda: httpx.get(f"{daemon.url}/livez", timeout=5).status_code == 200, 5, "room again")
