@@ -88,25 +88,20 @@ def outcome_unknown(step: Step, attempt: int, ending: str, trace: str = "") -> S
     return failure(step.name, attempt, OUTCOME_UNKNOWN, message, retryable=False, trace=trace)
 
 
-class _Thread:
-    """Whether a plain function's thread is still running after its attempt ended."""
-
-    def __init__(self) -> None:
-        self.finished: Future[None] = Future()
-
-
 async def _call(
-    fn: Callable[..., Any], args: tuple[Any, ...], executor: Executor | None, thread: _Thread
+    fn: Callable[..., Any], args: tuple[Any, ...], executor: Executor | None, thread: Future[None]
 ) -> Any:
+    """Call a step function; `thread` runs from when a plain function's thread starts it
+    until it returns (it may outlive the attempt: Python cannot stop a thread)."""
     if inspect.iscoroutinefunction(fn):
         return await fn(*args)
 
     def in_thread() -> Any:
-        thread.finished.set_running_or_notify_cancel()
+        thread.set_running_or_notify_cancel()
         try:
             return fn(*args)
         finally:
-            thread.finished.set_result(None)
+            thread.set_result(None)
 
     result = await asyncio.get_running_loop().run_in_executor(executor, in_thread)
     # A plain function may still hand back an awaitable (a lambda around a coroutine).
@@ -170,7 +165,7 @@ async def _attempt(
     at_most_once: bool,
 ) -> StepOutcome:
     deadline = asyncio.timeout(limit)
-    thread = _Thread()
+    thread: Future[None] = Future()
     try:
         async with deadline:
             output = await _call(fn, args, executor, thread)
@@ -190,7 +185,7 @@ async def _attempt(
 
 
 def _timed_out(
-    step: Step, attempt: int, timeout: float | None, thread: _Thread, at_most_once: bool
+    step: Step, attempt: int, timeout: float | None, thread: Future[None], at_most_once: bool
 ) -> StepFailed:
     ending = f"a timeout after {timeout:g} s"
     if at_most_once:
@@ -199,4 +194,4 @@ def _timed_out(
         message = f"step {step.name!r} exceeded its timeout of {timeout:g} s"
         outcome = failure(step.name, attempt, "StepTimeout", message, retryable=True)
     # A thread the timeout found queued was cancelled before it ran; a started one runs on.
-    return replace(outcome, still_running=thread.finished if thread.finished.running() else None)
+    return replace(outcome, still_running=thread if thread.running() else None)

@@ -357,9 +357,7 @@ class Store:
             "lease_seconds": lease_seconds,
             "busy": busy,
         }
-        async with self.connection() as conn, conn.cursor(row_factory=class_row(ClaimedWorkflow)) as cursor:
-            await cursor.execute(query("claim_due_workflows"), params)
-            return await cursor.fetchall()
+        return await self._typed(ClaimedWorkflow, "claim_due_workflows", params)
 
     async def create_steps(
         self, *, worker_id: str, digests: Mapping[UUID, str], definitions: StepDefinitions
