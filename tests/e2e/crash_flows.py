@@ -10,12 +10,12 @@ import os
 from typing import Any
 
 from engine import PermanentError, Step, Workflow, WorkflowContext
-from tests.e2e.flows import _record_effect_now, recorded
+from tests.e2e.flows import record_effect_from_a_thread, recorded
 
 
 def exits_the_process(input: dict[str, Any], ctx: WorkflowContext) -> None:
     """What a segfault in a C extension or the OOM killer does to the daemon."""
-    _record_effect_now(ctx, ctx.step_name)
+    record_effect_from_a_thread(ctx, ctx.step_name)
     os._exit(1)
 
 
@@ -34,7 +34,7 @@ async def _refuse(input: dict[str, Any], ctx: WorkflowContext) -> None:
 
 
 def undo_exits_the_process(input: dict[str, Any], output: Any, ctx: WorkflowContext) -> None:
-    _record_effect_now(ctx, f"undo:{ctx.step_name}")
+    record_effect_from_a_thread(ctx, f"undo:{ctx.step_name}")
     os._exit(1)
 
 

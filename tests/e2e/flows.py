@@ -12,7 +12,6 @@ import asyncio
 import os
 import threading
 import time
-from dataclasses import replace
 from decimal import Decimal
 from types import MappingProxyType
 from typing import Any
@@ -44,13 +43,26 @@ async def _effects_pool() -> AsyncConnectionPool:
     return _pool
 
 
-async def record_effect(ctx: WorkflowContext) -> None:
+EFFECT = (
+    "INSERT INTO test_effects (workflow_id, step_name, attempt, idempotency_key, pid) "
+    "VALUES (%s, %s, %s, %s, %s)"
+)
+
+
+def _effect(ctx: WorkflowContext, step_name: str | None) -> tuple[Any, ...]:
+    return (ctx.workflow_id, step_name or ctx.step_name, ctx.attempt, ctx.idempotency_key, os.getpid())
+
+
+async def record_effect(ctx: WorkflowContext, step_name: str | None = None) -> None:
+    """Record, outside the engine's transactions, that this attempt ran (as `step_name`)."""
     async with (await _effects_pool()).connection() as conn:
-        await conn.execute(
-            "INSERT INTO test_effects (workflow_id, step_name, attempt, idempotency_key, pid) "
-            "VALUES (%s, %s, %s, %s, %s)",
-            (ctx.workflow_id, ctx.step_name, ctx.attempt, ctx.idempotency_key, os.getpid()),
-        )
+        await conn.execute(EFFECT, _effect(ctx, step_name))
+
+
+def record_effect_from_a_thread(ctx: WorkflowContext, step_name: str | None = None) -> None:
+    """record_effect for plain functions, which run in the daemon's thread pool."""
+    with psycopg.connect(effects_url(), autocommit=True) as conn:
+        conn.execute(EFFECT, _effect(ctx, step_name))
 
 
 async def recorded(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
@@ -61,12 +73,7 @@ async def recorded(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any
 
 def recorded_in_a_thread(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
     """A plain function: the daemon runs it in its thread pool, off the event loop."""
-    with psycopg.connect(effects_url(), autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO test_effects (workflow_id, step_name, attempt, idempotency_key, pid) "
-            "VALUES (%s, %s, %s, %s, %s)",
-            (ctx.workflow_id, ctx.step_name, ctx.attempt, ctx.idempotency_key, os.getpid()),
-        )
+    record_effect_from_a_thread(ctx)
     time.sleep(float(input.get("sleep", 0)))
     thread = threading.current_thread().name
     return {"step": ctx.step_name, "attempt": ctx.attempt, "seen": sorted(ctx.outputs), "thread": thread}
@@ -155,12 +162,7 @@ async def saga_step(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, An
 
 
 async def undo(input: dict[str, Any], output: Any, ctx: WorkflowContext) -> dict[str, Any]:
-    async with (await _effects_pool()).connection() as conn:
-        await conn.execute(
-            "INSERT INTO test_effects (workflow_id, step_name, attempt, idempotency_key, pid) "
-            "VALUES (%s, %s, %s, %s, %s)",
-            (ctx.workflow_id, f"undo:{ctx.step_name}", ctx.attempt, ctx.idempotency_key, os.getpid()),
-        )
+    await record_effect(ctx, f"undo:{ctx.step_name}")
     if output is None or output["step"] != ctx.step_name:
         raise PermanentError(f"compensation of {ctx.step_name} got the wrong output: {output}")
     if await switch_is_on(f"break:undo:{ctx.step_name}"):
@@ -228,20 +230,11 @@ ledger = Workflow(type="ledger", max_retries=25, steps=[Step("credit", credit_le
 # values json.dumps cannot write, hang, or wait on the database.
 
 
-def _record_effect_now(ctx: WorkflowContext, step_name: str) -> None:
-    with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO test_effects (workflow_id, step_name, attempt, idempotency_key, pid) "
-            "VALUES (%s, %s, %s, %s, %s)",
-            (ctx.workflow_id, step_name, ctx.attempt, ctx.idempotency_key, os.getpid()),
-        )
-
-
 def slow_in_a_thread(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
     """Records its start and its end: a timeout leaves the thread running in between."""
-    _record_effect_now(ctx, f"{ctx.step_name}:start")
+    record_effect_from_a_thread(ctx, f"{ctx.step_name}:start")
     time.sleep(float(input.get("sleep", 0)))
-    _record_effect_now(ctx, f"{ctx.step_name}:end")
+    record_effect_from_a_thread(ctx, f"{ctx.step_name}:end")
     return {"attempt": ctx.attempt}
 
 
@@ -300,7 +293,7 @@ async def remember_key(input: dict[str, Any], ctx: WorkflowContext) -> dict[str,
 
 
 async def undo_remembering_key(input: dict[str, Any], output: Any, ctx: WorkflowContext) -> None:
-    await record_effect(replace(ctx, step_name=f"undo:{ctx.step_name}"))
+    await record_effect(ctx, f"undo:{ctx.step_name}")
 
 
 keyed_saga = Workflow(
