@@ -125,19 +125,38 @@ async def test_a_stale_workers_compensation_writes_nothing(
 
 
 class AnswerLostOnce(Store):
-    """The real store, whose first completion commits and then loses its answer, as when
-    the connection drops between the server's COMMIT and its reply."""
+    """The real store, whose first batch of at least `size` completions commits and then
+    loses its answer, as when the connection drops between the server's COMMIT and its
+    reply."""
 
-    lost = False
+    def __init__(self, pool: AsyncConnectionPool, *, size: int) -> None:
+        super().__init__(pool)
+        self.size = size
+        self.lost = False
 
     async def complete_steps(
         self, completions: Sequence[Completion], *, worker_id: str
     ) -> dict[Any, Advanced]:
         rows = await super().complete_steps(completions, worker_id=worker_id)
-        if not self.lost:
+        if len(completions) >= self.size and not self.lost:
             self.lost = True
             raise psycopg.OperationalError("server closed the connection unexpectedly")
         return rows
+
+
+def driver_on(pool: AsyncConnectionPool, store: Store, concurrency: int) -> Driver:
+    """A worker's driver whose commits go through `store`."""
+    config = DriverConfig(WORKER, concurrency, 30, DEFAULT_RETRY_POLICY, None)
+    driver = Driver(pool, config, metrics=Metrics(), stopping=asyncio.Event(), log=structlog.get_logger())
+    driver.store = driver.group_commit.store = store
+    return driver
+
+
+def assignment_of(row: ClaimedWorkflow) -> Assignment:
+    """The assignment a worker makes of a claimed row of THREE, at its first step."""
+    decision = decide(row, THREE)
+    assert isinstance(decision, Run)
+    return Assignment(row, THREE, decision.input, 0, row.attempt or 1, 0, time.monotonic() + 30, {}, "d")
 
 
 async def test_a_commit_whose_answer_was_lost_is_settled_from_the_rows(
@@ -145,15 +164,8 @@ async def test_a_commit_whose_answer_was_lost_is_settled_from_the_rows(
 ) -> None:
     insert_workflow(db, type="three", input={"n": 1})
     row = await claim_one(Store(pool))
-    decision = decide(row, THREE)
-    assert isinstance(decision, Run)
-    config = DriverConfig(WORKER, 1, 30, DEFAULT_RETRY_POLICY, None)
-    driver = Driver(pool, config, metrics=Metrics(), stopping=asyncio.Event(), log=structlog.get_logger())
-    driver.store = AnswerLostOnce(pool)
-    driver.group_commit.store = driver.store
-    assignment = Assignment(
-        row, THREE, decision.input, 0, row.attempt or 1, 0, time.monotonic() + 30, {}, "d"
-    )
+    driver = driver_on(pool, AnswerLostOnce(pool, size=1), concurrency=1)
+    assignment = assignment_of(row)
     go_on = await driver._record(assignment, StepSucceeded({"one": 1}, json.dumps({"one": 1})))
     # The first try landed and went on; its retry found nothing to fence on, and the
     # driver followed the workflow to its next step instead of calling the lease lost.
@@ -169,39 +181,15 @@ async def test_a_commit_whose_answer_was_lost_is_settled_from_the_rows(
     driver.close()
 
 
-class BatchAnswerLostOnce(Store):
-    """The real store, whose first batch of several completions commits and then loses
-    its answer."""
-
-    lost = False
-
-    async def complete_steps(
-        self, completions: Sequence[Completion], *, worker_id: str
-    ) -> dict[Any, Advanced]:
-        rows = await super().complete_steps(completions, worker_id=worker_id)
-        if len(completions) > 1 and not self.lost:
-            self.lost = True
-            raise psycopg.OperationalError("server closed the connection unexpectedly")
-        return rows
-
-
 async def test_a_batch_whose_answer_was_lost_is_settled_member_by_member(
     pool: AsyncConnectionPool, db: psycopg.Connection[Any]
 ) -> None:
     for n in range(3):
         insert_workflow(db, type="three", input={"n": n})
-    store = BatchAnswerLostOnce(pool)
+    store = AnswerLostOnce(pool, size=2)
     rows = [await claim_one(store) for _ in range(3)]
-    config = DriverConfig(WORKER, 3, 30, DEFAULT_RETRY_POLICY, None)
-    driver = Driver(pool, config, metrics=Metrics(), stopping=asyncio.Event(), log=structlog.get_logger())
-    driver.store = driver.group_commit.store = store
-    assignments = []
-    for row in rows:
-        decision = decide(row, THREE)
-        assert isinstance(decision, Run)
-        assignments.append(
-            Assignment(row, THREE, decision.input, 0, row.attempt or 1, 0, time.monotonic() + 30, {}, "d")
-        )
+    driver = driver_on(pool, store, concurrency=3)
+    assignments = [assignment_of(row) for row in rows]
     outcome = StepSucceeded({}, "{}")
     # The first commits alone; the other two share a batch, which lands and loses its answer.
     went_on = await asyncio.gather(*(driver._record(a, outcome) for a in assignments))
