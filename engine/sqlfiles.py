@@ -3,7 +3,9 @@
 SQL stays in .sql files: migrations in sql/migrations, queries in sql/queries/*.sql, one
 file per concern (claim, advance, fail and compensate, leases, operator commands,
 reads), as blocks that start with `-- name: <query_name>`; each file opens with the
-list of its queries. In a source checkout they sit in the top-level sql/ folder; a
+list of its queries. A rule several queries share is written once, as a block of
+sql/parts.sql, and a query includes it by name as `{{part_name}}`: the parts are
+expanded here, when the queries are read. In a source checkout they sit in the top-level sql/ folder; a
 wheel carries them inside the engine package.
 """
 
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import LiteralString
 
 _NAME_LINE = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
+_PART = re.compile(r"\{\{(\w+)\}\}")
 
 
 def sql_dir() -> Path:
@@ -37,15 +40,34 @@ def parse_queries(text: str) -> dict[str, str]:
     return queries
 
 
+def include_parts(text: str, shared: dict[str, str]) -> str:
+    """The query with each `{{part_name}}` replaced by that part's text."""
+
+    def part(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in shared:
+            raise ValueError(f"a query includes {{{{{name}}}}}, which sql/parts.sql does not define")
+        return shared[name]
+
+    return _PART.sub(part, text)
+
+
+@cache
+def parts() -> dict[str, str]:
+    """The shared parts of sql/parts.sql, read once."""
+    return parse_queries((sql_dir() / "parts.sql").read_text(encoding="utf-8"))
+
+
 @cache
 def queries() -> dict[str, str]:
-    """The named queries of every file in sql/queries, read once; a name may appear once."""
+    """The named queries of every file in sql/queries, read once, their parts included;
+    a name may appear once."""
     named: dict[str, str] = {}
     for path in sorted((sql_dir() / "queries").glob("*.sql")):
         for name, text in parse_queries(path.read_text(encoding="utf-8")).items():
             if name in named:
                 raise ValueError(f"query {name!r} is defined twice (again in {path.name})")
-            named[name] = text
+            named[name] = include_parts(text, parts())
     return named
 
 

@@ -50,22 +50,15 @@ advanced AS (
         state = CASE WHEN done.was_last THEN 'completed'::workflow_state ELSE w.state END,
         output = CASE WHEN done.was_last THEN done.output ELSE w.output END,
         completed_at = CASE WHEN done.was_last THEN now() END,
-        locked_by = CASE WHEN done.go_on THEN w.locked_by END,
-        lease_token = CASE WHEN done.go_on THEN w.lease_token END,
-        -- Going on keeps the lease as it is (the heartbeat renews it): left unchanged,
-        -- the indexed next_retry_at lets this update be HOT.
-        lease_expires_at = CASE WHEN done.go_on THEN w.lease_expires_at END,
-        next_retry_at = CASE WHEN done.go_on THEN w.next_retry_at ELSE now() END,
-        updated_at = now()
+        updated_at = now(), {{keep_or_release_lease}}
     FROM done
     WHERE w.id = done.workflow_id
     RETURNING w.id, w.state, w.cancel_requested, done.step_index, done.was_last, done.go_on
 ),
 next_started AS (
     UPDATE workflow_steps s
-    SET state = 'running', attempt = s.attempt + 1, started_at = coalesce(s.started_at, now()),
-        next_retry_at = NULL, updated_at = now()
-    FROM advanced a
+    SET {{start_step}}
+    FROM advanced a, LATERAL (SELECT false AS compensating) go
     WHERE a.go_on AND s.workflow_id = a.id AND s.step_index = a.step_index + 1
     RETURNING s.workflow_id, s.step_index, s.step_name, s.attempt, s.retry_count
 ),
@@ -110,21 +103,15 @@ advanced AS (
         state = CASE WHEN done.next_index IS NULL THEN 'compensated'::workflow_state ELSE w.state END,
         is_compensated = done.next_index IS NULL,
         completed_at = CASE WHEN done.next_index IS NULL THEN now() END,
-        locked_by = CASE WHEN done.go_on THEN w.locked_by END,
-        lease_token = CASE WHEN done.go_on THEN w.lease_token END,
-        -- Going on keeps the lease as it is (the heartbeat renews it): left unchanged,
-        -- the indexed next_retry_at lets this update be HOT.
-        lease_expires_at = CASE WHEN done.go_on THEN w.lease_expires_at END,
-        next_retry_at = CASE WHEN done.go_on THEN w.next_retry_at ELSE now() END,
-        updated_at = now()
+        updated_at = now(), {{keep_or_release_lease}}
     FROM done
     WHERE w.id = done.workflow_id
     RETURNING w.id, w.state, done.next_index, done.go_on
 ),
 next_started AS (
     UPDATE workflow_steps s
-    SET state = 'compensating', compensation_attempt = s.compensation_attempt + 1, updated_at = now()
-    FROM advanced a
+    SET {{start_step}}
+    FROM advanced a, LATERAL (SELECT true AS compensating) go
     WHERE a.go_on AND s.workflow_id = a.id AND s.step_index = a.next_index
     RETURNING s.step_index, s.step_name, s.compensation_attempt, s.compensation_retry_count
 ),

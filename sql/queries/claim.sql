@@ -25,15 +25,13 @@ SELECT set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', '
 -- SKIP LOCKED lets many daemons claim at once without waiting on each other's rows.
 -- Claiming moves next_retry_at to the lease's expiry, so a crashed worker's rows simply
 -- fall due again when the lease runs out: the lease is the rescue, there is no rescuer.
--- The current step starts in the same statement, so an attempt is on the books before
--- its code runs: a forward step goes running (attempt + 1); in a compensating workflow
--- the step under the cursor goes compensating (compensation_attempt + 1). A forward
--- step found already running was interrupted (its worker died or lost the lease); a
--- non-idempotent one is not started again: the caller fails it as "outcome unknown".
--- An interrupted attempt spends a retry like a failed one (its worker died, maybe
--- because of the step itself), so a step that kills its process on every attempt ends
--- when its retries do: with none left it is not started, and the caller fails it. An
--- interrupted compensation is one still compensating with no retry scheduled.
+-- The current step starts in the same statement (start_step in sql/parts.sql). A
+-- forward step found already running was interrupted (its worker died or lost the
+-- lease); a non-idempotent one is not started again: the caller fails it as "outcome
+-- unknown". An interrupted attempt spends a retry like a failed one (its worker died,
+-- maybe because of the step itself), so a step that kills its process on every attempt
+-- ends when its retries do: with none left it is not started, and the caller fails it.
+-- An interrupted compensation is one still compensating with no retry scheduled.
 -- A workflow whose cancel was requested starts nothing: the caller cancels it at this
 -- step boundary. `busy`: workflows an earlier attempt of which may still be running in
 -- this process (a timed-out step in a thread), never claimed by it until that ends.
@@ -66,16 +64,10 @@ claimed AS (
 ),
 started AS (
     UPDATE workflow_steps s
-    SET state = CASE WHEN c.state = 'compensating' THEN 'compensating'::step_state ELSE 'running'::step_state END,
-        attempt = s.attempt + CASE WHEN c.state = 'compensating' THEN 0 ELSE 1 END,
-        compensation_attempt = s.compensation_attempt + CASE WHEN c.state = 'compensating' THEN 1 ELSE 0 END,
-        retry_count = s.retry_count + CASE WHEN s.state = 'running' THEN 1 ELSE 0 END,
-        compensation_retry_count = s.compensation_retry_count
-            + CASE WHEN s.state = 'compensating' AND s.next_retry_at IS NULL THEN 1 ELSE 0 END,
-        started_at = coalesce(s.started_at, now()), next_retry_at = NULL, updated_at = now()
-    FROM claimed c
+    SET {{start_step}}
+    FROM claimed c, LATERAL (SELECT c.state = 'compensating' AS compensating) go
     WHERE s.workflow_id = c.id AND s.step_index = c.current_step_index
-      AND CASE WHEN c.state = 'compensating'
+      AND CASE WHEN go.compensating
                THEN s.state = 'completed'
                     OR (s.state = 'compensating'
                         AND (s.next_retry_at IS NOT NULL OR s.compensation_retry_count < s.max_retries))
@@ -83,8 +75,8 @@ started AS (
                     AND (s.state IN ('pending', 'failed')
                          OR (s.state = 'running' AND s.is_idempotent AND s.retry_count < s.max_retries)) END
     RETURNING s.workflow_id, s.step_index, s.step_name, s.state,
-              CASE WHEN c.state = 'compensating' THEN s.compensation_attempt ELSE s.attempt END AS attempt,
-              CASE WHEN c.state = 'compensating' THEN s.compensation_retry_count ELSE s.retry_count END AS retry_count
+              CASE WHEN go.compensating THEN s.compensation_attempt ELSE s.attempt END AS attempt,
+              CASE WHEN go.compensating THEN s.compensation_retry_count ELSE s.retry_count END AS retry_count
 ),
 workflow_events AS (
     INSERT INTO workflow_events (workflow_id, from_state, to_state, worker_id)
@@ -109,7 +101,9 @@ LEFT JOIN started st ON st.workflow_id = c.id;
 
 -- name: create_steps
 -- The step rows of workflows claimed for the first time (a workflow inserted by SQL has
--- none), in bulk, with step 0 already started; and the workflows' shape. The rows come
+-- none), in bulk, with step 0 already started (an insert cannot run start_step on the
+-- rows it writes: test_one_home proves the row equal to the part's); and the
+-- workflows' shape. The rows come
 -- from the definitions of the types (one array element per step of a type, not per step
 -- of every workflow). A step's idempotency key is built from its name and the digest of
 -- the workflow's input (workflow_step_key), which the daemon computes (engine/idempotency.py, the same
@@ -163,8 +157,7 @@ FROM inserted WHERE state = 'running';
 -- Runs in the claiming transaction, which holds the row.
 WITH cancelled AS (
     UPDATE workflows
-    SET state = 'cancelled', completed_at = now(), updated_at = now(),
-        locked_by = NULL, lease_token = NULL, lease_expires_at = NULL
+    SET state = 'cancelled', completed_at = now(), updated_at = now(), {{release_lease}}
     WHERE id = %(id)s AND lease_token = %(lease_token)s AND state = 'running'
     RETURNING id
 ),

@@ -27,7 +27,7 @@ failed AS (
 ),
 released AS (
     UPDATE workflows w
-    SET locked_by = NULL, lease_token = NULL, lease_expires_at = NULL,
+    SET {{release_lease}},
         -- A cancel request is honoured at once rather than after the backoff.
         next_retry_at = CASE WHEN w.cancel_requested THEN now() ELSE failed.next_retry_at END,
         retry_count = w.retry_count + 1, updated_at = now()
@@ -59,8 +59,7 @@ failed_step AS (
 ),
 failed_workflow AS (
     UPDATE workflows w
-    SET state = 'failed', error = %(error)s, completed_at = now(),
-        locked_by = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
+    SET state = 'failed', error = %(error)s, completed_at = now(), updated_at = now(), {{release_lease}}
     FROM owner
     WHERE w.id = owner.id
     RETURNING w.id
@@ -100,7 +99,7 @@ failed AS (
 ),
 released AS (
     UPDATE workflows w
-    SET locked_by = NULL, lease_token = NULL, lease_expires_at = NULL,
+    SET {{release_lease}},
         next_retry_at = failed.next_retry_at, retry_count = w.retry_count + 1, updated_at = now()
     FROM failed
     WHERE w.id = failed.workflow_id
@@ -130,8 +129,7 @@ stuck AS (
 ),
 failed_workflow AS (
     UPDATE workflows w
-    SET state = 'failed', error = %(error)s, completed_at = now(),
-        locked_by = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
+    SET state = 'failed', error = %(error)s, completed_at = now(), updated_at = now(), {{release_lease}}
     FROM owner
     WHERE w.id = owner.id
     RETURNING w.id

@@ -44,7 +44,7 @@ SELECT id, cancel_requested, false FROM ours WHERE id NOT IN (SELECT id FROM hel
 -- name: release_leases
 -- Shutdown: give back the leases this worker still holds, due at once for another worker.
 UPDATE workflows w
-SET locked_by = NULL, lease_token = NULL, lease_expires_at = NULL, next_retry_at = now(), updated_at = now()
+SET {{release_lease}}, next_retry_at = now(), updated_at = now()
 FROM unnest(%(ids)s::uuid[], %(lease_tokens)s::uuid[]) AS lease(id, token)
 WHERE w.id = lease.id AND w.lease_token = lease.token AND w.locked_by = %(worker_id)s
 RETURNING w.id;

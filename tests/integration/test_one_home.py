@@ -1,5 +1,6 @@
 """Rules the SQL and the Python both need, defined once on each side and proven equal:
-the runnable states, the wake-up channel, the step key."""
+the runnable states, the wake-up channel, the step key; and the start of a step, shared
+by the queries as a part, against the one place that cannot include it."""
 
 from __future__ import annotations
 
@@ -7,11 +8,15 @@ import re
 from typing import Any
 
 import psycopg
+from psycopg_pool import AsyncConnectionPool
 
 from daemon.wakeup import CHANNEL
+from engine import Step, Workflow
 from engine.idempotency import step_key
-from engine.sqlfiles import queries
+from engine.sqlfiles import parts, queries
 from engine.states import RUNNABLE_WORKFLOW_STATES
+from engine.store import StepDefinitions, Store
+from tests.factories import insert_workflow
 
 # A workflow's state (bare `state`; a step's is `s.state`) compared with a list.
 STATE_LIST = re.compile(r"(?<![.\w])state IN \(([^)]*)\)")
@@ -19,6 +24,15 @@ STATE_LIST = re.compile(r"(?<![.\w])state IN \(([^)]*)\)")
 
 # Another rule: a workflow can be cancelled while pending or running.
 CANCELLABLE_ONLY = {"cancel_workflow"}
+
+STEP_COLUMNS = (
+    "SELECT state::text, attempt, compensation_attempt, retry_count, compensation_retry_count,"
+    " next_retry_at, started_at IS NOT NULL FROM workflow_steps"
+)
+
+
+async def _noop(input: Any, ctx: Any) -> dict[str, Any]:
+    return {}
 
 
 def _states(listed: str) -> frozenset[str]:
@@ -57,3 +71,36 @@ def test_the_daemons_listen_where_the_database_wakes_them(db: psycopg.Connection
 def test_the_step_key_is_the_same_rule_in_sql_and_python(db: psycopg.Connection[Any]) -> None:
     assert db.execute("SELECT workflow_step_key('charge', 'abc')").fetchone() == (step_key("charge", "abc"),)
     assert "workflow_step_key(d.step_name, f.digest)" in queries()["create_steps"]
+
+
+async def test_a_fresh_step_is_inserted_as_start_step_makes_it(
+    db_url: str, db: psycopg.Connection[Any]
+) -> None:
+    """create_steps cannot UPDATE the rows it inserts, so it writes step 0 already
+    started; that row must be the one start_step makes of a pending step."""
+    workflow = Workflow(type="two_steps", steps=[Step("first", _noop), Step("second", _noop)])
+    insert_workflow(db, type="two_steps", input={})
+    async with AsyncConnectionPool(db_url, kwargs={"autocommit": True}, open=False) as pool:
+        store = Store(pool)
+        async with store.claiming_transaction() as tx:
+            (row,) = await tx.claim_due_workflows(
+                worker_id="w", types=["two_steps"], limit=1, lease_seconds=30, busy=[]
+            )
+            await tx.create_steps(
+                worker_id="w", digests={row.id: "d"}, definitions=StepDefinitions.of([workflow])
+            )
+    started = db.execute(STEP_COLUMNS + " WHERE workflow_id = %s AND step_index = 0", (row.id,)).fetchone()
+    # The same step as it was before its start: pending, no attempt yet.
+    db.execute(
+        "UPDATE workflow_steps SET state = 'pending', attempt = 0, started_at = NULL WHERE workflow_id = %s",
+        (row.id,),
+    )
+    db.execute(
+        "UPDATE workflow_steps s SET " + parts()["start_step"] + " FROM (SELECT false AS compensating) go"
+        " WHERE s.workflow_id = %s AND s.step_index = 0",
+        (row.id,),
+    )
+    assert (
+        db.execute(STEP_COLUMNS + " WHERE workflow_id = %s AND step_index = 0", (row.id,)).fetchone()
+        == started
+    )

@@ -10,7 +10,7 @@ import re
 import pytest
 
 import engine.store
-from engine.sqlfiles import parse_queries, queries, query, sql_dir
+from engine.sqlfiles import include_parts, parse_queries, parts, queries, query, sql_dir
 
 QUERIES_TEXT = """\
 -- The file's own comment, before any name: ignored.
@@ -63,8 +63,29 @@ def test_queries_are_read_once_from_every_file() -> None:
     assert queries() is queries()
     files = sorted((sql_dir() / "queries").glob("*.sql"))
     assert len(files) > 1
-    merged = {name: text for path in files for name, text in parse_queries(path.read_text()).items()}
+    merged = {
+        name: include_parts(text, parts())
+        for path in files
+        for name, text in parse_queries(path.read_text()).items()
+    }
     assert queries() == merged
+
+
+def test_a_part_is_included_where_a_query_names_it() -> None:
+    shared = {"release": "locked_by = NULL"}
+    assert include_parts("UPDATE w SET {{release}}, a = 1", shared) == "UPDATE w SET locked_by = NULL, a = 1"
+    assert include_parts("SELECT '{}'", shared) == "SELECT '{}'"
+    with pytest.raises(ValueError, match=r"includes \{\{missing\}\}, which sql/parts.sql does not define"):
+        include_parts("SET {{missing}}", shared)
+
+
+def test_every_part_is_listed_included_and_expanded() -> None:
+    text = (sql_dir() / "parts.sql").read_text()
+    header = text[: text.index("-- name:")]
+    assert re.findall(r"^--   (\w+)$", header, flags=re.MULTILINE) == list(parts())
+    for name in parts():
+        assert any(parts()[name] in query_text for query_text in queries().values()), name
+    assert not any("{{" in query_text for query_text in queries().values())
 
 
 def test_each_queries_file_opens_with_the_list_of_its_queries() -> None:
