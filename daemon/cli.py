@@ -28,10 +28,10 @@ from daemon.process import run_daemon
 from daemon.settings import ConfigurationError, Settings, describe_database, with_session_limits
 from engine import WorkflowEngineError, WorkflowService
 from engine.migrate import migrate
+from engine.primary import connect_to_primary
 from engine.records import StartResult
 from engine.store import Store
 
-CONNECT_TIMEOUT_SECONDS = 10
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
@@ -47,9 +47,7 @@ async def connect(settings: Settings) -> AsyncIterator[AsyncConnection[Any]]:
     """One autocommit connection, with a readable error when it cannot be had."""
     conninfo = with_session_limits(settings.conninfo(), settings)
     try:
-        conn = await AsyncConnection.connect(
-            conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT_SECONDS
-        )
+        conn = await connect_to_primary(conninfo, autocommit=True)
     except psycopg.OperationalError as error:
         reason = " ".join(line.strip() for line in str(error).splitlines()) or type(error).__name__
         raise DatabaseUnavailableError(
@@ -108,8 +106,8 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     configure_logging(settings.log_format, settings.log_level)
     registry = load_registry(settings)
-    async with connect(settings):
-        pass  # reachable: a clear error now beats a stack of retries later
+    # An unreachable database is waited for (run_daemon), not an error: at boot or during a
+    # failover it comes back, and systemd must not see a unit that keeps failing.
     return await run_daemon(settings, registry, settings.conninfo())
 
 

@@ -26,6 +26,7 @@ from daemon.metrics import Metrics
 from engine.attempts import ClaimedWorkflow
 from engine.definitions import Step, Workflow, WorkflowContext
 from engine.idempotency import compensation_key, step_key
+from engine.primary import READ_ONLY_ERRORS
 from engine.retry import RetryPolicy
 from engine.runner import (
     StepFailed,
@@ -41,7 +42,9 @@ from engine.store import Advanced, Completion, FailedAttempt, Store
 T = TypeVar("T")
 
 # Errors that mean "the database is not answering right now", to ride out with backoff.
-DATABASE_ERRORS = (psycopg.OperationalError, PoolTimeout)
+# The database is out of reach, or what answered was not the primary: retried, never a
+# step's failure.
+DATABASE_ERRORS = (psycopg.OperationalError, PoolTimeout, *READ_ONLY_ERRORS)
 DB_RETRY_DELAY_MAX_SECONDS = 2.0
 
 

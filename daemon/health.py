@@ -19,6 +19,7 @@ from typing import Any
 from psycopg import AsyncConnection
 
 from engine.migrate import schema_is_current
+from engine.primary import connect_to_primary
 
 READINESS_TIMEOUT_SECONDS = 2.0
 READINESS_CACHE_SECONDS = 1.0
@@ -70,7 +71,7 @@ class Readiness:
 
     async def _connection(self) -> AsyncConnection[Any]:
         if self._conn is None or self._conn.closed:
-            self._conn = await AsyncConnection.connect(
+            self._conn = await connect_to_primary(
                 self.conninfo, autocommit=True, application_name=HEALTH_APPLICATION_NAME
             )
         return self._conn

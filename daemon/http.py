@@ -151,6 +151,15 @@ def install_error_handlers(app: FastAPI) -> None:
         detail = " ".join(str(error).split()) or "the database is unavailable"
         return problem(status.HTTP_503_SERVICE_UNAVAILABLE, f"database unavailable: {detail}")
 
+    @app.exception_handler(psycopg.errors.ReadOnlySqlTransaction)
+    async def database_read_only(
+        request: Request, error: psycopg.errors.ReadOnlySqlTransaction
+    ) -> JSONResponse:
+        return problem(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "database unavailable: the server refuses writes (a failover?)",
+        )
+
     @app.exception_handler(PoolTimeout)
     async def database_busy(request: Request, error: PoolTimeout) -> JSONResponse:
         return problem(status.HTTP_503_SERVICE_UNAVAILABLE, "database unavailable: no connection in time")

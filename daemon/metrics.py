@@ -18,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from psycopg import AsyncConnection
 
+from engine.primary import connect_to_primary
 from engine.sqlfiles import query
 
 LOG = structlog.get_logger("workflowd.metrics")
@@ -140,7 +141,7 @@ class QueueDepthCollector(Collector):
         """Hold a session of our own (the lock lives as long as it does) and refresh."""
         while True:
             try:
-                async with await AsyncConnection.connect(
+                async with await connect_to_primary(
                     conninfo, autocommit=True, application_name="workflowd-metrics"
                 ) as conn:
                     while True:

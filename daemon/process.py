@@ -8,8 +8,8 @@ import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import psycopg
 import structlog
-from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from daemon import systemd
@@ -19,6 +19,7 @@ from daemon.metrics import Metrics
 from daemon.settings import ConfigurationError, Settings, with_session_limits
 from daemon.worker import Worker, WorkerConfig
 from engine.migrate import migrate
+from engine.primary import READ_ONLY_ERRORS, connect_to_primary, require_primary
 from engine.registry import Registry
 from engine.service import WorkflowService
 from engine.store import Store
@@ -32,6 +33,22 @@ POOL_EXTRA_CONNECTIONS = 2
 API_POOL_MAX_SIZE = 4
 API_POOL_TIMEOUT_SECONDS = 5.0
 POOL_MAX_SIZE = 20
+# Waiting for the database at start: the first retry after this, doubling up to the cap.
+DATABASE_WAIT_DELAY_MIN_SECONDS = 0.5
+DATABASE_WAIT_DELAY_MAX_SECONDS = 10.0
+# Room for one connection attempt (each host's connect timeout) and a migration.
+DATABASE_ATTEMPT_MARGIN_SECONDS = 60.0
+# After an outage the pools reconnect with a backoff that doubles each time (1, 2, 4 ...
+# seconds) until this much time has passed, then give up and start again at the next
+# demand: a short span keeps the gap between attempts short, so a fleet is back within
+# seconds of a failover or a restart, not after psycopg_pool's default of 5 minutes.
+POOL_RECONNECT_SECONDS = 4.0
+# Every pool: connections to the primary only (engine/primary.py), and reconnect soon.
+PRIMARY_ONLY: dict[str, Any] = {
+    "configure": require_primary,
+    "reset": require_primary,
+    "reconnect_timeout": POOL_RECONNECT_SECONDS,
+}
 
 
 def worker_config(settings: Settings) -> WorkerConfig:
@@ -66,7 +83,8 @@ Companion = Callable[[WorkflowService, str | None], Coroutine[Any, Any, None]]
 async def run_daemon(
     settings: Settings, registry: Registry, conninfo: str, companion: Companion | None = None
 ) -> int:
-    """Migrate, then run a worker and its HTTP server until a signal stops them.
+    """Serve HTTP, wait for the database and migrate it, then run a worker until a signal
+    stops it.
 
     `companion` (what `workflowd dev` adds: a sample and a progress display) runs beside
     them with the admin API's service and token, and is cancelled at shutdown.
@@ -77,21 +95,7 @@ async def run_daemon(
         )
     admin_token = settings.admin_token_value()  # a bad token stops us before anything starts
     conninfo = with_session_limits(conninfo, settings)
-    async with await AsyncConnection.connect(conninfo, autocommit=True) as conn:
-        applied = await migrate(conn)
-    if applied:
-        LOG.info("migrations_applied", names=applied)
-    if settings.builtins and settings.adapters == "sandbox":
-        LOG.warning(
-            "sandbox_adapters",
-            message="THE BUILT-IN WORKFLOW TYPES TALK TO SANDBOXES, NOT TO REAL SERVICES: "
-            "no chain, exchange or AI service is called (set WORKFLOWD_ADAPTERS=http for real ones)",
-        )
-    elif settings.builtins:
-        LOG.warning(
-            "sandbox_adapters",
-            message="the exchange and the notifier of the built-in types have no HTTP adapter yet: SANDBOXES",
-        )
+    _warn_about_sandboxes(settings)
     pool = AsyncConnectionPool(
         conninfo,
         min_size=2,
@@ -102,6 +106,7 @@ async def run_daemon(
         timeout=settings.lease_seconds / 6,
         # The application name shows which backends are daemons' in pg_stat_activity.
         kwargs={"autocommit": True, "application_name": "workflowd"},
+        **PRIMARY_ONLY,
     )
     # The admin API has a small pool of its own that checks a connection before lending
     # it, so a request never meets a connection the server dropped while it sat idle;
@@ -116,9 +121,8 @@ async def run_daemon(
         # of an outage in seconds, not after the pool's default of 30.
         timeout=API_POOL_TIMEOUT_SECONDS,
         kwargs={"autocommit": True, "application_name": "workflowd-api"},
+        **PRIMARY_ONLY,
     )
-    await pool.open(wait=True, timeout=POOL_OPEN_TIMEOUT_SECONDS)
-    await api_pool.open(wait=True, timeout=POOL_OPEN_TIMEOUT_SECONDS)
     try:
         await serve(
             settings, registry, conninfo, pool, api_pool, admin_token=admin_token, companion=companion
@@ -127,6 +131,53 @@ async def run_daemon(
         await api_pool.close()
         await pool.close()
     return 0
+
+
+def _warn_about_sandboxes(settings: Settings) -> None:
+    if settings.builtins and settings.adapters == "sandbox":
+        LOG.warning(
+            "sandbox_adapters",
+            message="THE BUILT-IN WORKFLOW TYPES TALK TO SANDBOXES, NOT TO REAL SERVICES: "
+            "no chain, exchange or AI service is called (set WORKFLOWD_ADAPTERS=http for real ones)",
+        )
+    elif settings.builtins:
+        LOG.warning(
+            "sandbox_adapters",
+            message="the exchange and the notifier of the built-in types have no HTTP adapter yet: SANDBOXES",
+        )
+
+
+async def wait_for_database(conninfo: str, worker: Worker) -> bool:
+    """Connect to the primary and migrate it, trying again with a capped backoff until
+    it answers; False when a signal stopped the daemon first.
+
+    A daemon started before its database (at boot, during a failover) waits instead of
+    exiting: systemd would give up on a unit that fails five times in ten seconds. /livez
+    sees a live process meanwhile, and /readyz says 503 until the database answers.
+    """
+    delay = DATABASE_WAIT_DELAY_MIN_SECONDS
+    attempt = 1
+    while True:
+        worker.mark_alive()  # not the watchdog: systemd arms it at READY
+        try:
+            async with await connect_to_primary(conninfo, autocommit=True) as conn:
+                applied = await migrate(conn)
+        except (psycopg.OperationalError, *READ_ONLY_ERRORS) as error:
+            LOG.warning(
+                "database_unavailable", error=" ".join(str(error).split()), attempt=attempt, retry_in=delay
+            )
+            # Not READY; the start timeout is pushed past the next attempt, so that
+            # systemd does not kill a start that is only waiting.
+            extend = round((delay + DATABASE_ATTEMPT_MARGIN_SECONDS) * 1_000_000)
+            systemd.notify(f"STATUS=waiting for the database\nEXTEND_TIMEOUT_USEC={extend}")
+        else:
+            if applied:
+                LOG.info("migrations_applied", names=applied)
+            return True
+        if await worker.stopped_within(delay):
+            return False
+        delay = min(delay * 2, DATABASE_WAIT_DELAY_MAX_SECONDS)
+        attempt += 1
 
 
 async def serve(
@@ -156,33 +207,56 @@ async def serve(
         head_timeout=settings.http_head_timeout,
     )
     http_task = asyncio.create_task(serve_http(server))
-    while not server.started:  # listen before claiming: a taken port stops us early
-        if http_task.done():
-            raise ConfigurationError(
-                f"cannot serve HTTP on {settings.host}:{settings.port} (is the port taken?): "
-                "set PORT and WORKFLOWD_HOST"
-            )
-        await asyncio.sleep(0.01)
-    depth_task = asyncio.create_task(metrics.queue_depth.run(conninfo))
+    try:
+        while not server.started:  # listen first: a taken port stops us early
+            if http_task.done():
+                raise ConfigurationError(
+                    f"cannot serve HTTP on {settings.host}:{settings.port} (is the port taken?): "
+                    "set PORT and WORKFLOWD_HOST"
+                )
+            await asyncio.sleep(0.01)
+        LOG.info(
+            "http_listening", url=f"http://{settings.host}:{settings.port}", admin_api=admin_token is not None
+        )
+        if admin_token is None:
+            LOG.warning("admin_api_disabled", reason="WORKFLOWD_ADMIN_TOKEN is not set")
+        # Opened now, the API's pool connects in the background: requests made while the
+        # database is away answer 503 after API_POOL_TIMEOUT_SECONDS.
+        await api_pool.open(wait=False)
+        if not await wait_for_database(conninfo, worker):
+            return
+        await pool.open(wait=True, timeout=POOL_OPEN_TIMEOUT_SECONDS)
+        await _run_worker(
+            worker, metrics, conninfo=conninfo, service=service, admin_token=admin_token, companion=companion
+        )
+    finally:
+        server.should_exit = True
+        await asyncio.gather(http_task, return_exceptions=True)
+        await readiness.close()
+
+
+async def _run_worker(
+    worker: Worker,
+    metrics: Metrics,
+    *,
+    conninfo: str,
+    service: WorkflowService,
+    admin_token: str | None,
+    companion: Companion | None,
+) -> None:
+    """The worker, the queue-depth reporter and the companion, until the worker stops."""
+    side = [asyncio.create_task(metrics.queue_depth.run(conninfo))]
     worker_task = asyncio.create_task(worker.run())
-    LOG.info(
-        "http_listening", url=f"http://{settings.host}:{settings.port}", admin_api=admin_token is not None
-    )
-    if admin_token is None:
-        LOG.warning("admin_api_disabled", reason="WORKFLOWD_ADMIN_TOKEN is not set")
-    systemd.notify("READY=1")
-    side = [depth_task]
+    systemd.notify("READY=1\nSTATUS=serving")
     if companion:
         side.append(asyncio.create_task(companion(service, admin_token)))
         side[-1].add_done_callback(_log_crash)
     try:
         await worker_task
     finally:
-        server.should_exit = True
         for task in side:
             task.cancel()
-        await asyncio.gather(http_task, *side, return_exceptions=True)
-        await readiness.close()
+        await asyncio.gather(*side, return_exceptions=True)
 
 
 async def serve_http(server: EmbeddedServer) -> None:

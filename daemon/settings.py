@@ -30,6 +30,10 @@ TCP_KEEPALIVE_SECONDS_DEFAULT = 10
 # kernel gives a connection up.
 TCP_KEEPALIVE_INTERVAL_SECONDS = 5
 TCP_KEEPALIVE_PROBES = 3
+# Per host of the connection string: a host that is down without refusing (a machine
+# gone, packets dropped) must not hold a connection attempt for the kernel's two minutes
+# before the next host in the list is tried.
+CONNECT_TIMEOUT_SECONDS_DEFAULT = 5
 # Long enough that guessing is hopeless (secrets.token_urlsafe(32) gives 43 characters).
 ADMIN_TOKEN_MIN_LENGTH = 32
 MAX_BODY_BYTES_DEFAULT = 1024 * 1024
@@ -166,8 +170,9 @@ class Settings(BaseSettings):
 
 
 def with_session_limits(conninfo: str, settings: Settings) -> str:
-    """`conninfo` with the session timeouts and TCP keepalives of the settings; options
-    the connection string already sets come first, so ours win."""
+    """`conninfo` with the session timeouts, TCP keepalives and a connect timeout; options
+    the connection string already sets come first, so ours win, except its own
+    connect_timeout."""
     parts = conninfo_to_dict(conninfo)
     limits = {
         "statement_timeout": settings.statement_timeout,
@@ -185,6 +190,7 @@ def with_session_limits(conninfo: str, settings: Settings) -> str:
         keepalives_count=TCP_KEEPALIVE_PROBES,
         # Also bounds a send that the peer never acknowledges (a link cut mid-write).
         tcp_user_timeout=silence * 1000,
+        connect_timeout=parts.get("connect_timeout") or CONNECT_TIMEOUT_SECONDS_DEFAULT,
     )
 
 

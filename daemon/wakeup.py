@@ -10,7 +10,8 @@ import asyncio
 
 import psycopg
 import structlog
-from psycopg import AsyncConnection
+
+from engine.primary import connect_to_primary
 
 CHANNEL = "workflowd"
 RECONNECT_DELAY_MAX_SECONDS = 5.0
@@ -24,14 +25,16 @@ class Listener:
     def __init__(self, conninfo: str, wake: asyncio.Event) -> None:
         self.conninfo = conninfo
         self.wake = wake
+        # Set each time the listener gets in: the database answers again.
+        self.connected = asyncio.Event()
 
     async def run_once(self) -> None:
         """Connect, LISTEN, and relay notifications until the connection drops."""
-        connect = AsyncConnection.connect(
-            self.conninfo, autocommit=True, application_name="workflowd-listener"
-        )
+        # On the primary: a standby would accept the LISTEN, and never hear a NOTIFY.
+        connect = connect_to_primary(self.conninfo, autocommit=True, application_name="workflowd-listener")
         async with await connect as conn:
             await conn.execute(f"LISTEN {CHANNEL}")
+            self.connected.set()
             # Inserts made while we were not listening sent notifications we never saw.
             self.wake.set()
             async for _ in conn.notifies():

@@ -30,6 +30,7 @@ from daemon.metrics import Metrics
 from daemon.wakeup import Listener
 from engine.attempts import CancelAtBoundary, ClaimedWorkflow, Refuse, Run, decide
 from engine.definitions import Workflow
+from engine.primary import connect_to_primary
 from engine.registry import Registry
 from engine.retry import DEFAULT_RETRY_POLICY, RetryPolicy
 from engine.store import FailedAttempt, StepDefinitions, Store
@@ -138,6 +139,21 @@ class Worker:
         self.stopping.set()
         self.wake.set()
 
+    def mark_alive(self) -> None:
+        """The daemon's loop went round: what /livez looks at."""
+        self.last_loop_at = time.monotonic()
+
+    def beat(self) -> None:
+        """The claim loop went round: for /livez and for systemd's watchdog."""
+        self.mark_alive()
+        self.on_loop()
+
+    async def stopped_within(self, seconds: float) -> bool:
+        """Wait up to `seconds` for a stop request; whether one came."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+        return self.stopping.is_set()
+
     def _side_task_done(self, task: asyncio.Task[None]) -> None:
         # A side loop must never end on its own: if one crashes, stop loudly rather than
         # run on without heartbeats or wake-ups.
@@ -148,8 +164,7 @@ class Worker:
     async def _claim_loop(self) -> None:
         delay = 0.1
         while not self.stopping.is_set():
-            self.last_loop_at = time.monotonic()
-            self.on_loop()
+            self.beat()
             self.wake.clear()
             free = self.config.concurrency - len(self.tasks)
             if self._worth_waiting_for_more_slots(free):
@@ -163,7 +178,11 @@ class Worker:
                 except DATABASE_ERRORS as error:
                     self.metrics.database_errors.labels("claim").inc()
                     self.log.warning("claim_failed", error=str(error).strip(), retry_in=delay)
-                    await asyncio.sleep(delay)
+                    # When the listener gets back in, the database is back: the claim
+                    # need not sit out the rest of its backoff.
+                    self.listener.connected.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.listener.connected.wait(), delay)
                     delay = min(delay * 2, CLAIM_RETRY_DELAY_MAX_SECONDS)
                     continue
                 except Exception:
@@ -250,7 +269,7 @@ class Worker:
 
     async def _heartbeat_conn(self) -> AsyncConnection[Any]:
         if self.heartbeat_connection is None or self.heartbeat_connection.closed:
-            self.heartbeat_connection = await AsyncConnection.connect(
+            self.heartbeat_connection = await connect_to_primary(
                 self.conninfo, autocommit=True, application_name="workflowd-heartbeat"
             )
         return self.heartbeat_connection

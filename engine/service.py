@@ -21,6 +21,7 @@ from engine.errors import (
     WorkflowNotFoundError,
 )
 from engine.idempotency import canonical_json, check_storable_text, start_identity
+from engine.primary import require_primary
 from engine.records import (
     ExecutionSummary,
     StartResult,
@@ -123,7 +124,13 @@ class WorkflowService:
     ) -> AsyncIterator[WorkflowService]:
         """A service on its own connection pool, closed when the block ends."""
         pool = AsyncConnectionPool(
-            conninfo, min_size=1, max_size=pool_size, open=False, kwargs={"autocommit": True}
+            conninfo,
+            min_size=1,
+            max_size=pool_size,
+            open=False,
+            kwargs={"autocommit": True},
+            configure=require_primary,
+            reset=require_primary,
         )
         await pool.open(wait=True)
         try:

@@ -78,7 +78,7 @@ def drop_database(server_url: str, name: str) -> None:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-async def _migrate(url: str) -> None:
+async def migrate_url(url: str) -> None:
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         await migrate(conn)
 
@@ -89,7 +89,7 @@ def template_db(pg_server: str) -> Iterator[str]:
     name = f"wfd_template_{uuid.uuid4().hex[:12]}"
     url = create_database(pg_server, name)
     try:
-        asyncio.run(_migrate(url))
+        asyncio.run(migrate_url(url))
         yield name
     finally:
         drop_database(pg_server, name)

@@ -19,11 +19,10 @@ from typing import Any
 
 import psycopg
 
-from daemon.local_postgres import LocalPostgres
-from engine.migrate import migrate
-from tests.conftest import FAST_UNSAFE_SETTINGS, create_database
+from tests.conftest import FAST_UNSAFE_SETTINGS, create_database, migrate_url
 from tests.daemons import Daemon, launch
 from tests.invariants import create_side_tables
+from tests.replication import Server
 
 # fsync off is safe here: the suite kills processes, never the machine, and the kernel
 # keeps what was written. synchronous_commit stays on, or an immediate restart would
@@ -34,18 +33,18 @@ REGISTER_TIMEOUT_SECONDS = 30.0
 STOP_TIMEOUT_SECONDS = 10.0
 
 
-class ChaosPostgres(LocalPostgres):
+class ChaosPostgres(Server):
     """A LocalPostgres that can also be restarted the hard ways."""
 
     def restart(self, mode: str) -> None:
         """`fast` rolls back open transactions and checkpoints; `immediate` kills every
         backend at once and the next start recovers from the WAL, as after a crash."""
-        self._run("pg_ctl", "-D", str(self.data_dir), "-m", mode, "-w", "stop")
+        self.stop_now(mode)
         self.start()
 
     def prepare_template(self) -> None:
         """Migrate the schema once into a template database that scenarios clone."""
-        asyncio.run(_migrate(create_database(self.url(), TEMPLATE)))
+        asyncio.run(migrate_url(create_database(self.url(), TEMPLATE)))
 
     def scenario_database(self, name: str) -> str:
         """A fresh migrated database for one scenario, with the tests' side tables."""
@@ -53,11 +52,6 @@ class ChaosPostgres(LocalPostgres):
         with psycopg.connect(url, autocommit=True) as conn:
             create_side_tables(conn)
         return url
-
-
-async def _migrate(url: str) -> None:
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        await migrate(conn)
 
 
 class Database:

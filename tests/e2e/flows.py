@@ -330,3 +330,25 @@ cut_transaction = Workflow(
 cut_then_fail = Workflow(
     type="cut_then_fail", max_retries=1, steps=[Step("book", cut_own_connection, transactional=True)]
 )
+
+
+# Failover: three-step workflows whose middle step is transactional, or not idempotent.
+# Their retries cover the interruptions a failover can cause.
+ledger_in_three = Workflow(
+    type="ledger_in_three",
+    max_retries=10,
+    steps=[
+        Step("reserve", recorded),
+        Step("credit", credit_ledger, transactional=True),
+        Step("notify", recorded),
+    ],
+)
+payout_in_three = Workflow(
+    type="payout_in_three",
+    max_retries=10,
+    steps=[
+        Step("prepare", recorded),
+        Step("send", send_payment, is_idempotent=False),
+        Step("confirm", recorded),
+    ],
+)

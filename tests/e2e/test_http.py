@@ -372,7 +372,7 @@ def test_systemd_hears_ready_watchdog_and_stopping(daemons: Daemons, tmp_path: P
         sock.settimeout(10)
         daemon = daemons.start({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"}, poll_interval=0.05)
         messages = [sock.recv(1024).decode() for _ in range(3)]
-        assert messages[0] == "READY=1"
+        assert messages[0] == "READY=1\nSTATUS=serving"
         assert messages[1:] == ["WATCHDOG=1", "WATCHDOG=1"]
         daemon.signal(signal.SIGTERM)
         seen = []

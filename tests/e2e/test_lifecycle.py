@@ -14,7 +14,14 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from engine import IllegalTransitionError, WorkflowService, WorkflowState
-from tests.e2e.conftest import Daemons, all_finished, assert_timeline_is_legal, insert_workflows, wait_until
+from tests.e2e.conftest import (
+    Daemons,
+    all_finished,
+    assert_timeline_is_legal,
+    insert_workflows,
+    states,
+    wait_until,
+)
 from tests.proxy import CuttableProxy
 
 TOKEN = "lifecycle-token-0123456789abcdef0123456789"
@@ -192,3 +199,27 @@ def test_livez_fails_while_the_claim_loop_is_stuck_and_recovers_after(
     wait_until(
         lambda: httpx.get(f"{daemon.url}/livez", timeout=5).status_code == 200, 15, "/livez to recover"
     )
+
+
+def test_connections_that_land_on_a_read_only_server_are_dropped_and_no_step_is_failed(
+    daemons: Daemons, db: psycopg.Connection[Any], db_url: str
+) -> None:
+    """What a daemon meets when its URL leads to a standby, or to an old primary restarted
+    as a replica: every new session is read-only. It retries, and fails nothing."""
+    name = conninfo_to_dict(db_url)["dbname"]
+    daemon = daemons.start(poll_interval=0.1)
+    db.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+    db.execute(  # the daemon's sessions end; the ones it opens next are read-only
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_name LIKE 'workflowd%'"
+    )
+    # The test's own session began read-write and stays so.
+    insert_workflows(db, "three_steps", 5)
+    time.sleep(3)
+    assert states(db) == {"pending": 5}
+    db.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+    wait_until(lambda: all_finished(db, 5), 30, "the daemon to work again on a writable server")
+    assert db.execute("SELECT max(retry_count) FROM workflow_steps").fetchone() == (0,)
+    events = [event["event"] for event in daemon.log_events()]
+    assert "claim_failed" in events
+    assert daemon.alive

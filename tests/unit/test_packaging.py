@@ -29,6 +29,8 @@ def test_the_unit_is_a_hardened_notify_template_that_outlasts_the_grace_period()
     assert int(service["WatchdogSec"]) > 0
     assert int(service["TimeoutStopSec"]) > SHUTDOWN_GRACE_SECONDS_DEFAULT
     assert service["Restart"] == "on-failure"
+    # A long database outage never leaves the unit failed for good.
+    assert unit()["Unit"]["StartLimitIntervalSec"] == "0"
     assert service["ExecStart"].endswith("workflowd run")
     assert "%i" in UNIT.read_text()  # one environment file per instance
     for setting in ("NoNewPrivileges", "ProtectHome", "PrivateTmp"):
