@@ -29,7 +29,7 @@ from psycopg_pool import PoolTimeout
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from daemon.health import Readiness
+from daemon.health import Readiness, ReplicaLag
 from daemon.http_guard import RequestGuard, problem
 from daemon.metrics import Metrics
 from daemon.settings import HTTP_HEAD_TIMEOUT_SECONDS_DEFAULT
@@ -181,6 +181,7 @@ def create_app(
     *,
     admin_token: str | None,
     max_body_bytes: int,
+    replica: ReplicaLag | None = None,
 ) -> FastAPI:
     """The daemon's HTTP application."""
     app = FastAPI(
@@ -191,12 +192,14 @@ def create_app(
     )
     app.add_middleware(RequestGuard, admin_token=admin_token, max_body_bytes=max_body_bytes)
     install_error_handlers(app)
-    add_health_routes(app, readiness, daemon, metrics)
+    add_health_routes(app, readiness, daemon, metrics, replica)
     add_admin_routes(app, service)
     return app
 
 
-def add_health_routes(app: FastAPI, readiness: Readiness, daemon: DaemonState, metrics: Metrics) -> None:
+def add_health_routes(
+    app: FastAPI, readiness: Readiness, daemon: DaemonState, metrics: Metrics, replica: ReplicaLag | None
+) -> None:
     """/livez, /readyz, /healthz and /metrics: no token needed, and none of them waits for
     the admin API's connections."""
 
@@ -205,8 +208,13 @@ def add_health_routes(app: FastAPI, readiness: Readiness, daemon: DaemonState, m
         # Draining is read live, not from the cached answer: it must show at once.
         draining = daemon.draining
         ok = health.database and health.schema_current and not draining
-        return {"status": "ready" if ok else "unready", "database": health.database,
-                "schema_current": health.schema_current, "draining": draining}  # fmt: skip
+        answer: dict[str, Any] = {"status": "ready" if ok else "unready", "database": health.database,
+                                  "schema_current": health.schema_current, "draining": draining}  # fmt: skip
+        if replica is not None:
+            # Shown, not judged: a lagging replica slows dashboards, not the daemon.
+            lag = await replica.check()
+            answer["read_replica"] = {"reachable": lag.reachable, "lag_seconds": lag.lag_seconds}
+        return answer
 
     @app.get("/livez", tags=["health"])
     async def livez(response: Response) -> dict[str, Any]:

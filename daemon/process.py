@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -13,7 +14,7 @@ import structlog
 from psycopg_pool import AsyncConnectionPool
 
 from daemon import systemd
-from daemon.health import Readiness
+from daemon.health import Readiness, ReplicaLag
 from daemon.http import EmbeddedServer, create_app, http_server
 from daemon.metrics import Metrics
 from daemon.settings import ConfigurationError, Settings, with_session_limits
@@ -123,14 +124,57 @@ async def run_daemon(
         kwargs={"autocommit": True, "application_name": "workflowd-api"},
         **PRIMARY_ONLY,
     )
+    pools = Pools(worker=pool, api=api_pool)
+    if settings.read_database_url:
+        pools.add_reads(with_session_limits(settings.read_database_url, settings))
     try:
-        await serve(
-            settings, registry, conninfo, pool, api_pool, admin_token=admin_token, companion=companion
-        )
+        await serve(settings, registry, conninfo, pools, admin_token=admin_token, companion=companion)
     finally:
-        await api_pool.close()
-        await pool.close()
+        await pools.close()
     return 0
+
+
+@dataclass
+class Pools:
+    """The daemon's connection pools: the worker's and the admin API's, on the primary,
+    and, with WORKFLOWD_READ_DATABASE_URL, one on a replica for the API's lists, search
+    and stats."""
+
+    worker: AsyncConnectionPool
+    api: AsyncConnectionPool
+    reads: AsyncConnectionPool | None = None
+    reads_conninfo: str | None = None
+
+    def add_reads(self, conninfo: str) -> None:
+        self.reads_conninfo = conninfo
+        # A replica refuses writes by design: no primary-only hooks here.
+        self.reads = AsyncConnectionPool(
+            conninfo,
+            min_size=1,
+            max_size=API_POOL_MAX_SIZE,
+            open=False,
+            check=AsyncConnectionPool.check_connection,
+            timeout=API_POOL_TIMEOUT_SECONDS,
+            reconnect_timeout=POOL_RECONNECT_SECONDS,
+            kwargs={"autocommit": True, "application_name": "workflowd-api-reads"},
+        )
+
+    def service(self, registry: Registry) -> WorkflowService:
+        """The admin API's service: commands and reads by id on the primary, lists,
+        search and stats on the replica when there is one."""
+        return WorkflowService(Store(self.api), registry, reads=Store(self.reads) if self.reads else None)
+
+    async def open_api(self) -> None:
+        """Open the API's pools, connecting in the background: requests made while a
+        database is away answer 503 after API_POOL_TIMEOUT_SECONDS."""
+        for pool in (self.api, self.reads):
+            if pool is not None:
+                await pool.open(wait=False)
+
+    async def close(self) -> None:
+        for pool in (self.reads, self.api, self.worker):
+            if pool is not None:
+                await pool.close()
 
 
 def _warn_about_sandboxes(settings: Settings) -> None:
@@ -184,20 +228,28 @@ async def serve(
     settings: Settings,
     registry: Registry,
     conninfo: str,
-    pool: AsyncConnectionPool,
-    api_pool: AsyncConnectionPool,
+    pools: Pools,
     *,
     admin_token: str | None,
     companion: Companion | None = None,
 ) -> None:
     metrics = Metrics(queue_depth_refresh_seconds=settings.queue_depth_interval)
     watchdog = systemd.Watchdog()
-    worker = Worker(pool, conninfo, registry, worker_config(settings), metrics=metrics, on_loop=watchdog.ping)
+    worker = Worker(
+        pools.worker, conninfo, registry, worker_config(settings), metrics=metrics, on_loop=watchdog.ping
+    )
     install_signal_handlers(worker)
-    service = WorkflowService(Store(api_pool), registry)
+    service = pools.service(registry)
     readiness = Readiness(conninfo)
+    replica = ReplicaLag(pools.reads_conninfo) if pools.reads_conninfo else None
     app = create_app(
-        service, worker, metrics, readiness, admin_token=admin_token, max_body_bytes=settings.max_body_bytes
+        service,
+        worker,
+        metrics,
+        readiness,
+        admin_token=admin_token,
+        max_body_bytes=settings.max_body_bytes,
+        replica=replica,
     )
     server = http_server(
         app,
@@ -220,12 +272,10 @@ async def serve(
         )
         if admin_token is None:
             LOG.warning("admin_api_disabled", reason="WORKFLOWD_ADMIN_TOKEN is not set")
-        # Opened now, the API's pool connects in the background: requests made while the
-        # database is away answer 503 after API_POOL_TIMEOUT_SECONDS.
-        await api_pool.open(wait=False)
+        await pools.open_api()
         if not await wait_for_database(conninfo, worker):
             return
-        await pool.open(wait=True, timeout=POOL_OPEN_TIMEOUT_SECONDS)
+        await pools.worker.open(wait=True, timeout=POOL_OPEN_TIMEOUT_SECONDS)
         await _run_worker(
             worker, metrics, conninfo=conninfo, service=service, admin_token=admin_token, companion=companion
         )
@@ -233,6 +283,8 @@ async def serve(
         server.should_exit = True
         await asyncio.gather(http_task, return_exceptions=True)
         await readiness.close()
+        if replica is not None:
+            await replica.close()
 
 
 async def _run_worker(

@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="WORKFLOWD_", frozen=True, extra="ignore")
 
     database_url: str | None = Field(None, validation_alias="DATABASE_URL")
+    # A replica for the admin API's lists, search and stats (what dashboards poll), so
+    # that they never load the primary; reads of one workflow stay on the primary, which
+    # has every write a client was told of.
+    read_database_url: str | None = None
     db_host: str | None = Field(None, validation_alias="DB_HOST")
     db_port: int = Field(DB_PORT_DEFAULT, validation_alias="DB_PORT")
     db_username: str | None = Field(None, validation_alias="DB_USERNAME")

@@ -113,9 +113,12 @@ class WorkflowService:
     because another daemon may serve it.
     """
 
-    def __init__(self, store: Store, registry: Registry | None = None) -> None:
+    def __init__(self, store: Store, registry: Registry | None = None, *, reads: Store | None = None) -> None:
         self.store = store
         self.registry = registry or Registry()
+        # Where lists, search and stats read: a replica may lag a little, which they
+        # tolerate; a workflow read by id, and every command, use `store`.
+        self.reads = reads or store
 
     @classmethod
     @asynccontextmanager
@@ -230,8 +233,8 @@ class WorkflowService:
         check_text(type=type, user_id=user_id)
         state_name = WorkflowState(state).value if state is not None else None
         filters = {"state": state_name, "type": type, "user_id": user_id}
-        rows = await self.store.list_workflows(**filters, limit=limit, offset=(page - 1) * limit)
-        total = await self.store.count_workflows(**filters)
+        rows = await self.reads.list_workflows(**filters, limit=limit, offset=(page - 1) * limit)
+        total = await self.reads.count_workflows(**filters)
         items = [WorkflowRecord.model_validate(row) for row in rows]
         return WorkflowPage(items=items, page=page, limit=limit, total=total)
 
@@ -314,11 +317,11 @@ class WorkflowService:
         will claim as they stand (stuck: a row edited by hand)."""
         by_state: dict[str, int] = {}
         by_type: dict[str, dict[str, int]] = {}
-        for row in await self.store.count_by_type_and_state():
+        for row in await self.reads.count_by_type_and_state():
             by_state[row["state"]] = by_state.get(row["state"], 0) + row["count"]
             by_type.setdefault(row["type"], {})[row["state"]] = row["count"]
-        recent = await self.store.recent_outcomes()
-        workers = await self.store.live_workers(stale_seconds=worker_stale_seconds)
+        recent = await self.reads.recent_outcomes()
+        workers = await self.reads.live_workers(stale_seconds=worker_stale_seconds)
         return WorkflowStats(
             by_state=by_state,
             by_type=by_type,
@@ -328,8 +331,8 @@ class WorkflowService:
             failed_last_hour=recent["failed_last_hour"],
             oldest_due_age_seconds=recent["oldest_due_age_seconds"],
             live_workers=[WorkerInfo.model_validate(row) for row in workers],
-            unserved_types=await self.store.unserved_types(stale_seconds=worker_stale_seconds),
-            stuck_workflows=await self.store.count_stuck_workflows(),
+            unserved_types=await self.reads.unserved_types(stale_seconds=worker_stale_seconds),
+            stuck_workflows=await self.reads.count_stuck_workflows(),
         )
 
     async def search_workflows(self, q: str, limit: int = LIST_LIMIT_DEFAULT) -> list[WorkflowRecord]:
@@ -345,7 +348,7 @@ class WorkflowService:
             as_id: UUID | None = UUID(q)
         except ValueError:
             as_id = None
-        rows = await self.store.search_workflows(q=q, id=as_id, limit=min(max(limit, 1), LIST_LIMIT_MAX))
+        rows = await self.reads.search_workflows(q=q, id=as_id, limit=min(max(limit, 1), LIST_LIMIT_MAX))
         return [WorkflowRecord.model_validate(row) for row in rows]
 
     async def wait_for(self, workflow_id: UUID | str, timeout: float | None = None) -> WorkflowRecord:  # noqa: ASYNC109

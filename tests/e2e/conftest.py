@@ -17,6 +17,7 @@ import pytest
 
 from tests.daemons import ROOT, Daemon, crash_events, launch
 from tests.invariants import create_side_tables, illegal_transitions
+from tests.replication import ReplicatedPair
 
 # What the e2e tests import from here (ROOT and Daemon live in tests.daemons).
 __all__ = [
@@ -123,3 +124,10 @@ def all_finished(db: psycopg.Connection[Any], count: int, state: str = "complete
 def assert_timeline_is_legal(db: psycopg.Connection[Any]) -> None:
     """Every recorded transition is an arrow of the state machines."""
     assert illegal_transitions(db) == []
+
+
+@pytest.fixture
+def pair() -> Iterator[ReplicatedPair]:
+    """A primary and a synchronous standby of the test's own."""
+    with ReplicatedPair.temporary() as started:
+        yield started

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import psycopg
 import pytest
 
 from tests.conftest import migrate_url
+from tests.daemons import crash_events
 from tests.e2e.conftest import Daemons, wait_until
 from tests.invariants import check_invariants, create_side_tables
 from tests.replication import ReplicatedPair
@@ -34,12 +34,6 @@ PRIMARY_GONE_SECONDS = 15.0
 # on the new primary comes within seconds of its promotion (psycopg_pool's own backoff,
 # doubling up to 5 minutes, took 14 s here after a 15 s outage, and more after longer ones).
 FIRST_CLAIM_WITHIN_SECONDS = 5.0
-
-
-@pytest.fixture
-def pair() -> Iterator[ReplicatedPair]:
-    with ReplicatedPair.temporary() as started:
-        yield started
 
 
 def _count(conn: psycopg.Connection[Any], query: str) -> int:
@@ -122,6 +116,7 @@ def test_a_promoted_standby_takes_over_with_nothing_lost(
     finally:
         fleet.stop_all()
 
+    assert crash_events(fleet.started) == []
     assert invariants.ok, invariants.problems
     assert ran_twice == 0  # the step that must not run twice ran once per workflow
     assert ledger_rows == WORKFLOWS["ledger_in_three"]  # each transactional write, exactly once
