@@ -107,6 +107,7 @@ def main() -> None:
         report.figures["memory"] = cases.resident_memory(cluster, concurrency=100)
     print(f"{report.figures['machine']}; {args.repeats} runs a case\n")
     report.print(limit)
+    print_primary_cost(report.figures)
     print_comparisons(report.figures)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report.figures, indent=2))
@@ -141,6 +142,31 @@ def measure_latency(report: Report, cluster: LocalPostgres, args: argparse.Names
     for quantile in ("p50_ms", "p95_ms", "p99_ms"):
         report.record(
             f"pickup_{quantile}", f"pickup latency {quantile[:3]}, idle daemons, NOTIFY", runs, quantile, "ms"
+        )
+
+
+COST_COLUMNS = (
+    ("server_cpu_ms_per_workflow", "server CPU ms/wf"),
+    ("workflows_per_server_core_second", "wf/server core-s"),
+    ("wal_bytes_per_workflow", "WAL bytes/wf"),
+    ("daemon_cpu_ms_per_workflow", "daemon CPU ms/wf"),
+    ("daemon_connections_max", "daemon conns"),
+)
+
+
+def print_primary_cost(figures: dict[str, Any]) -> None:
+    """What each drain cost the server and the daemons (medians of the runs), and what
+    the busy backends waited on (docs/scaling.md reads these)."""
+    print(f"\n{'what a drain cost (medians)':<40}" + "".join(f"{title:>18}" for _, title in COST_COLUMNS))
+    for key, figure in figures.items():
+        if not key.startswith("workflowd_"):
+            continue
+        runs = figure["runs"]
+        cells = [statistics.median(float(run[name]) for run in runs) for name, _ in COST_COLUMNS]
+        print(f"{key.removeprefix('workflowd_'):<40}" + "".join(f"{cell:>18,.2f}" for cell in cells))
+        waits = runs[len(runs) // 2]["active_backends_waiting_on"]
+        print(
+            f"{'':<40}  active backends: " + ", ".join(f"{wait} {share} %" for wait, share in waits.items())
         )
 
 

@@ -9,7 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from bench.primary import PrimaryCost, process_cpu_seconds
 from daemon.local_postgres import LocalPostgres, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,10 +82,14 @@ def daemons(url: str, count: int, concurrency: int) -> Iterator[list[subprocess.
             process.wait(timeout=30)
 
 
-def wait_until_drained(conn: psycopg.Connection[Any]) -> None:
+def wait_until_drained(
+    conn: psycopg.Connection[Any], on_poll: Callable[[psycopg.Connection[Any]], None] | None = None
+) -> None:
     """Until no workflow is left to run: a cheap question (the claim's partial index
     answers it), so that watching costs the machine next to nothing."""
     while conn.execute(DRAINED).fetchone() == (False,):
+        if on_poll:
+            on_poll(conn)
         time.sleep(0.05)
 
 
@@ -95,16 +100,23 @@ def throughput(
     cluster: LocalPostgres, processes: int, workflows: int, concurrency: int, steps: int = 3
 ) -> dict[str, float]:
     """Insert `workflows` no-op workflows of `steps` steps first, then drain them with
-    `processes` daemons; timed by the database, from the first claim to the last completion."""
-    url = fresh_database(cluster, f"bench_throughput_{processes}")
+    `processes` daemons; timed by the database, from the first claim to the last completion.
+    Also what the drain cost the server and the daemons (bench/primary.py)."""
+    name = f"bench_throughput_{processes}"
+    url = fresh_database(cluster, name)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(
             "INSERT INTO workflows (type, input, user_id) SELECT %s, jsonb_build_object('n', n), 'bench' "
             "FROM generate_series(1, %s) n",
             (f"noop_{steps}", workflows),
         )
-        with daemons(url, processes, concurrency):
-            wait_until_drained(conn)
+        cost = PrimaryCost(cluster, name)
+        with daemons(url, processes, concurrency) as running:
+            cost.start(conn)
+            daemon_cpu_at_start = sum(process_cpu_seconds(process.pid) for process in running)
+            wait_until_drained(conn, cost.sample)
+            daemon_cpu = sum(process_cpu_seconds(process.pid) for process in running) - daemon_cpu_at_start
+        primary = cost.finish(conn, workflows, steps)
         row = conn.execute(
             "SELECT extract(epoch FROM max(completed_at) - min(started_at)) FROM workflows"
         ).fetchone()
@@ -115,6 +127,8 @@ def throughput(
         "seconds": round(elapsed, 2),
         "workflows_per_s": round(workflows / elapsed),
         "steps_per_s": round(steps * workflows / elapsed),
+        "daemon_cpu_ms_per_workflow": round(1000 * daemon_cpu / workflows, 3),
+        **primary,
     }
 
 

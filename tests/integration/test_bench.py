@@ -26,6 +26,12 @@ def test_the_bench_command_runs_every_case_of_our_own_and_writes_its_figures(tmp
     ):  # fmt: skip
         assert figures[key]["median"] > 0, key
         assert len(figures[key]["runs"]) == 1
+    drain = figures["workflowd_3_step_1_processes"]["runs"][0]
+    assert drain["server_cpu_ms_per_workflow"] > 0
+    assert drain["wal_bytes_per_workflow"] > 0
+    assert drain["daemon_cpu_ms_per_workflow"] > 0
+    assert drain["daemon_connections_max"] >= 1
+    assert "what a drain cost" in result.stdout
     assert figures["claim_cost"]["finished_rows"] == 2000
     assert figures["memory"]["peak_rss_mb"] > 0
     assert "workflowd 3-step workflows, 1 process(es)" in result.stdout
