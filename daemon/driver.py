@@ -422,6 +422,12 @@ class Driver:
         while True:
             try:
                 result = await write()
+                # Read back inside the retry: the outage that lost the answer may not
+                # be over.
+                if not result and uncertain and settle is not None:
+                    settled = await settle(assignment)
+                    if settled is not None:
+                        return settled
             except DATABASE_ERRORS as error:
                 self.metrics.database_errors.labels("commit").inc()
                 if time.monotonic() + delay >= assignment.lease_deadline:
@@ -435,8 +441,6 @@ class Driver:
                 continue
             if result:
                 return result
-            if uncertain and settle is not None and (settled := await settle(assignment)) is not None:
-                return settled
             raise LeaseLostError
 
     async def _settle(self, assignment: Assignment) -> Advanced | None:

@@ -11,18 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 
 from tests.conftest import migrate_url
 from tests.daemons import crash_events
 from tests.e2e.conftest import Daemons, wait_until
+from tests.integration.test_cli import workflowd
 from tests.invariants import check_invariants, create_side_tables
 from tests.replication import ReplicatedPair
 
+TOKEN = "failover-token-" + uuid.uuid4().hex
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # Slow steps, so that the failover comes in the middle of the run.
 STEP_SLEEP_SECONDS = 0.05
 WORKFLOWS = {"three_steps": 300, "ledger_in_three": 100, "payout_in_three": 100}
@@ -86,7 +91,9 @@ def test_a_promoted_standby_takes_over_with_nothing_lost(
     fleet = Daemons(url, tmp_path)
     try:
         for _ in range(2):
-            fleet.start(env_extra={"TEST_EFFECTS_URL": db_url}, lease_seconds=10, poll_interval=1)
+            fleet.start(
+                env_extra={"TEST_EFFECTS_URL": db_url}, lease_seconds=10, poll_interval=1, admin_token=TOKEN
+            )
         wait_until(lambda: _completed(url) >= FAILOVER_AFTER_COMPLETED, 60, "the run to get going")
 
         pair.primary.stop_now(mode)
@@ -98,6 +105,14 @@ def test_a_promoted_standby_takes_over_with_nothing_lost(
         wait_until(
             lambda: _completed(url) == total, 120, "every workflow to complete on the new primary", 0.5
         )
+        # The CLI and the admin API find the new primary through the same URL.
+        started = workflowd("start", "three_steps", "--user", "cli", "--input", "{}", "--json",
+                            env={"DATABASE_URL": url, "WORKFLOWD_MODULES": "tests.e2e.flows"})  # fmt: skip
+        assert started.returncode == 0, started.stderr
+        total += 1
+        wait_until(lambda: _completed(url) == total, 30, "the CLI's workflow to complete", 0.2)
+        listed = httpx.get(f"{fleet.started[0].url}/admin/workflows", headers=AUTH, timeout=10)
+        assert listed.json()["total"] == total
         with psycopg.connect(pair.standby.url(), autocommit=True) as new_primary:
             _copy_effects(db, new_primary)
             invariants = check_invariants(new_primary, expected_completed=total, daemons=fleet.all_but())
