@@ -106,6 +106,8 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     configure_logging(settings.log_format, settings.log_level)
     registry = load_registry(settings)
+    if args.no_migrate:
+        settings = settings.model_copy(update={"migrate": False})
     # An unreachable database is waited for (run_daemon), not an error: at boot or during a
     # failover it comes back, and systemd must not see a unit that keeps failing.
     return await run_daemon(settings, registry, settings.conninfo())
@@ -130,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run the daemon: claim and run workflows until stopped")
+    run.add_argument(
+        "--no-migrate",
+        action="store_true",
+        help="do not apply migrations (WORKFLOWD_MIGRATE=false): wait until `workflowd migrate` has, "
+        "for a database role without DDL rights",
+    )
     run.set_defaults(handler=cmd_run)
 
     dev = commands.add_parser(
@@ -174,6 +182,11 @@ def explain(error: Exception) -> tuple[int, str]:
         return EXIT_USAGE, str(error)
     if isinstance(error, WorkflowEngineError):
         return EXIT_FAILURE, str(error)
+    if isinstance(error, psycopg.errors.InsufficientPrivilege):
+        return EXIT_USAGE, (
+            f"the database refused: {' '.join(str(error).split())} (a role without DDL rights: run "
+            "`workflowd migrate` with one that has them, and the daemons with `run --no-migrate`)"
+        )
     if isinstance(error, psycopg.errors.UndefinedTable):
         return EXIT_USAGE, "the database has no workflow schema yet: run `workflowd migrate` first"
     if isinstance(error, psycopg.Error):

@@ -41,9 +41,8 @@ from engine.store import Advanced, Completion, FailedAttempt, Store
 
 T = TypeVar("T")
 
-# Errors that mean "the database is not answering right now", to ride out with backoff.
-# The database is out of reach, or what answered was not the primary: retried, never a
-# step's failure.
+# Errors that mean "the database is not answering right now" (out of reach, or what
+# answered was not the primary), to ride out with backoff: never a step's failure.
 DATABASE_ERRORS = (psycopg.OperationalError, PoolTimeout, *READ_ONLY_ERRORS)
 DB_RETRY_DELAY_MAX_SECONDS = 2.0
 

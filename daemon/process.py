@@ -19,7 +19,7 @@ from daemon.http import EmbeddedServer, create_app, http_server
 from daemon.metrics import Metrics
 from daemon.settings import ConfigurationError, Settings, with_session_limits
 from daemon.worker import Worker, WorkerConfig
-from engine.migrate import migrate
+from engine.migrate import Migration, migrate, pending_migrations
 from engine.primary import READ_ONLY_ERRORS, connect_to_primary, require_primary
 from engine.registry import Registry
 from engine.service import WorkflowService
@@ -177,6 +177,16 @@ class Pools:
                 await pool.close()
 
 
+class SchemaBehindError(Exception):
+    """The database lacks migrations this code needs, and this daemon may not apply them."""
+
+    def __init__(self, missing: list[Migration]) -> None:
+        names = ", ".join(migration.name for migration in missing)
+        super().__init__(
+            f"the database lacks {names}: run `workflowd migrate` (this daemon runs with --no-migrate)"
+        )
+
+
 def _warn_about_sandboxes(settings: Settings) -> None:
     if settings.builtins and settings.adapters == "sandbox":
         LOG.warning(
@@ -191,9 +201,10 @@ def _warn_about_sandboxes(settings: Settings) -> None:
         )
 
 
-async def wait_for_database(conninfo: str, worker: Worker) -> bool:
+async def wait_for_database(conninfo: str, worker: Worker, *, apply_migrations: bool = True) -> bool:
     """Connect to the primary and migrate it, trying again with a capped backoff until
-    it answers; False when a signal stopped the daemon first.
+    it answers; False when a signal stopped the daemon first. Without `apply_migrations`
+    it waits, the same way, until someone else has applied them.
 
     A daemon started before its database (at boot, during a failover) waits instead of
     exiting: systemd would give up on a unit that fails five times in ten seconds. /livez
@@ -205,11 +216,15 @@ async def wait_for_database(conninfo: str, worker: Worker) -> bool:
         worker.mark_alive()  # not the watchdog: systemd arms it at READY
         try:
             async with await connect_to_primary(conninfo, autocommit=True) as conn:
-                applied = await migrate(conn)
-        except (psycopg.OperationalError, *READ_ONLY_ERRORS) as error:
-            LOG.warning(
-                "database_unavailable", error=" ".join(str(error).split()), attempt=attempt, retry_in=delay
-            )
+                if apply_migrations:
+                    applied = await migrate(conn)
+                elif missing := await pending_migrations(conn):
+                    raise SchemaBehindError(missing)
+                else:
+                    applied = []
+        except (psycopg.OperationalError, *READ_ONLY_ERRORS, SchemaBehindError) as error:
+            event = "schema_behind" if isinstance(error, SchemaBehindError) else "database_unavailable"
+            LOG.warning(event, error=" ".join(str(error).split()), attempt=attempt, retry_in=delay)
             # Not READY; the start timeout is pushed past the next attempt, so that
             # systemd does not kill a start that is only waiting.
             extend = round((delay + DATABASE_ATTEMPT_MARGIN_SECONDS) * 1_000_000)
@@ -273,7 +288,7 @@ async def serve(
         if admin_token is None:
             LOG.warning("admin_api_disabled", reason="WORKFLOWD_ADMIN_TOKEN is not set")
         await pools.open_api()
-        if not await wait_for_database(conninfo, worker):
+        if not await wait_for_database(conninfo, worker, apply_migrations=settings.migrate):
             return
         await pools.worker.open(wait=True, timeout=POOL_OPEN_TIMEOUT_SECONDS)
         await _run_worker(

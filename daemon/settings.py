@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     db_database: str | None = Field(None, validation_alias="DB_DATABASE")
     port: int = Field(HTTP_PORT_DEFAULT, validation_alias="PORT", ge=0, le=65535)
     host: str = HTTP_HOST_DEFAULT
+    # Apply pending migrations at start. Off (`workflowd run --no-migrate`) for daemons
+    # whose database role may not change the schema: they wait until someone has run
+    # `workflowd migrate` with a role that may.
+    migrate: bool = True
     # Comma-separated module names whose top-level Workflow objects are registered.
     modules: Annotated[tuple[str, ...], NoDecode] = ()
     # Steps one process runs at once.

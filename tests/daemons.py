@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ def launch(
     modules: str,
     settings: Mapping[str, Any] | None = None,
     env_extra: Mapping[str, str] | None = None,
+    args: Sequence[str] = (),
 ) -> Daemon:
     """Start `workflowd run` on a free port, its stdout and stderr in `log_path`.
 
@@ -70,7 +71,11 @@ def launch(
     env.update(env_extra or {})
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "run"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+            [sys.executable, "-m", "daemon", "run", *args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
         )
     return Daemon(process, log_path, port)
 
