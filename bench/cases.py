@@ -62,7 +62,13 @@ def claim_cost(cluster: LocalPostgres, finished: int = 1_000_000) -> dict[str, f
     empty table and with `finished` completed workflows in it."""
     url = fresh_database(cluster, "bench_claim_cost")
     begin, claim = query("claiming_transaction"), query("claim_due_workflows")
-    params = {"worker_id": "bench", "types": ["noop_1"], "limit": 10, "lease_seconds": 30, "busy": []}
+    params = {
+        "worker_id": "bench",
+        "served": ["noop_1", "noop_1@1"],
+        "limit": 10,
+        "lease_seconds": 30,
+        "busy": [],
+    }
 
     def mean_ms(conn: psycopg.Connection[tuple[object, ...]]) -> float:
         conn.execute("INSERT INTO workflows (type, input, user_id) SELECT 'noop_1', jsonb_build_object('c', n), 'b' "

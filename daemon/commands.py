@@ -184,8 +184,28 @@ async def cmd_stats(args: argparse.Namespace, service: WorkflowService) -> str:
         else "no live workers",
     ]
     if stats.unserved_types:
-        parts.append("types with due work and no live worker: " + ", ".join(stats.unserved_types))
+        parts.append(
+            "due work no live worker serves (type, or type@version): " + ", ".join(stats.unserved_types)
+        )
     return "\n\n".join(parts)
+
+
+async def cmd_versions(args: argparse.Namespace, service: WorkflowService) -> str:
+    versions = await service.get_versions()
+    if args.json:
+        return to_json(versions)
+    if not versions:
+        return "no workflows"
+    rows = [
+        (v.type, "none yet" if v.version is None else v.version, v.in_flight, v.finished, v.served_by)
+        for v in versions
+    ]
+    waiting = [v for v in versions if v.in_flight and not v.served_by]
+    table = render_table(("type", "version", "in flight", "finished", "live workers serving it"), rows)
+    if not waiting:
+        return table
+    names = ", ".join(f"{v.type} v{v.version}" if v.version else v.type for v in waiting)
+    return f"{table}\n\nwaiting for a daemon that serves them: {names}"
 
 
 async def cmd_search(args: argparse.Namespace, service: WorkflowService) -> str:
@@ -229,6 +249,9 @@ def add_operator_commands(commands: Any) -> None:
     listing.add_argument("--page", type=int, default=1)
     listing.add_argument("--limit", type=int, default=20, help="page size (at most 100)")
     command("stats", cmd_stats, "counts, recent outcomes, live workers, unserved types")
+    command(
+        "versions", cmd_versions, "each type's definition versions: workflows in flight, finished, served by"
+    )
     command("search", cmd_search, "workflows by id, idempotency key, type, user id or wallet").add_argument(
         "query", metavar="Q"
     )

@@ -119,7 +119,7 @@ async def demo(service: WorkflowService, out: TextIO, run: str) -> None:
         if workflow_type == "indexing_verification" and input["toBlock"] < input["fromBlock"]:
             # As a plain SQL INSERT would: unvalidated, so the daemon refuses it at its claim.
             row = await service.store.insert_workflow(
-                type=workflow_type, input=input, user_id=user, wallet_address=None,
+                type=workflow_type, version=None, input=input, user_id=user, wallet_address=None,
                 total_steps=0, max_retries=0, requires_compensation=False, priority=0,
             )  # fmt: skip
             assert row is not None  # the run tag makes every sample input new

@@ -19,7 +19,9 @@ from prometheus_client.registry import Collector
 from psycopg import AsyncConnection
 
 from engine.primary import connect_to_primary
+from engine.service import WORKER_STALE_SECONDS_DEFAULT
 from engine.sqlfiles import query
+from engine.store import Store
 
 LOG = structlog.get_logger("workflowd.metrics")
 
@@ -98,14 +100,15 @@ class Metrics:
 
 
 class QueueDepthCollector(Collector):
-    """`workflowd_queue_depth{type,state}` and `workflowd_stuck_workflows`, exported only
-    while this process holds the lock."""
+    """`workflowd_queue_depth{type,state}`, `workflowd_stuck_workflows` and
+    `workflowd_unserved_workflows{served}`, exported only while this process holds the lock."""
 
     def __init__(self, refresh_seconds: float = QUEUE_DEPTH_REFRESH_SECONDS) -> None:
         self.refresh_seconds = refresh_seconds
         self.holder = False
         self.depths: dict[tuple[str, str], int] = {}
         self.stuck = 0
+        self.unserved: dict[str, int] = {}
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(
@@ -118,12 +121,21 @@ class QueueDepthCollector(Collector):
             "Running or compensating workflows no daemon will claim as they stand (a row edited by "
             "hand: due or leased more than an hour ahead); exported by one daemon at a time.",
         )
+        unserved = GaugeMetricFamily(
+            "workflowd_unserved_workflows",
+            "Due workflows no live daemon serves, by served key (`type`, or `type@N` for version N "
+            "of its definition): they wait until one does; exported by one daemon at a time.",
+            labels=["served"],
+        )
         if self.holder:
             for (workflow_type, state), count in sorted(self.depths.items()):
                 family.add_metric([workflow_type, state], count)
             stuck.add_metric([], self.stuck)
+            for served, count in sorted(self.unserved.items()):
+                unserved.add_metric([served], count)
         yield family
         yield stuck
+        yield unserved
 
     async def run_once(self, conn: AsyncConnection[Any]) -> None:
         """Take (or keep) the lock; if held, refresh the cached depths."""
@@ -136,6 +148,7 @@ class QueueDepthCollector(Collector):
             cursor = await conn.execute(query("count_stuck_workflows"))
             row = await cursor.fetchone()
             self.stuck = int(row[0]) if row else 0
+            self.unserved = await Store(conn).unserved_work(stale_seconds=WORKER_STALE_SECONDS_DEFAULT)
 
     async def run(self, conninfo: str) -> None:
         """Hold a session of our own (the lock lives as long as it does) and refresh."""

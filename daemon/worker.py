@@ -109,6 +109,7 @@ class Worker:
             host=socket.gethostname(),
             pid=os.getpid(),
             types=self.registry.types,
+            served=self.registry.served,
             concurrency=self.config.concurrency,
         )
         self.log.info("worker_started", types=self.registry.types, concurrency=self.config.concurrency)
@@ -295,7 +296,7 @@ class Worker:
         async with self.store.claiming_transaction() as tx:
             rows = await tx.claim_due_workflows(
                 worker_id=self.id,
-                types=self.registry.types,
+                served=self.registry.served,
                 limit=limit,
                 lease_seconds=self.config.lease_seconds,
                 busy=list(self.driver.busy),
@@ -325,16 +326,22 @@ class Worker:
         """
         assignments = []
         for claimed in rows:
-            definition = self.registry.get(claimed.type)
-            assert definition is not None  # the claim asked only for registered types
+            # The workflow's own version, or for one with none yet the newest served.
+            definition = self.registry.get(claimed.type, claimed.version)
+            assert definition is not None  # the claim asked only for served versions
             decision = decide(claimed, definition)
             if isinstance(decision, Run):
                 assignments.append(self._assignment(claimed, definition, decision, deadline))
             else:
                 await self._settle_claim(tx, claimed, definition, decision)
-        fresh = {a.workflow_id: a.step_digest for a in assignments if a.claimed.first_claim}
+        fresh = [a for a in assignments if a.claimed.first_claim]
         if fresh:
-            await tx.create_steps(worker_id=self.id, digests=fresh, definitions=self.step_definitions)
+            await tx.create_steps(
+                worker_id=self.id,
+                digests={a.workflow_id: a.step_digest for a in fresh},
+                versions={a.workflow_id: a.definition.version for a in fresh},
+                definitions=self.step_definitions,
+            )
         return assignments
 
     @staticmethod

@@ -33,6 +33,10 @@ class ClaimedWorkflow:
 
     id: UUID
     type: str
+    # The definition's version the workflow runs under (workflow_run_version: 1 for one the
+    # release before versions started); None until its first claim when a SQL insert left
+    # it out (the claim then picks the newest the daemon serves).
+    version: int | None
     state: str
     previous_state: str
     input_text: str

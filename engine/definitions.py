@@ -118,6 +118,10 @@ class Workflow:
     `requires_compensation` makes a failed (or cancelled) workflow undo its completed
     steps in reverse order. `input_model`, a pydantic model, validates the input of
     every workflow of this type, whether it was started from Python or by a SQL insert.
+    `version` tells definitions of one type apart across deploys: a workflow runs to its
+    end under the version it started with, so a change to the steps (a rename, a step
+    inserted or moved) is a new version, and the old one stays in the code until no
+    workflow of it is left (`workflowd versions`).
     """
 
     type: str
@@ -128,6 +132,7 @@ class Workflow:
     max_retries: int = MAX_RETRIES_DEFAULT
     # builtins.type: inside this class body, `type` is the field above.
     input_model: builtins.type[BaseModel] | None = None
+    version: int = 1
 
     def __post_init__(self) -> None:
         if not TYPE_NAME_PATTERN.fullmatch(self.type):
@@ -143,6 +148,8 @@ class Workflow:
             raise DefinitionError(f"workflow {self.type!r} repeats step names {duplicates}")
         if self.max_retries < 0:
             raise DefinitionError(f"workflow {self.type!r}: max_retries cannot be negative")
+        if self.version < 1:
+            raise DefinitionError(f"workflow {self.type!r}: version must be 1 or more")
         object.__setattr__(self, "steps", tuple(self.steps))
         if not self.name:
             object.__setattr__(self, "name", self.type)

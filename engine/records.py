@@ -25,6 +25,9 @@ class WorkflowRecord(_Record):
     id: UUID
     idempotency_key: str
     type: str
+    # The version of its type's definition it runs under; None until its first claim
+    # when a SQL insert left it out.
+    version: int | None = None
     state: WorkflowState
     user_id: str | None
     wallet_address: str | None
@@ -150,6 +153,19 @@ class WorkerInfo(_Record):
     last_seen_at: datetime
 
 
+class VersionUsage(_Record):
+    """One version of a type's definition, as the database knows it (`workflowd versions`)."""
+
+    type: str
+    # None: workflows inserted by SQL and not claimed yet (they take the newest version
+    # the daemon that claims them serves).
+    version: int | None
+    in_flight: int
+    finished: int
+    # Live workers that serve this version: 0 with work in flight means it waits.
+    served_by: int
+
+
 class WorkflowStats(_Record):
     """The overview an operator looks at first."""
 
@@ -161,6 +177,7 @@ class WorkflowStats(_Record):
     failed_last_hour: int
     oldest_due_age_seconds: float | None
     live_workers: list[WorkerInfo]
+    # Served keys (`type`, or `type@N` for version N) with due work and no live worker.
     unserved_types: list[str]
     # Running or compensating workflows due or leased more than an hour ahead: no daemon
     # claims them as they stand (see the count_stuck_workflows query).

@@ -1,4 +1,5 @@
-"""The registry of workflow definitions a process knows, and loading them from modules."""
+"""The registry of workflow definitions a process knows (by type and version), and loading
+them from modules."""
 
 from __future__ import annotations
 
@@ -9,39 +10,62 @@ from engine.definitions import Workflow
 from engine.errors import DefinitionError
 
 
+def served_key(workflow_type: str, version: int | None) -> str:
+    """What a worker serves, as the claim matches it: `type` for a workflow with no
+    version yet, `type@N` for version N (the SQL function workflow_served_key)."""
+    return workflow_type if version is None else f"{workflow_type}@{version}"
+
+
 class Registry:
-    """Workflow definitions by type name. A type name may be registered once."""
+    """Workflow definitions by type name and version. A (type, version) may be registered
+    once; a process may serve several versions of a type while the old ones drain."""
 
     def __init__(self, workflows: Iterable[Workflow] = ()) -> None:
-        self._workflows: dict[str, Workflow] = {}
+        self._workflows: dict[str, dict[int, Workflow]] = {}
         for workflow in workflows:
             self.register(workflow)
 
     def register(self, workflow: Workflow) -> Workflow:
-        """Add a definition; a second, different definition of the same type is an error."""
-        known = self._workflows.get(workflow.type)
+        """Add a definition; a second, different definition of the same type and version
+        is an error."""
+        versions = self._workflows.setdefault(workflow.type, {})
+        known = versions.get(workflow.version)
         if known is not None and known is not workflow:
-            raise DefinitionError(f"workflow type {workflow.type!r} is defined twice")
-        self._workflows[workflow.type] = workflow
+            raise DefinitionError(
+                f"workflow type {workflow.type!r} version {workflow.version} is defined twice"
+            )
+        versions[workflow.version] = workflow
         return workflow
 
-    def get(self, workflow_type: str) -> Workflow | None:
-        """The definition of `workflow_type`, or None if this process does not know it."""
-        return self._workflows.get(workflow_type)
+    def get(self, workflow_type: str, version: int | None = None) -> Workflow | None:
+        """The definition of `workflow_type` at `version` (None: the newest this process
+        knows), or None if this process does not know it."""
+        versions = self._workflows.get(workflow_type)
+        if not versions:
+            return None
+        return versions.get(version if version is not None else max(versions))
 
     @property
     def types(self) -> list[str]:
         """The registered type names, sorted."""
         return sorted(self._workflows)
 
+    @property
+    def served(self) -> list[str]:
+        """The served keys of every type and version this process knows, sorted: what
+        its claim asks for (a type's bare key: its workflows with no version yet)."""
+        keys = {served_key(workflow.type, workflow.version) for workflow in self} | set(self._workflows)
+        return sorted(keys)
+
     def __contains__(self, workflow_type: object) -> bool:
         return workflow_type in self._workflows
 
     def __iter__(self) -> Iterator[Workflow]:
-        return iter(self._workflows.values())
+        """Every definition, every version."""
+        return (workflow for versions in self._workflows.values() for workflow in versions.values())
 
     def __len__(self) -> int:
-        return len(self._workflows)
+        return sum(len(versions) for versions in self._workflows.values())
 
     def load_module(self, module_name: str) -> list[Workflow]:
         """Import a module and register every `Workflow` at its top level."""

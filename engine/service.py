@@ -27,6 +27,7 @@ from engine.records import (
     StartResult,
     StepRecord,
     TimelineEvent,
+    VersionUsage,
     WorkerInfo,
     WorkflowPage,
     WorkflowRecord,
@@ -165,6 +166,8 @@ class WorkflowService:
             definition.validate_input(input)
         row = await self.store.insert_workflow(
             type=type,
+            # The newest version this side knows; an unknown type gets it at its first claim.
+            version=definition.version if definition else None,
             input=input,
             user_id=user_id,
             wallet_address=wallet_address,
@@ -331,9 +334,17 @@ class WorkflowService:
             failed_last_hour=recent["failed_last_hour"],
             oldest_due_age_seconds=recent["oldest_due_age_seconds"],
             live_workers=[WorkerInfo.model_validate(row) for row in workers],
-            unserved_types=await self.reads.unserved_types(stale_seconds=worker_stale_seconds),
+            unserved_types=list(await self.reads.unserved_work(stale_seconds=worker_stale_seconds)),
             stuck_workflows=await self.reads.count_stuck_workflows(),
         )
+
+    async def get_versions(
+        self, *, worker_stale_seconds: float = WORKER_STALE_SECONDS_DEFAULT
+    ) -> list[VersionUsage]:
+        """Every type's definition versions with their workflows in flight and finished, and
+        the live workers serving each: when an old version has none in flight, its code can go."""
+        rows = await self.reads.definition_versions(stale_seconds=worker_stale_seconds)
+        return [VersionUsage.model_validate(row) for row in rows]
 
     async def search_workflows(self, q: str, limit: int = LIST_LIMIT_DEFAULT) -> list[WorkflowRecord]:
         """Workflows whose id, idempotency key, type, user id or wallet address equals `q`."""

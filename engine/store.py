@@ -124,8 +124,8 @@ class Renewal:
 
 @dataclass(frozen=True)
 class StepDefinitions:
-    """Workflow definitions as create_steps takes them: an element per step of each type,
-    and one per type for its shape. Built once per worker."""
+    """Workflow definitions as create_steps takes them: an element per step of each type
+    and version, and one per type and version for its shape. Built once per worker."""
 
     params: dict[str, list[Any]]
 
@@ -136,6 +136,7 @@ class StepDefinitions:
         return cls(
             {
                 "types": [workflow.type for workflow, _, _ in steps],
+                "type_versions": [workflow.version for workflow, _, _ in steps],
                 "step_indexes": [index for _, index, _ in steps],
                 "step_names": [step.name for _, _, step in steps],
                 "max_retries": [step.retries(workflow.max_retries) for workflow, _, step in steps],
@@ -143,6 +144,7 @@ class StepDefinitions:
                 "compensable": [step.compensate is not None for _, _, step in steps],
                 "configs": [Jsonb(dict(step.config)) for _, _, step in steps],
                 "shape_types": [workflow.type for workflow in types],
+                "shape_versions": [workflow.version for workflow in types],
                 "shape_totals": [len(workflow.steps) for workflow in types],
                 "shape_max_retries": [workflow.max_retries for workflow in types],
                 "shape_compensation": [workflow.requires_compensation for workflow in types],
@@ -218,6 +220,7 @@ class Store:
         self,
         *,
         type: str,
+        version: int | None,
         input: Any,
         user_id: str | None,
         wallet_address: str | None,
@@ -235,6 +238,7 @@ class Store:
             "insert_workflow",
             {
                 "type": type,
+                "version": version,
                 "input": Jsonb(input),
                 "user_id": user_id,
                 "wallet_address": wallet_address,
@@ -333,9 +337,13 @@ class Store:
         """Workers that have not stopped and were seen within `stale_seconds`."""
         return await self._all("live_workers", {"stale_seconds": stale_seconds})
 
-    async def unserved_types(self, *, stale_seconds: float) -> list[str]:
-        """Types with due work that no live worker serves."""
-        return [row["type"] for row in await self._all("unserved_types", {"stale_seconds": stale_seconds})]
+    async def definition_versions(self, *, stale_seconds: float) -> list[Row]:
+        return await self._all("definition_versions", {"stale_seconds": stale_seconds})
+
+    async def unserved_work(self, *, stale_seconds: float) -> dict[str, int]:
+        """Due workflows no live worker serves, counted by served key (`type`, `type@N`)."""
+        rows = await self._all("unserved_work", {"stale_seconds": stale_seconds})
+        return {row["served"]: row["workflows"] for row in rows}
 
     async def search_workflows(self, *, q: str, id: UUID | None, limit: int) -> list[Row]:
         """Workflows whose id, idempotency key, type, user id or wallet address is `q`."""
@@ -344,15 +352,16 @@ class Store:
     # The queue: claims, fenced results, leases and the worker registry.
 
     async def claim_due_workflows(
-        self, *, worker_id: str, types: list[str], limit: int, lease_seconds: float, busy: list[UUID]
+        self, *, worker_id: str, served: list[str], limit: int, lease_seconds: float, busy: list[UUID]
     ) -> list[ClaimedWorkflow]:
         """Claim up to `limit` due workflows and start their current steps.
 
-        `busy`: workflows not to claim (an earlier attempt may still run in this process).
+        `served`: the type and version keys to claim (engine.registry.served_key). `busy`:
+        workflows not to claim (an earlier attempt may still run in this process).
         """
         params = {
             "worker_id": worker_id,
-            "types": types,
+            "served": served,
             "limit": limit,
             "lease_seconds": lease_seconds,
             "busy": busy,
@@ -360,13 +369,24 @@ class Store:
         return await self._typed(ClaimedWorkflow, "claim_due_workflows", params)
 
     async def create_steps(
-        self, *, worker_id: str, digests: Mapping[UUID, str], definitions: StepDefinitions
+        self,
+        *,
+        worker_id: str,
+        digests: Mapping[UUID, str],
+        versions: Mapping[UUID, int],
+        definitions: StepDefinitions,
     ) -> None:
         """Create the step rows of first-claimed workflows (step 0 started) and shape them.
 
-        `digests`: {workflow id: the digest of its input, for the steps' keys}.
+        `digests`: {workflow id: the digest of its input, for the steps' keys};
+        `versions`: {workflow id: the version of its definition it runs under}.
         """
-        params = {"worker_id": worker_id, "ids": list(digests), "digests": list(digests.values())}
+        params = {
+            "worker_id": worker_id,
+            "ids": list(digests),
+            "digests": list(digests.values()),
+            "versions": [versions[workflow_id] for workflow_id in digests],
+        }
         async with self.connection() as conn:
             await conn.execute(query("create_steps"), params | definitions.params)
 
@@ -424,14 +444,16 @@ class Store:
         return {row["id"] for row in await self._all("release_leases", params)}
 
     async def register_worker(
-        self, *, worker_id: str, host: str, pid: int, types: list[str], concurrency: int
+        self, *, worker_id: str, host: str, pid: int, types: list[str], served: list[str], concurrency: int
     ) -> None:
-        """Record this daemon in workflow_workers."""
+        """Record this daemon in workflow_workers: its types, and the versions of them it
+        serves (served keys)."""
         params = {
             "worker_id": worker_id,
             "host": host,
             "pid": pid,
             "types": types,
+            "served": served,
             "concurrency": concurrency,
         }
         async with self.connection() as conn:

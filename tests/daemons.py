@@ -52,17 +52,19 @@ def launch(
     settings: Mapping[str, Any] | None = None,
     env_extra: Mapping[str, str] | None = None,
     args: Sequence[str] = (),
+    root: Path = ROOT,
 ) -> Daemon:
     """Start `workflowd run` on a free port, its stdout and stderr in `log_path`.
 
     `settings` are WORKFLOWD_* names without the prefix (lease_seconds=2); `env_extra`
-    is applied last, so a caller may point DATABASE_URL elsewhere (a proxy).
+    is applied last, so a caller may point DATABASE_URL elsewhere (a proxy). `root`: the
+    source tree to run (another release's, unpacked elsewhere).
     """
     port = free_port()
     env = {
         **os.environ,
         "DATABASE_URL": db_url,
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": str(root),
         "WORKFLOWD_MODULES": modules,
         "WORKFLOWD_LOG_FORMAT": "json",
         "PORT": str(port),
@@ -75,7 +77,7 @@ def launch(
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=ROOT,
+            cwd=root,
         )
     return Daemon(process, log_path, port)
 

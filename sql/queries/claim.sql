@@ -32,6 +32,9 @@ SELECT set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', '
 -- maybe because of the step itself), so a step that kills its process on every attempt
 -- ends when its retries do: with none left it is not started, and the caller fails it.
 -- An interrupted compensation is one still compensating with no retry scheduled.
+-- `served`: the type and version keys this daemon serves (workflow_served_key of
+-- workflow_run_version), so that a workflow meets only the version of its definition it
+-- started under.
 -- A workflow whose cancel was requested starts nothing: the caller cancels it at this
 -- step boundary. `busy`: workflows an earlier attempt of which may still be running in
 -- this process (a timed-out step in a thread), never claimed by it until that ends.
@@ -39,11 +42,12 @@ SELECT set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', '
 -- before this claim. input and context come as text: the caller decodes each row on
 -- its own, so that one row Python cannot read fails alone instead of the whole claim.
 WITH due AS (
-    SELECT id, state AS previous_state, next_retry_at AS due_at
+    SELECT id, state AS previous_state, next_retry_at AS due_at,
+           workflow_run_version(version, started_at) AS run_version
     FROM workflows
     WHERE state IN ('pending', 'running', 'compensating')
       AND next_retry_at <= now()
-      AND type = ANY(%(types)s::text[])
+      AND workflow_served_key(type, workflow_run_version(version, started_at)) = ANY(%(served)s::text[])
       AND id <> ALL(%(busy)s::uuid[])
     ORDER BY priority, next_retry_at
     LIMIT %(limit)s
@@ -60,7 +64,7 @@ claimed AS (
         updated_at = now()
     FROM due
     WHERE w.id = due.id
-    RETURNING w.*, due.previous_state, due.due_at
+    RETURNING w.*, due.previous_state, due.due_at, due.run_version
 ),
 started AS (
     UPDATE workflow_steps s
@@ -88,7 +92,7 @@ step_events AS (
     FROM started st
     JOIN workflow_steps prev ON prev.workflow_id = st.workflow_id AND prev.step_index = st.step_index
 )
-SELECT c.id, c.type, c.state::text, c.previous_state::text, c.input::text AS input_text,
+SELECT c.id, c.type, c.run_version AS version, c.state::text, c.previous_state::text, c.input::text AS input_text,
        c.context::text AS context_text, c.user_id, c.wallet_address, c.idempotency_key,
        c.current_step_index, c.lease_token, c.cancel_requested,
        extract(epoch FROM now() - c.due_at)::float8 AS pickup_lag_seconds,
@@ -101,26 +105,28 @@ LEFT JOIN started st ON st.workflow_id = c.id;
 
 -- name: create_steps
 -- The step rows of workflows claimed for the first time (a workflow inserted by SQL has
--- none), in bulk, with step 0 already started (an insert cannot run start_step on the
--- rows it writes: test_one_home proves the row equal to the part's); and the
--- workflows' shape. The rows come
--- from the definitions of the types (one array element per step of a type, not per step
--- of every workflow). A step's idempotency key is built from its name and the digest of
--- the workflow's input (workflow_step_key), which the daemon computes (engine/idempotency.py, the same
--- function as workflow_step_idempotency_key, as a test proves) and hands to the steps.
+-- none), in bulk, under the version the daemon chose (`versions`: the row's own, or the
+-- newest it serves when a SQL insert left it NULL), with step 0 already started (an
+-- insert cannot run start_step on the rows it writes: test_one_home proves the row equal
+-- to the part's); and the workflows' version and shape. The rows come from the
+-- definitions (one array element per step of a type's version, not per step of every
+-- workflow). A step's idempotency key is built from its name and the digest of the
+-- workflow's input (workflow_step_key), which the daemon computes (engine/idempotency.py,
+-- the same function as workflow_step_idempotency_key, as a test proves) and hands to the
+-- steps.
 WITH fresh AS (
-    SELECT * FROM unnest(%(ids)b::uuid[], %(digests)s::text[]) AS f(id, digest)
+    SELECT * FROM unnest(%(ids)b::uuid[], %(digests)s::text[], %(versions)s::int[]) AS f(id, digest, version)
 ),
 definition AS (
-    SELECT * FROM unnest(%(types)s::text[], %(step_indexes)s::int[], %(step_names)s::text[],
-                         %(max_retries)s::int[], %(idempotent)s::bool[], %(compensable)s::bool[],
-                         %(configs)s::jsonb[])
-        AS d(type, step_index, step_name, max_retries, is_idempotent, requires_compensation, config)
+    SELECT * FROM unnest(%(types)s::text[], %(type_versions)s::int[], %(step_indexes)s::int[],
+                         %(step_names)s::text[], %(max_retries)s::int[], %(idempotent)s::bool[],
+                         %(compensable)s::bool[], %(configs)s::jsonb[])
+        AS d(type, version, step_index, step_name, max_retries, is_idempotent, requires_compensation, config)
 ),
 shape AS (
-    SELECT * FROM unnest(%(shape_types)s::text[], %(shape_totals)s::int[], %(shape_max_retries)s::int[],
-                         %(shape_compensation)s::bool[])
-        AS s(type, total_steps, max_retries, requires_compensation)
+    SELECT * FROM unnest(%(shape_types)s::text[], %(shape_versions)s::int[], %(shape_totals)s::int[],
+                         %(shape_max_retries)s::int[], %(shape_compensation)s::bool[])
+        AS s(type, version, total_steps, max_retries, requires_compensation)
 ),
 inserted AS (
     INSERT INTO workflow_steps (workflow_id, step_index, step_name, state, input, config, max_retries,
@@ -134,18 +140,18 @@ inserted AS (
     FROM fresh f
     -- No fence needed: this runs in the claiming transaction, which holds the rows' locks.
     JOIN workflows w ON w.id = f.id
-    JOIN definition d ON d.type = w.type
+    JOIN definition d ON d.type = w.type AND d.version = f.version
     RETURNING workflow_id, step_index, step_name, state
 ),
 shaped AS (
     UPDATE workflows w
-    SET total_steps = shape.total_steps, max_retries = shape.max_retries,
+    SET version = shape.version, total_steps = shape.total_steps, max_retries = shape.max_retries,
         requires_compensation = shape.requires_compensation
     FROM fresh f, shape
-    WHERE w.id = f.id AND shape.type = w.type
+    WHERE w.id = f.id AND shape.type = w.type AND shape.version = f.version
       -- A workflow started through the API has its shape already: no new row version.
-      AND (w.total_steps, w.max_retries, w.requires_compensation)
-          IS DISTINCT FROM (shape.total_steps, shape.max_retries, shape.requires_compensation)
+      AND (w.version, w.total_steps, w.max_retries, w.requires_compensation)
+          IS DISTINCT FROM (shape.version, shape.total_steps, shape.max_retries, shape.requires_compensation)
 )
 INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state, attempt, worker_id)
 SELECT workflow_id, step_index, step_name, 'pending', 'running', 1, %(worker_id)s

@@ -50,10 +50,11 @@ WHERE w.id = lease.id AND w.lease_token = lease.token AND w.locked_by = %(worker
 RETURNING w.id;
 
 -- name: register_worker
-INSERT INTO workflow_workers (id, host, pid, types, concurrency)
-VALUES (%(worker_id)s, %(host)s, %(pid)s, %(types)s, %(concurrency)s)
+INSERT INTO workflow_workers (id, host, pid, types, served, concurrency)
+VALUES (%(worker_id)s, %(host)s, %(pid)s, %(types)s, %(served)s, %(concurrency)s)
 ON CONFLICT (id) DO UPDATE
-SET host = EXCLUDED.host, pid = EXCLUDED.pid, types = EXCLUDED.types, concurrency = EXCLUDED.concurrency,
+SET host = EXCLUDED.host, pid = EXCLUDED.pid, types = EXCLUDED.types, served = EXCLUDED.served,
+    concurrency = EXCLUDED.concurrency,
     started_at = now(), last_seen_at = now(), stopped_at = NULL;
 
 -- name: stop_worker

@@ -14,9 +14,9 @@
 -- Start a workflow. The before-insert trigger fills in the idempotency key unless the
 -- caller chose one (NULL: computed); a duplicate key inserts nothing and returns no
 -- row, and the caller then reads the existing one.
-INSERT INTO workflows (type, input, user_id, wallet_address, total_steps, max_retries,
+INSERT INTO workflows (type, version, input, user_id, wallet_address, total_steps, max_retries,
                        requires_compensation, priority, idempotency_key)
-VALUES (%(type)s, %(input)s, %(user_id)s, %(wallet_address)s, %(total_steps)s,
+VALUES (%(type)s, %(version)s, %(input)s, %(user_id)s, %(wallet_address)s, %(total_steps)s,
         %(max_retries)s, %(requires_compensation)s, %(priority)s, %(idempotency_key)s)
 ON CONFLICT (idempotency_key) DO NOTHING
 RETURNING *;

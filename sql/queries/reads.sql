@@ -10,7 +10,8 @@
 --   count_stuck_workflows
 --   queue_depth
 --   live_workers
---   unserved_types
+--   unserved_work
+--   definition_versions
 --   search_workflows
 -- Each is a named block; Store methods carry the same names. Parameters are always
 -- bound (%(name)s), never formatted into the text.
@@ -75,15 +76,37 @@ SELECT id, host, pid, types, concurrency, started_at, last_seen_at FROM workflow
 WHERE stopped_at IS NULL AND last_seen_at > now() - %(stale_seconds)s * interval '1 second'
 ORDER BY started_at;
 
--- name: unserved_types
--- Types with due work that no live worker serves: such workflows wait forever until a
--- daemon with their definition starts.
-SELECT DISTINCT type FROM workflows
+-- name: unserved_work
+-- Due work that no live worker serves, by served key (workflow_served_key: `type` for
+-- workflows with no version yet, `type@N` for version N), and how much: it waits, never
+-- fails, until a daemon serving that type and version starts. A worker of the release
+-- before versions (served NULL) is taken to serve its types' unversioned workflows.
+WITH live AS (
+    SELECT unnest(coalesce(served, types)) AS served FROM workflow_workers
+    WHERE stopped_at IS NULL AND last_seen_at > now() - %(stale_seconds)s * interval '1 second'
+)
+SELECT workflow_served_key(type, workflow_run_version(version, started_at)) AS served, count(*) AS workflows
+FROM workflows
 WHERE state IN ('pending', 'running', 'compensating') AND next_retry_at <= now()
-EXCEPT
-SELECT unnest(types) FROM workflow_workers
-WHERE stopped_at IS NULL AND last_seen_at > now() - %(stale_seconds)s * interval '1 second'
+  AND workflow_served_key(type, workflow_run_version(version, started_at)) NOT IN (SELECT served FROM live)
+GROUP BY 1
 ORDER BY 1;
+
+-- name: definition_versions
+-- Each type's versions in the database: workflows still to run and finished ones, and
+-- how many live workers serve each. A version with nothing left to run can leave the
+-- code. Reads every workflow: an operator's question, not a dashboard's.
+WITH live AS (
+    SELECT unnest(coalesce(served, types)) AS served FROM workflow_workers
+    WHERE stopped_at IS NULL AND last_seen_at > now() - %(stale_seconds)s * interval '1 second'
+)
+SELECT type, version,
+       count(*) FILTER (WHERE state IN ('pending', 'running', 'compensating')) AS in_flight,
+       count(*) FILTER (WHERE state NOT IN ('pending', 'running', 'compensating')) AS finished,
+       (SELECT count(*) FROM live WHERE live.served = workflow_served_key(type, version)) AS served_by
+FROM (SELECT type, workflow_run_version(version, started_at) AS version, state FROM workflows) w
+GROUP BY type, version
+ORDER BY type, version NULLS FIRST;
 
 -- name: search_workflows
 -- Exact matches on the indexed columns; PostgreSQL ORs the index scans.

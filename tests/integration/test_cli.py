@@ -189,7 +189,7 @@ def test_operator_commands_print_tables_and_json(db_url: str, db: psycopg.Connec
     assert "no workflow matches" in workflowd("search", "nobody", env=env).stdout
     stats = workflowd("stats", env=env).stdout
     assert "payout" in stats
-    assert "types with due work and no live worker: payout" in stats
+    assert "due work no live worker serves (type, or type@version): payout" in stats
     assert json.loads(workflowd("stats", "--json", env=env).stdout)["by_state"] == {"failed": 1, "pending": 1}
     retried = workflowd("retry", str(failed["id"]), env=env)
     assert retried.stdout == f"workflow {failed['id']} is pending\n"

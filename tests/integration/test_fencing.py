@@ -18,6 +18,7 @@ from daemon.driver import Assignment, Driver, DriverConfig
 from daemon.metrics import Metrics
 from engine import Step, Workflow
 from engine.attempts import ClaimedWorkflow, Run, decide
+from engine.registry import Registry
 from engine.retry import DEFAULT_RETRY_POLICY
 from engine.runner import StepSucceeded
 from engine.store import Advanced, Completion, FailedAttempt, StepDefinitions, Store
@@ -49,11 +50,13 @@ async def pool(db_url: str) -> AsyncIterator[AsyncConnectionPool]:
 async def claim_one(store: Store) -> ClaimedWorkflow:
     async with store.claiming_transaction() as tx:
         (row,) = await tx.claim_due_workflows(
-            worker_id=WORKER, types=[THREE.type], limit=1, lease_seconds=30, busy=[]
+            worker_id=WORKER, served=Registry([THREE]).served, limit=1, lease_seconds=30, busy=[]
         )
         if row.first_claim:
             definitions = StepDefinitions.of([THREE])
-            await tx.create_steps(worker_id=WORKER, digests={row.id: "d"}, definitions=definitions)
+            await tx.create_steps(
+                worker_id=WORKER, digests={row.id: "d"}, versions={row.id: 1}, definitions=definitions
+            )
     return row
 
 

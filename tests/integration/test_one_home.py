@@ -13,6 +13,7 @@ from psycopg_pool import AsyncConnectionPool
 from daemon.wakeup import CHANNEL
 from engine import Step, Workflow
 from engine.idempotency import step_key
+from engine.registry import served_key
 from engine.sqlfiles import parts, queries
 from engine.states import RUNNABLE_WORKFLOW_STATES
 from engine.store import StepDefinitions, Store
@@ -50,7 +51,7 @@ def test_every_query_asking_for_due_work_lists_the_runnable_states(db: psycopg.C
     assert {name for name, _ in lists} >= {
         "claim_due_workflows",
         "recent_outcomes",
-        "unserved_types",
+        "unserved_work",
         "queue_depth",
     }
     assert all(states == runnable for _, states in lists), lists
@@ -84,10 +85,13 @@ async def test_a_fresh_step_is_inserted_as_start_step_makes_it(
         store = Store(pool)
         async with store.claiming_transaction() as tx:
             (row,) = await tx.claim_due_workflows(
-                worker_id="w", types=["two_steps"], limit=1, lease_seconds=30, busy=[]
+                worker_id="w", served=["two_steps"], limit=1, lease_seconds=30, busy=[]
             )
             await tx.create_steps(
-                worker_id="w", digests={row.id: "d"}, definitions=StepDefinitions.of([workflow])
+                worker_id="w",
+                digests={row.id: "d"},
+                versions={row.id: 1},
+                definitions=StepDefinitions.of([workflow]),
             )
     started = db.execute(STEP_COLUMNS + " WHERE workflow_id = %s AND step_index = 0", (row.id,)).fetchone()
     # The same step as it was before its start: pending, no attempt yet.
@@ -104,3 +108,20 @@ async def test_a_fresh_step_is_inserted_as_start_step_makes_it(
         db.execute(STEP_COLUMNS + " WHERE workflow_id = %s AND step_index = 0", (row.id,)).fetchone()
         == started
     )
+
+
+def test_the_served_key_is_the_same_rule_in_sql_and_python(db: psycopg.Connection[Any]) -> None:
+    for workflow_type, version in (("payout", None), ("payout", 3)):
+        row = db.execute("SELECT workflow_served_key(%s, %s::int)", (workflow_type, version)).fetchone()
+        assert row == (served_key(workflow_type, version),)
+    assert (
+        "workflow_served_key(type, workflow_run_version(version, started_at)) = ANY(%(served)s::text[])"
+        in (queries()["claim_due_workflows"])
+    )
+
+
+def test_a_workflow_the_release_before_versions_started_runs_version_1(db: psycopg.Connection[Any]) -> None:
+    run_version = "SELECT workflow_run_version(%s::int, %s::timestamptz)"
+    assert db.execute(run_version, (3, None)).fetchone() == (3,)
+    assert db.execute(run_version, (None, None)).fetchone() == (None,)  # not claimed yet
+    assert db.execute(run_version, (None, "2026-01-01")).fetchone() == (1,)  # claimed, unrecorded

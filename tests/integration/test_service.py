@@ -164,6 +164,16 @@ async def test_an_unknown_type_may_still_be_started(service: WorkflowService) ->
     workflow = await service.start_workflow("served_elsewhere", {"x": 1}, "u1")
     assert workflow.state is WorkflowState.PENDING
     assert workflow.total_steps == 0  # learnt from the definition at the first claim
+    assert workflow.version is None  # so is its version: the newest its claimer serves
+
+
+async def test_a_start_takes_the_newest_version_the_starting_side_knows(db_url: str) -> None:
+    newer = Workflow(type="trade_execution", version=2, steps=[Step("quote", _noop), *TRADE.steps])
+    async with WorkflowService.connect(db_url, Registry([TRADE, newer])) as service:
+        workflow = await service.start_workflow(
+            "trade_execution", {"tokenA": "A", "tokenB": "B", "amount": 1}, "u1"
+        )
+    assert (workflow.version, workflow.total_steps) == (2, 4)
 
 
 async def test_input_that_is_not_json_is_refused(service: WorkflowService) -> None:

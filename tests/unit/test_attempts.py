@@ -39,6 +39,7 @@ def claimed(**changes: Any) -> ClaimedWorkflow:
     row = ClaimedWorkflow(
         id=uuid.uuid4(),
         type="order",
+        version=None,
         state="running",
         previous_state="pending",
         input_text=json.dumps({"amount": 5}),

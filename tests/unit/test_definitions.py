@@ -23,6 +23,7 @@ from engine import (
     WorkflowContext,
 )
 from engine.definitions import MAX_RETRIES_DEFAULT, TYPE_NAME_PATTERN
+from engine.registry import served_key
 
 
 def execute(input: Any, ctx: WorkflowContext) -> Any:
@@ -234,10 +235,32 @@ def test_register_returns_the_definition_and_accepts_it_twice() -> None:
 def test_a_second_definition_of_a_type_is_refused() -> None:
     registry = Registry([make_workflow("flow")])
     # Equal in every field, but another object: still a second definition.
-    with pytest.raises(DefinitionError, match="'flow' is defined twice"):
+    with pytest.raises(DefinitionError, match="'flow' version 1 is defined twice"):
         registry.register(make_workflow("flow"))
     with pytest.raises(DefinitionError, match="defined twice"):
         Registry([make_workflow("dup"), make_workflow("dup", "other")])
+
+
+def test_a_process_may_serve_several_versions_of_a_type() -> None:
+    old = Workflow(type="flow", steps=[Step("a", execute)])
+    new = Workflow(type="flow", version=2, steps=[Step("a2", execute), Step("b", execute)])
+    registry = Registry([new, old])
+    assert registry.get("flow", 1) is old
+    assert registry.get("flow", 2) is new
+    assert registry.get("flow") is new  # no version yet: the newest
+    assert registry.get("flow", 3) is None
+    assert registry.types == ["flow"]
+    assert len(registry) == 2
+    assert sorted(workflow.version for workflow in registry) == [1, 2]
+    # A type's bare key claims its workflows with no version yet.
+    assert registry.served == ["flow", "flow@1", "flow@2"]
+    assert served_key("flow", None) == "flow"
+    assert served_key("flow", 2) == "flow@2"
+
+
+def test_a_version_below_1_is_refused() -> None:
+    with pytest.raises(DefinitionError, match="version must be 1 or more"):
+        Workflow(type="flow", version=0, steps=[Step("a", execute)])
 
 
 ModuleWriter = Callable[[str], str]
@@ -311,7 +334,7 @@ def test_a_duplicate_type_across_modules_is_refused(write_module: ModuleWriter) 
     """
     one, two = write_module(source), write_module(source)
     registry = Registry()
-    with pytest.raises(DefinitionError, match=r"'mod\.shared' is defined twice"):
+    with pytest.raises(DefinitionError, match=r"'mod\.shared' version 1 is defined twice"):
         registry.load_modules([one, two])
 
 

@@ -1,0 +1,112 @@
+"""Definition versions across a rolling upgrade: an old daemon (version 1 of a type) and a
+new one (versions 1 and 2: a step renamed, one inserted) run side by side, killed with
+-9 in turn, and every workflow runs to its end under the version it started with. A
+version no live daemon serves waits, visible, and finishes once a daemon serves it."""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from typing import Any
+
+import httpx
+import psycopg
+
+from tests.e2e.conftest import Daemons, all_finished, states, wait_until
+from tests.e2e.versions_v1 import versioned_v1
+from tests.e2e.versions_v2 import versioned_v2
+from tests.integration.test_cli import workflowd
+from tests.invariants import check_invariants
+
+OLD = "tests.e2e.versions_v1"
+NEW = "tests.e2e.versions_v1,tests.e2e.versions_v2"
+NEXT = "tests.e2e.versions_v2"
+STEPS = {1: [s.name for s in versioned_v1.steps], 2: [s.name for s in versioned_v2.steps]}
+TOKEN = "versions-token-" + uuid.uuid4().hex
+
+# Step rows, or executions, of a name that is not a step of the workflow's version.
+WRONG_STEPS = """
+SELECT (SELECT count(*) FROM workflow_steps s JOIN workflows w ON w.id = s.workflow_id
+        WHERE NOT s.step_name = ANY(CASE w.version WHEN 1 THEN %(v1)s::text[] ELSE %(v2)s::text[] END))
+     + (SELECT count(*) FROM test_effects f JOIN workflows w ON w.id = f.workflow_id
+        WHERE NOT f.step_name = ANY(CASE w.version WHEN 1 THEN %(v1)s::text[] ELSE %(v2)s::text[] END))
+"""
+
+
+def start(db: psycopg.Connection[Any], version: int | None, count: int, sleep: float = 0.0) -> None:
+    """`count` workflows of `versioned`, by SQL, at `version` (None: the claimer chooses)."""
+    db.execute(
+        "INSERT INTO workflows (type, version, input, user_id) "
+        "SELECT 'versioned', %s, jsonb_build_object('n', n, 'v', %s::int, 'sleep', %s::float8), 'deploy' "
+        "FROM generate_series(1, %s) n",
+        (version, version, sleep, count),
+    )
+
+
+def completed_under(db: psycopg.Connection[Any]) -> dict[int, int]:
+    rows = db.execute("SELECT version, count(*) FROM workflows WHERE state = 'completed' GROUP BY 1")
+    return {int(version): int(count) for version, count in rows.fetchall()}
+
+
+def test_old_and_new_daemons_each_run_only_their_versions_through_kill_9(
+    daemons: Daemons, db: psycopg.Connection[Any]
+) -> None:
+    old = daemons.start(modules=OLD, builtins="false")
+    new = daemons.start(modules=NEW, builtins="false")
+    start(db, 1, 100, sleep=0.02)
+    start(db, 2, 100, sleep=0.02)
+    wait_until(lambda: sum(completed_under(db).values()) >= 40, 60, "the run to get going")
+    old.signal(signal.SIGKILL)
+    old.process.wait(timeout=10)
+    old = daemons.start(modules=OLD, builtins="false")
+    wait_until(lambda: sum(completed_under(db).values()) >= 120, 60, "the run to go on")
+    new.signal(signal.SIGKILL)
+    new.process.wait(timeout=10)
+    new = daemons.start(modules=NEW, builtins="false")
+
+    wait_until(lambda: all_finished(db, 200), 120, "every workflow to complete")
+    assert completed_under(db) == {1: 100, 2: 100}
+    # Each ran its own version's steps, and only them, whatever daemon claimed it.
+    wrong = db.execute(WRONG_STEPS, {"v1": STEPS[1], "v2": STEPS[2]}).fetchone()
+    assert wrong == (0,)
+    assert db.execute("SELECT count(*) FROM workflows WHERE (input->>'v')::int <> version").fetchone() == (0,)
+    invariants = check_invariants(db, expected_completed=200, daemons=[old.process, new.process])
+    assert invariants.ok, invariants.problems
+
+
+def test_a_retired_version_waits_visibly_until_a_daemon_serves_it_again(
+    daemons: Daemons, db: psycopg.Connection[Any], db_url: str
+) -> None:
+    # The release after the deploy serves version 2 only; version 1 workflows are left.
+    retired = daemons.start(modules=NEXT, builtins="false", admin_token=TOKEN, queue_depth_interval=0.5)
+    start(db, 1, 5)
+    start(db, 2, 5)
+    start(db, None, 5)  # by SQL without a version: the newest the claimer serves
+    wait_until(lambda: completed_under(db) == {2: 10}, 30, "the served versions to complete")
+    assert states(db) == {"completed": 10, "pending": 5}
+
+    stats = httpx.get(
+        f"{retired.url}/admin/workflows/stats/overview",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=10,
+    ).json()
+    assert stats["unserved_types"] == ["versioned@1"]
+    wait_until(
+        lambda: (
+            'workflowd_unserved_workflows{served="versioned@1"} 5.0'
+            in httpx.get(f"{retired.url}/metrics").text
+        ),
+        10,
+        "the unserved gauge",
+    )
+    versions = workflowd("versions", env={"DATABASE_URL": db_url})
+    assert versions.returncode == 0, versions.stderr
+    lines = [line.split() for line in versions.stdout.splitlines()]
+    assert ["versioned", "1", "5", "0", "0"] in lines
+    assert ["versioned", "2", "0", "10", "1"] in lines
+    assert "waiting for a daemon that serves them: versioned v1" in versions.stdout
+
+    daemons.start(modules=OLD, builtins="false")  # a daemon that still knows version 1
+    wait_until(lambda: all_finished(db, 15), 30, "the waiting workflows to finish")
+    assert completed_under(db) == {1: 5, 2: 10}
+    assert db.execute(WRONG_STEPS, {"v1": STEPS[1], "v2": STEPS[2]}).fetchone() == (0,)
