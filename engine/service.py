@@ -245,7 +245,7 @@ class WorkflowService:
         """Progress, current step, durations, retries and last error of a workflow."""
         workflow = await self.get_workflow(workflow_id)
         steps = [StepRecord.model_validate(row) for row in await self.store.get_steps(workflow.id)]
-        return summarize(workflow, steps, self.registry.get(workflow.type))
+        return summarize(workflow, steps, self.registry.get(workflow.type, workflow.version))
 
     async def get_timeline(self, workflow_id: UUID | str) -> list[TimelineEvent]:
         """Every transition of the workflow and its steps, oldest first (who, when, attempt, error)."""

@@ -77,13 +77,20 @@ def test_old_and_new_daemons_each_run_only_their_versions_through_kill_9(
 def test_a_retired_version_waits_visibly_until_a_daemon_serves_it_again(
     daemons: Daemons, db: psycopg.Connection[Any], db_url: str
 ) -> None:
-    # The release after the deploy serves version 2 only; version 1 workflows are left.
+    old = daemons.start(modules=OLD, builtins="false")
+    # The release after the deploy serves version 2 only.
     retired = daemons.start(modules=NEXT, builtins="false", admin_token=TOKEN, queue_depth_interval=0.5)
-    start(db, 1, 5)
+    start(db, 1, 5, sleep=2)
     start(db, 2, 5)
-    start(db, None, 5)  # by SQL without a version: the newest the claimer serves
+    start(db, None, 5)  # by SQL without a version: the newest its claimer serves
+    wait_until(lambda: _first_steps_started(db) == 5, 30, "version 1 workflows to be under way")
+    # The last daemon with version 1 goes: the steps it runs finish, the next ones wait.
+    old.signal(signal.SIGTERM)
+    assert old.process.wait(timeout=30) == 0
     wait_until(lambda: completed_under(db) == {2: 10}, 30, "the served versions to complete")
-    assert states(db) == {"completed": 10, "pending": 5}
+    in_flight = 5
+    assert _first_steps_done(db) == in_flight  # mid-way: neither failed nor run by version 2
+    assert states(db) == {"completed": 10, "running": in_flight}
 
     stats = httpx.get(
         f"{retired.url}/admin/workflows/stats/overview",
@@ -91,22 +98,31 @@ def test_a_retired_version_waits_visibly_until_a_daemon_serves_it_again(
         timeout=10,
     ).json()
     assert stats["unserved_types"] == ["versioned@1"]
-    wait_until(
-        lambda: (
-            'workflowd_unserved_workflows{served="versioned@1"} 5.0'
-            in httpx.get(f"{retired.url}/metrics").text
-        ),
-        10,
-        "the unserved gauge",
-    )
+    gauge = f'workflowd_unserved_workflows{{served="versioned@1"}} {float(in_flight)}'
+    wait_until(lambda: gauge in httpx.get(f"{retired.url}/metrics").text, 10, "the unserved gauge")
     versions = workflowd("versions", env={"DATABASE_URL": db_url})
     assert versions.returncode == 0, versions.stderr
     lines = [line.split() for line in versions.stdout.splitlines()]
-    assert ["versioned", "1", "5", "0", "0"] in lines
-    assert ["versioned", "2", "0", "10", "1"] in lines
+    assert ["versioned", "1", str(in_flight), str(5 - in_flight), "0"] in lines
     assert "waiting for a daemon that serves them: versioned v1" in versions.stdout
 
-    daemons.start(modules=OLD, builtins="false")  # a daemon that still knows version 1
+    daemons.start(modules=OLD, builtins="false")  # a daemon that still has version 1
     wait_until(lambda: all_finished(db, 15), 30, "the waiting workflows to finish")
     assert completed_under(db) == {1: 5, 2: 10}
     assert db.execute(WRONG_STEPS, {"v1": STEPS[1], "v2": STEPS[2]}).fetchone() == (0,)
+
+
+def _first_steps_started(db: psycopg.Connection[Any]) -> int:
+    row = db.execute(
+        "SELECT count(*) FROM test_effects f JOIN workflows w ON w.id = f.workflow_id "
+        "WHERE w.version = 1 AND f.step_name = 'reserve'"
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _first_steps_done(db: psycopg.Connection[Any]) -> int:
+    row = db.execute(
+        "SELECT count(*) FROM workflow_steps s JOIN workflows w ON w.id = s.workflow_id "
+        "WHERE w.version = 1 AND s.step_name = 'reserve' AND s.state = 'completed'"
+    ).fetchone()
+    return int(row[0]) if row else 0
