@@ -68,6 +68,18 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def cmd_migrate_version(args: argparse.Namespace, settings: Settings) -> int:
+    registry = load_registry(settings)
+    async with connect(settings) as conn:
+        moved = await WorkflowService(Store(conn), registry).migrate_version(
+            args.type, args.from_version, args.to_version
+        )
+    print(
+        f"moved {len(moved)} workflows of {args.type} from version {args.from_version} to {args.to_version}"
+    )
+    return 0
+
+
 def _print_start(result: StartResult, as_json: bool) -> None:
     workflow = result.workflow
     if as_json:
@@ -147,6 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate_parser = commands.add_parser("migrate", help="apply pending schema migrations")
     migrate_parser.set_defaults(handler=cmd_migrate)
+
+    move = commands.add_parser(
+        "migrate-version",
+        help="move a type's workflows in flight to another version of its definition whose steps line up",
+    )
+    move.add_argument("type", metavar="TYPE", help="the workflow type")
+    move.add_argument(
+        "--from", dest="from_version", type=int, required=True, metavar="N", help="the version now"
+    )
+    move.add_argument(
+        "--to", dest="to_version", type=int, required=True, metavar="M", help="the version to run"
+    )
+    move.set_defaults(handler=cmd_migrate_version)
 
     start = commands.add_parser("start", help="start a workflow (idempotent)")
     start.add_argument("type", metavar="TYPE", help="the workflow type")

@@ -16,6 +16,7 @@ from engine.errors import (
     NotExecuted,
     PermanentError,
     UnstorableValueError,
+    VersionMismatchError,
     WorkflowEngineError,
     WorkflowNotFoundError,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "StepState",
     "TimelineEvent",
     "UnstorableValueError",
+    "VersionMismatchError",
     "WorkerInfo",
     "Workflow",
     "WorkflowContext",

@@ -63,6 +63,11 @@ class IllegalTransitionError(WorkflowEngineError):
         super().__init__(f"a {kind} cannot go from {source} to {target}; {because}")
 
 
+class VersionMismatchError(WorkflowEngineError):
+    """Workflows cannot move between two versions of a definition: one is unknown here, or
+    their steps do not line up."""
+
+
 class IdempotencyKeyConflictError(WorkflowEngineError):
     """A start reuses an idempotency key that belongs to a different start.
 

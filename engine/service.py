@@ -18,6 +18,7 @@ from engine.errors import (
     IllegalTransitionError,
     InvalidWorkflowIdError,
     UnstorableValueError,
+    VersionMismatchError,
     WorkflowNotFoundError,
 )
 from engine.idempotency import canonical_json, check_storable_text, start_identity
@@ -336,6 +337,34 @@ class WorkflowService:
             live_workers=[WorkerInfo.model_validate(row) for row in workers],
             unserved_types=list(await self.reads.unserved_work(stale_seconds=worker_stale_seconds)),
             stuck_workflows=await self.reads.count_stuck_workflows(),
+        )
+
+    async def migrate_version(self, workflow_type: str, from_version: int, to_version: int) -> list[UUID]:
+        """Move the workflows of `workflow_type` still to run from one version of its
+        definition to another; returns their ids.
+
+        Refused (`VersionMismatchError`) unless this process knows both versions and their
+        steps line up, the same names in the same order: each workflow then goes on at the
+        step it is at. A version whose steps changed is drained instead.
+        """
+        source, target = (
+            self.registry.get(workflow_type, from_version),
+            self.registry.get(workflow_type, to_version),
+        )
+        if source is None or target is None:
+            missing = from_version if source is None else to_version
+            raise VersionMismatchError(
+                f"no version {missing} of {workflow_type!r} is defined here (WORKFLOWD_MODULES)"
+            )
+        before, after = [step.name for step in source.steps], [step.name for step in target.steps]
+        if before != after:
+            raise VersionMismatchError(
+                f"version {from_version} of {workflow_type!r} has steps {before}, version {to_version} "
+                f"has {after}: its workflows in flight cannot move; let them finish under version "
+                f"{from_version}"
+            )
+        return await self.store.migrate_version(
+            type=workflow_type, from_version=from_version, to_version=to_version
         )
 
     async def get_versions(

@@ -250,6 +250,11 @@ class Store:
             },
         )
 
+    async def migrate_version(self, *, type: str, from_version: int, to_version: int) -> list[UUID]:
+        """Move a type's workflows still to run to another version; their ids."""
+        params = {"type": type, "from_version": from_version, "to_version": to_version}
+        return [row["id"] for row in await self._all("migrate_version", params)]
+
     async def get_workflow_by_start(
         self, *, type: str, input: Any, user_id: str | None, idempotency_key: str | None = None
     ) -> Row | None:

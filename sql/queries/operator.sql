@@ -2,6 +2,7 @@
 -- after them.
 -- Queries, in this order:
 --   insert_workflow
+--   migrate_version
 --   get_workflow_by_start
 --   cancel_workflow
 --   retry_workflow
@@ -20,6 +21,16 @@ VALUES (%(type)s, %(version)s, %(input)s, %(user_id)s, %(wallet_address)s, %(tot
         %(max_retries)s, %(requires_compensation)s, %(priority)s, %(idempotency_key)s)
 ON CONFLICT (idempotency_key) DO NOTHING
 RETURNING *;
+
+-- name: migrate_version
+-- Move the workflows of a type still to run from one version of its definition to
+-- another whose steps line up (the caller checks the definitions): each goes on at the
+-- step it is at, under the other version's code. A workflow whose step is running now
+-- finishes that attempt under the code that started it. Returns the ids moved.
+UPDATE workflows SET version = %(to_version)s, updated_at = now()
+WHERE type = %(type)s AND workflow_run_version(version, started_at) = %(from_version)s
+  AND state IN ('pending', 'running', 'compensating')
+RETURNING id;
 
 -- name: get_workflow_by_start
 -- The workflow a start with these arguments maps to: the one holding the caller's own

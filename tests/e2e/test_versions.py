@@ -21,6 +21,7 @@ from tests.invariants import check_invariants
 OLD = "tests.e2e.versions_v1"
 NEW = "tests.e2e.versions_v1,tests.e2e.versions_v2"
 NEXT = "tests.e2e.versions_v2"
+FIX = "tests.e2e.versions_v3"
 STEPS = {1: [s.name for s in versioned_v1.steps], 2: [s.name for s in versioned_v2.steps]}
 TOKEN = "versions-token-" + uuid.uuid4().hex
 
@@ -112,10 +113,11 @@ def test_a_retired_version_waits_visibly_until_a_daemon_serves_it_again(
     assert db.execute(WRONG_STEPS, {"v1": STEPS[1], "v2": STEPS[2]}).fetchone() == (0,)
 
 
-def _first_steps_started(db: psycopg.Connection[Any]) -> int:
+def _first_steps_started(db: psycopg.Connection[Any], version: int = 1) -> int:
     row = db.execute(
         "SELECT count(*) FROM test_effects f JOIN workflows w ON w.id = f.workflow_id "
-        "WHERE w.version = 1 AND f.step_name = 'reserve'"
+        "WHERE w.version = %s AND f.step_name = 'reserve'",
+        (version,),
     ).fetchone()
     return int(row[0]) if row else 0
 
@@ -126,3 +128,29 @@ def _first_steps_done(db: psycopg.Connection[Any]) -> int:
         "WHERE w.version = 1 AND s.step_name = 'reserve' AND s.state = 'completed'"
     ).fetchone()
     return int(row[0]) if row else 0
+
+
+def test_workflows_in_flight_move_to_a_version_whose_steps_line_up(
+    daemons: Daemons, db: psycopg.Connection[Any], db_url: str
+) -> None:
+    current = daemons.start(modules=NEXT, builtins="false")
+    start(db, 2, 5, sleep=2)
+    wait_until(lambda: _first_steps_started(db, 2) == 5, 30, "version 2 workflows to be under way")
+    current.signal(signal.SIGTERM)  # its steps finish; the workflows wait at their next step
+    assert current.process.wait(timeout=30) == 0
+
+    env = {"DATABASE_URL": db_url, "WORKFLOWD_BUILTINS": "false"}
+    refused = workflowd("migrate-version", "versioned", "--from", "1", "--to", "2",
+                        env=env | {"WORKFLOWD_MODULES": NEW})  # fmt: skip
+    assert refused.returncode == 1
+    assert "its workflows in flight cannot move; let them finish under version 1" in refused.stderr
+    moved = workflowd("migrate-version", "versioned", "--from", "2", "--to", "3",
+                      env=env | {"WORKFLOWD_MODULES": f"{NEXT},{FIX}"})  # fmt: skip
+    assert moved.returncode == 0, moved.stderr
+    assert moved.stdout.strip() == "moved 5 workflows of versioned from version 2 to 3"
+
+    daemons.start(modules=FIX, builtins="false")  # serves version 3 only
+    wait_until(lambda: all_finished(db, 5), 30, "the moved workflows to finish under version 3")
+    assert completed_under(db) == {3: 5}
+    fixed = db.execute("SELECT count(*) FROM workflows WHERE output->>'fixed' = 'true'").fetchone()
+    assert fixed == (5,)
