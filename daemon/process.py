@@ -6,7 +6,7 @@ import asyncio
 import os
 import signal
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -39,17 +39,13 @@ DATABASE_WAIT_DELAY_MIN_SECONDS = 0.5
 DATABASE_WAIT_DELAY_MAX_SECONDS = 10.0
 # Room for one connection attempt (each host's connect timeout) and a migration.
 DATABASE_ATTEMPT_MARGIN_SECONDS = 60.0
-# After an outage the pools reconnect with a backoff that doubles each time (1, 2, 4 ...
+# After an outage every pool reconnects with a backoff that doubles each time (1, 2, 4 ...
 # seconds) until this much time has passed, then give up and start again at the next
 # demand: a short span keeps the gap between attempts short, so a fleet is back within
 # seconds of a failover or a restart, not after psycopg_pool's default of 5 minutes.
 POOL_RECONNECT_SECONDS = 4.0
-# Every pool: connections to the primary only (engine/primary.py), and reconnect soon.
-PRIMARY_ONLY: dict[str, Any] = {
-    "configure": require_primary,
-    "reset": require_primary,
-    "reconnect_timeout": POOL_RECONNECT_SECONDS,
-}
+# The pools on the primary lend connections to the primary only (engine/primary.py).
+PRIMARY_ONLY: dict[str, Any] = {"configure": require_primary, "reset": require_primary}
 
 
 def worker_config(settings: Settings) -> WorkerConfig:
@@ -105,33 +101,38 @@ async def run_daemon(
         # A wait for a connection must end well before a lease could lapse over it; a
         # write that times out here is retried while its lease lasts.
         timeout=settings.lease_seconds / 6,
+        reconnect_timeout=POOL_RECONNECT_SECONDS,
         # The application name shows which backends are daemons' in pg_stat_activity.
         kwargs={"autocommit": True, "application_name": "workflowd"},
         **PRIMARY_ONLY,
     )
-    # The admin API has a small pool of its own that checks a connection before lending
-    # it, so a request never meets a connection the server dropped while it sat idle;
-    # the worker's hot path does not pay for that check.
-    api_pool = AsyncConnectionPool(
-        conninfo,
-        min_size=1,
-        max_size=API_POOL_MAX_SIZE,
-        open=False,
-        check=AsyncConnectionPool.check_connection,
-        # A request waits this long for a connection, then answers 503: a client learns
-        # of an outage in seconds, not after the pool's default of 30.
-        timeout=API_POOL_TIMEOUT_SECONDS,
-        kwargs={"autocommit": True, "application_name": "workflowd-api"},
-        **PRIMARY_ONLY,
-    )
-    pools = Pools(worker=pool, api=api_pool)
-    if settings.read_database_url:
-        pools.add_reads(with_session_limits(settings.read_database_url, settings))
+    reads = settings.read_database_url
+    replica = with_session_limits(reads, settings) if reads else None
+    pools = Pools(worker=pool, api=api_pool(conninfo, "workflowd-api", **PRIMARY_ONLY), replica=replica)
     try:
         await serve(settings, registry, conninfo, pools, admin_token=admin_token, companion=companion)
     finally:
         await pools.close()
     return 0
+
+
+def api_pool(conninfo: str, application_name: str, **hooks: Any) -> AsyncConnectionPool:
+    """A small pool for the admin API. It checks a connection before lending it, so a
+    request never meets a connection the server dropped while it sat idle (the worker's
+    hot path does not pay for that check), and a request waits API_POOL_TIMEOUT_SECONDS
+    for one, then answers 503: a client learns of an outage in seconds, not after the
+    pool's default of 30."""
+    return AsyncConnectionPool(
+        conninfo,
+        min_size=1,
+        max_size=API_POOL_MAX_SIZE,
+        open=False,
+        check=AsyncConnectionPool.check_connection,
+        timeout=API_POOL_TIMEOUT_SECONDS,
+        reconnect_timeout=POOL_RECONNECT_SECONDS,
+        kwargs={"autocommit": True, "application_name": application_name},
+        **hooks,
+    )
 
 
 @dataclass
@@ -142,22 +143,13 @@ class Pools:
 
     worker: AsyncConnectionPool
     api: AsyncConnectionPool
-    reads: AsyncConnectionPool | None = None
-    reads_conninfo: str | None = None
+    # The read replica's connection string; its pool is made from it.
+    replica: str | None = None
+    reads: AsyncConnectionPool | None = field(init=False)
 
-    def add_reads(self, conninfo: str) -> None:
-        self.reads_conninfo = conninfo
-        # A replica refuses writes by design: no primary-only hooks here.
-        self.reads = AsyncConnectionPool(
-            conninfo,
-            min_size=1,
-            max_size=API_POOL_MAX_SIZE,
-            open=False,
-            check=AsyncConnectionPool.check_connection,
-            timeout=API_POOL_TIMEOUT_SECONDS,
-            reconnect_timeout=POOL_RECONNECT_SECONDS,
-            kwargs={"autocommit": True, "application_name": "workflowd-api-reads"},
-        )
+    def __post_init__(self) -> None:
+        # A replica refuses writes by design: no primary-only hooks there.
+        self.reads = api_pool(self.replica, "workflowd-api-reads") if self.replica else None
 
     def service(self, registry: Registry) -> WorkflowService:
         """The admin API's service: commands and reads by id on the primary, lists,
@@ -256,7 +248,7 @@ async def serve(
     install_signal_handlers(worker)
     service = pools.service(registry)
     readiness = Readiness(conninfo)
-    replica = ReplicaLag(pools.reads_conninfo) if pools.reads_conninfo else None
+    replica = ReplicaLag(pools.replica) if pools.replica else None
     app = create_app(
         service,
         worker,
