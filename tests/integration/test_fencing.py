@@ -78,25 +78,22 @@ def failed_attempt(row: ClaimedWorkflow, *, compensation: bool = False) -> Faile
     return FailedAttempt(row.id, row.lease_token, 0, 1, error, "", WORKER, compensation=compensation)
 
 
-async def test_a_stale_workers_retry_writes_nothing(
-    pool: AsyncConnectionPool, db: psycopg.Connection[Any]
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda store, row: store.schedule_retry(failed_attempt(row), delay_seconds=1),
+        lambda store, row: store.fail_workflow(failed_attempt(row)),
+    ],
+    ids=["retry", "failure"],
+)
+async def test_a_stale_workers_retry_or_failure_writes_nothing(
+    pool: AsyncConnectionPool, db: psycopg.Connection[Any], write: Any
 ) -> None:
     insert_workflow(db, type="three")
     row = await claim_one(Store(pool))
     steal(db, row)
     before = snapshot(db, row)
-    assert await Store(pool).schedule_retry(failed_attempt(row), delay_seconds=1) is False
-    assert snapshot(db, row) == before
-
-
-async def test_a_stale_workers_failure_writes_nothing(
-    pool: AsyncConnectionPool, db: psycopg.Connection[Any]
-) -> None:
-    insert_workflow(db, type="three")
-    row = await claim_one(Store(pool))
-    steal(db, row)
-    before = snapshot(db, row)
-    assert await Store(pool).fail_workflow(failed_attempt(row)) is False
+    assert await write(Store(pool), row) is False
     assert snapshot(db, row) == before
 
 
