@@ -65,7 +65,6 @@ class PrimaryCost:
     wal_at_start: str = "0/0"
     connections: int = 0
     waits: Counter[str] = field(default_factory=Counter)
-    samples: int = 0
 
     def start(self, conn: psycopg.Connection[Any]) -> None:
         self.wal_at_start = str(conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0])  # type: ignore[index]
@@ -80,7 +79,6 @@ class PrimaryCost:
         ).fetchall()
         self.connections = max(self.connections, len(rows))
         self.waits.update(str(wait) for state, wait in rows if state == "active")
-        self.samples += 1
 
     def finish(self, conn: psycopg.Connection[Any], workflows: int, steps: int) -> dict[str, Any]:
         cpu = server_cpu_seconds(self.cluster) - self.cpu_at_start
