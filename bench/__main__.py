@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 
 from bench import cases, peers
-from bench.daemon import pickup_latency, throughput
+from bench.daemon import burst_after_idle, pickup_latency, throughput
 from daemon.local_postgres import LocalPostgres
 
 
@@ -103,6 +103,7 @@ def main() -> None:
         if not args.no_peers:
             measure_peers(report, cluster, counts, args)
         measure_latency(report, cluster, args)
+        measure_burst(report, cluster, args)
         report.figures["claim_cost"] = cases.claim_cost(cluster, args.finished)
         report.figures["memory"] = cases.resident_memory(cluster, concurrency=100)
     print(f"{report.figures['machine']}; {args.repeats} runs a case\n")
@@ -145,6 +146,28 @@ def measure_latency(report: Report, cluster: LocalPostgres, args: argparse.Names
         )
 
 
+def measure_burst(report: Report, cluster: LocalPostgres, args: argparse.Namespace) -> None:
+    runs = [burst_after_idle(cluster, args.workflows, args.concurrency) for _ in range(args.repeats)]
+    for case, label in (
+        ("stale_statistics", "statistics of a nearly empty table"),
+        ("analyzed", "tables analyzed"),
+    ):
+        report.record(
+            f"burst_{case}",
+            f"burst after idle, 2 processes, {label}",
+            runs,
+            f"{case}_workflows_per_s",
+            "workflows/s",
+        )
+    report.figures["burst_stale_over_analyzed"] = statistics.median(
+        run["stale_over_analyzed"] for run in runs
+    )
+
+
+# A burst drained with the statistics of a nearly empty table, at least this share of the
+# rate with the tables analyzed.
+BURST_TARGET = 0.8
+
 COST_COLUMNS = (
     ("server_cpu_ms_per_workflow", "server CPU ms/wf"),
     ("workflows_per_server_core_second", "wf/server core-s"),
@@ -185,6 +208,12 @@ def print_comparisons(figures: dict[str, Any]) -> None:
         print(f"3-step steps/s ÷ 1-step workflows/s, 2 processes: {three_step / one_step:.2f}")
     if three_step and dbos:
         print(f"3-step steps/s ÷ DBOS 3-step steps/s, 2 processes: {three_step / dbos:.1f}")
+    if "burst_stale_over_analyzed" in figures:
+        ratio = figures["burst_stale_over_analyzed"]
+        verdict = "within" if ratio >= BURST_TARGET else "NOT within"
+        print(
+            f"burst after idle, stale statistics ÷ analyzed: {ratio:.2f} ({verdict} 20 % of the analyzed case)"
+        )
     claim = figures["claim_cost"]
     print(
         f"claim statement: {claim['empty_ms']} ms empty, {claim['with_finished_ms']} ms beside "

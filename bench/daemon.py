@@ -132,6 +132,52 @@ def throughput(
     }
 
 
+TRICKLE = 200
+TRICKLE_GAP_SECONDS = 0.02
+NEARLY_EMPTY = 50
+
+
+def burst_after_idle(cluster: LocalPostgres, workflows: int, concurrency: int) -> dict[str, float]:
+    """The normal life of the service: two idle daemons, a trickle of single inserts, then
+    one INSERT of `workflows`; drained once with the statistics of a nearly empty table,
+    once with the tables analyzed, each timed by the database. Autovacuum is off on the
+    tables, standing in for the minute it may take to reach them after the burst: the
+    stale case stays stale for its whole drain, every run."""
+    url = fresh_database(cluster, "bench_burst")
+    with psycopg.connect(url, autocommit=True) as conn:
+        for table in ("workflows", "workflow_steps", "workflow_events"):
+            conn.execute(
+                sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = off)").format(sql.Identifier(table))
+            )
+        insert = "INSERT INTO workflows (type, input, user_id) SELECT 'noop_1', jsonb_build_object(%s::text, n), 'b' FROM generate_series(1, %s) n"
+        rates = {}
+        with daemons(url, 2, concurrency):
+            conn.execute(insert, ("early", NEARLY_EMPTY))
+            wait_until_drained(conn)
+            conn.execute("ANALYZE")
+            for case in ("stale_statistics", "analyzed"):
+                for n in range(TRICKLE):  # the idle daemons' plans are made now
+                    conn.execute(insert, (f"{case}_trickle_{n}", 1))
+                    time.sleep(TRICKLE_GAP_SECONDS)
+                wait_until_drained(conn)
+                (burst_at,) = conn.execute("SELECT now()").fetchone()  # type: ignore[misc]
+                conn.execute(insert, (case, workflows))
+                wait_until_drained(conn)
+                (seconds,) = conn.execute(
+                    "SELECT extract(epoch FROM max(completed_at) - min(started_at)) FROM workflows "
+                    "WHERE created_at >= %s",
+                    (burst_at,),
+                ).fetchone()  # type: ignore[misc]
+                rates[case] = round(workflows / float(seconds))
+                conn.execute("ANALYZE")  # the next case runs on well-analyzed tables
+    return {
+        "workflows": workflows,
+        "stale_statistics_workflows_per_s": rates["stale_statistics"],
+        "analyzed_workflows_per_s": rates["analyzed"],
+        "stale_over_analyzed": round(rates["stale_statistics"] / rates["analyzed"], 2),
+    }
+
+
 def pickup_latency(cluster: LocalPostgres, inserts: int, concurrency: int) -> dict[str, float]:
     url = fresh_database(cluster, "bench_pickup")
     committed: dict[int, float] = {}

@@ -366,9 +366,12 @@ class Driver:
         """
         try:
             async with conn.transaction():
+                store = Store(conn)
+                await store.unpin_hot_plans()  # the step's own SQL plans as configured
                 outcome = await self._run(assignment, replace(self._context(assignment), connection=conn))
                 if isinstance(outcome, StepSucceeded):
-                    result = await self._completion(assignment, outcome, transaction=Store(conn))()
+                    await store.pin_hot_plans()
+                    result = await self._completion(assignment, outcome, transaction=store)()
                     return self._advance(assignment, outcome, result)
                 raise _AttemptFailed(outcome)
         except _AttemptFailed as failed:

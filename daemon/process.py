@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 import structlog
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from daemon import systemd
@@ -46,6 +47,13 @@ DATABASE_ATTEMPT_MARGIN_SECONDS = 60.0
 POOL_RECONNECT_SECONDS = 4.0
 # The pools on the primary lend connections to the primary only (engine/primary.py).
 PRIMARY_ONLY: dict[str, Any] = {"configure": require_primary, "reset": require_primary}
+
+
+async def worker_session(conn: AsyncConnection[Any]) -> None:
+    """A new connection of the worker's pool: on the primary, with the hot path's plans
+    pinned for the session (sql/queries/plans.sql)."""
+    await require_primary(conn)
+    await Store(conn).pin_hot_plans()
 
 
 def worker_config(settings: Settings) -> WorkerConfig:
@@ -104,7 +112,8 @@ async def run_daemon(
         reconnect_timeout=POOL_RECONNECT_SECONDS,
         # The application name shows which backends are daemons' in pg_stat_activity.
         kwargs={"autocommit": True, "application_name": "workflowd"},
-        **PRIMARY_ONLY,
+        configure=worker_session,
+        reset=require_primary,
     )
     reads = settings.read_database_url
     replica = with_session_limits(reads, settings) if reads else None

@@ -195,6 +195,16 @@ class Store:
                 raise
             await conn.execute("COMMIT")
 
+    async def pin_hot_plans(self) -> None:
+        """The worker's session plans its statements as index lookups only (see the query)."""
+        async with self.connection() as conn:
+            await conn.execute(query("pin_hot_plans"))
+
+    async def unpin_hot_plans(self) -> None:
+        """In a transaction: plan as the database is configured until pinned again."""
+        async with self.connection() as conn:
+            await conn.execute(query("unpin_hot_plans"))
+
     async def _one(self, name: str, params: Mapping[str, Any]) -> Row | None:
         async with self.connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
             await cursor.execute(query(name), params)

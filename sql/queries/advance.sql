@@ -81,7 +81,7 @@ FROM advanced a LEFT JOIN next_started n ON n.workflow_id = a.id;
 -- complete_steps.
 WITH owner AS (
     SELECT id, lease_expires_at FROM workflows
-    WHERE id = %(id)s AND lease_token = %(lease_token)s AND state = 'compensating'
+    WHERE id = %(id)s AND lease_token = %(lease_token)s AND state::text = 'compensating'  -- by primary key only: plans.sql
     FOR UPDATE
 ),
 below AS (

@@ -164,7 +164,7 @@ FROM inserted WHERE state = 'running';
 WITH cancelled AS (
     UPDATE workflows
     SET state = 'cancelled', completed_at = now(), updated_at = now(), {{release_lease}}
-    WHERE id = %(id)s AND lease_token = %(lease_token)s AND state = 'running'
+    WHERE id = %(id)s AND lease_token = %(lease_token)s AND state::text = 'running'  -- by primary key only: plans.sql
     RETURNING id
 ),
 skipped AS (

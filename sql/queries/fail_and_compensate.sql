@@ -85,7 +85,7 @@ SELECT workflow_begin_compensation(%(id)s, %(worker_id)s, %(actor)s);
 -- now() + backoff; the lease is released. Fenced like complete_steps.
 WITH owner AS (
     SELECT id FROM workflows
-    WHERE id = %(id)s AND lease_token = %(lease_token)s AND state = 'compensating'
+    WHERE id = %(id)s AND lease_token = %(lease_token)s AND state::text = 'compensating'  -- by primary key only: plans.sql
     FOR UPDATE
 ),
 failed AS (
@@ -117,7 +117,7 @@ RETURNING id;
 -- compensating, so the compensate command re-drives it from there. Fenced.
 WITH owner AS (
     SELECT id FROM workflows
-    WHERE id = %(id)s AND lease_token = %(lease_token)s AND state = 'compensating'
+    WHERE id = %(id)s AND lease_token = %(lease_token)s AND state::text = 'compensating'  -- by primary key only: plans.sql
     FOR UPDATE
 ),
 stuck AS (

@@ -1,0 +1,37 @@
+-- The hot path's plans: the same whatever the statistics say.
+-- Queries, in this order:
+--   pin_hot_plans
+--   unpin_hot_plans
+-- Each is a named block. Neither takes parameters, so each may hold several statements
+-- and costs one round trip.
+
+-- name: pin_hot_plans
+-- Every statement the worker runs finds its rows through an index (a batch of ids, a
+-- workflow's steps, the due index in order), and a nested loop of index lookups is the
+-- right plan for it at any table size. The planner does not always see that: idle
+-- daemons on a nearly empty table cache generic plans (psycopg prepares a statement on
+-- its fifth run) that seq-scan workflows and workflow_steps and hash-join them against
+-- the batch, and a burst of 20,000 rows then makes each batch read the whole table,
+-- until autovacuum analyzes it a minute later (a drain 2-20x slower). Without sequential
+-- scans, hash joins and merge joins, index lookups are the only plans left, whatever the
+-- statistics and whatever the table held when the plan was made. The worker's sessions
+-- set these once, when the pool opens them (daemon/process.py); the claim also turns off
+-- bitmap scans and sorts in its own transaction (claiming_transaction). Nothing the
+-- worker runs needs a scan of a whole table: tests/integration/test_plans.py proves each
+-- hot statement's cached plan after the tables were analyzed nearly empty. One more
+-- trap the pins cannot close: a workflow fetched by id whose state is also checked may
+-- be looked for through the listing index on state, which the statistics of an empty
+-- table make look as cheap as the primary key; those statements compare `state::text`,
+-- which no index holds, so that only the primary key can find the row.
+SET enable_seqscan = off;
+SET enable_hashjoin = off;
+SET enable_mergejoin = off
+
+-- name: unpin_hot_plans
+-- A transactional step's own SQL plans as the database is configured, not under the
+-- worker's pins: its transaction opens with this, and runs pin_hot_plans again before
+-- the engine's completion runs in it (a SET in a transaction outlives it when it
+-- commits; when it rolls back, the session is back to the pins anyway).
+SET LOCAL enable_seqscan TO DEFAULT;
+SET LOCAL enable_hashjoin TO DEFAULT;
+SET LOCAL enable_mergejoin TO DEFAULT
