@@ -69,7 +69,15 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--inserts", type=int, default=500, help="single inserts for the pickup latency")
     parser.add_argument("--dbos-workflows", type=int, default=2_000, help="DBOS is slow: fewer workflows")
-    parser.add_argument("--finished", type=int, default=1_000_000, help="finished rows for the claim cost")
+    parser.add_argument(
+        "--finished",
+        type=int,
+        default=1_000_000,
+        help="finished workflows for the claim cost and the large tables",
+    )
+    parser.add_argument(
+        "--due", type=int, default=100_000, help="due workflows drained beside the finished ones"
+    )
     parser.add_argument("--no-peers", action="store_true", help="skip PgQueuer, Procrastinate and DBOS")
     parser.add_argument("--out", type=Path, default=Path("bench/results/latest.json"))
     return parser.parse_args()
@@ -100,10 +108,19 @@ def main() -> None:
                     ),
                     "steps_per_s", "steps/s",
                 )  # fmt: skip
+        report.measure(
+            "workflowd_1_step_plain_2_processes", "workflowd 1-step workflows, plain (sync) steps, 2 processes",
+            lambda: throughput(cluster, 2, args.workflows, args.concurrency, 1, plain=True),
+            "steps_per_s", "steps/s",
+        )  # fmt: skip
         if not args.no_peers:
             measure_peers(report, cluster, counts, args)
         measure_latency(report, cluster, args)
         measure_burst(report, cluster, args)
+        report.record(
+            "large_tables", f"workflowd 1-step, 2 processes, {args.due:,} due beside {args.finished:,} finished",
+            [cases.large_tables(cluster, args.finished, args.due, args.concurrency)], "workflows_per_s", "workflows/s",
+        )  # fmt: skip
         report.figures["claim_cost"] = cases.claim_cost(cluster, args.finished)
         report.figures["memory"] = cases.resident_memory(cluster, concurrency=100)
     print(f"{report.figures['machine']}; {args.repeats} runs a case\n")
@@ -206,6 +223,16 @@ def print_comparisons(figures: dict[str, Any]) -> None:
         print(f"1-step workflows/s ÷ PgQueuer jobs/s, 2 processes: {one_step / pgqueuer:.2f}")
     if one_step and three_step:
         print(f"3-step steps/s ÷ 1-step workflows/s, 2 processes: {three_step / one_step:.2f}")
+    plain = median("workflowd_1_step_plain_2_processes")
+    if one_step and plain:
+        print(
+            f"1-step plain (sync) ÷ async steps, 2 processes: {plain / one_step:.2f} (target: at least 0.8)"
+        )
+    large = median("large_tables")
+    if one_step and large:
+        print(
+            f"1-step workflows/s beside large tables ÷ on empty ones, 2 processes: {large / one_step:.2f} (target: at least 0.85)"
+        )
     if three_step and dbos:
         print(f"3-step steps/s ÷ DBOS 3-step steps/s, 2 processes: {three_step / dbos:.1f}")
     if "burst_stale_over_analyzed" in figures:

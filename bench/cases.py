@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psycopg
 
-from bench.daemon import DRAINED, daemons, fresh_database
+from bench.daemon import DRAINED, daemons, fresh_database, wait_until_drained
 from daemon.local_postgres import LocalPostgres
 from engine.sqlfiles import query
 
@@ -91,6 +91,47 @@ def claim_cost(cluster: LocalPostgres, finished: int = 1_000_000) -> dict[str, f
         full = mean_ms(conn)
     return {"empty_ms": round(empty, 3), "finished_rows": finished, "with_finished_ms": round(full, 3),
             "change_percent": round(100 * (full - empty) / empty, 1)}  # fmt: skip
+
+
+def large_tables(cluster: LocalPostgres, finished: int, due: int, concurrency: int) -> dict[str, float]:
+    """Two daemons draining `due` one-step workflows beside `finished` finished ones, each
+    with its step row and its four timeline rows: the tables of a service that has run
+    for a while. Timed by the database, like the throughput cases."""
+    url = fresh_database(cluster, "bench_large")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO workflows (idempotency_key, type, input, user_id, state, total_steps, current_step_index, "
+            "output, context, started_at, completed_at) "
+            "SELECT 'finished:' || n, 'noop_1', jsonb_build_object('n', n), 'b', 'completed', 1, 1, '{}', "
+            "'{\"only\": {}}', now(), now() FROM generate_series(1, %s) n",
+            (finished,),
+        )
+        conn.execute(
+            "INSERT INTO workflow_steps (workflow_id, step_index, step_name, state, output, idempotency_key, attempt, "
+            "started_at, completed_at) "
+            "SELECT id, 0, 'only', 'completed', '{}', 'step:' || idempotency_key, 1, now(), now() FROM workflows"
+        )
+        conn.execute(
+            "INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state, attempt) "
+            "SELECT id, e.step_index, e.step_name, e.from_state, e.to_state, e.attempt FROM workflows, "
+            "(VALUES (NULL, NULL, 'pending', 'running', NULL), (0, 'only', 'pending', 'running', 1), "
+            "(0, 'only', 'running', 'completed', 1), (NULL, NULL, 'running', 'completed', NULL)) "
+            "AS e(step_index, step_name, from_state, to_state, attempt)"
+        )
+        conn.execute("VACUUM ANALYZE")
+        conn.execute(
+            "INSERT INTO workflows (type, input, user_id) SELECT 'noop_1', jsonb_build_object('due', n), 'b' "
+            "FROM generate_series(1, %s) n",
+            (due,),
+        )
+        (burst_at,) = conn.execute("SELECT max(created_at) FROM workflows").fetchone()  # type: ignore[misc]
+        with daemons(url, 2, concurrency):
+            wait_until_drained(conn)
+        (seconds,) = conn.execute(
+            "SELECT extract(epoch FROM max(completed_at) - min(started_at)) FROM workflows WHERE created_at >= %s",
+            (burst_at,),
+        ).fetchone()  # type: ignore[misc]
+    return {"finished": finished, "due": due, "workflows_per_s": round(due / float(seconds))}
 
 
 def resident_memory(

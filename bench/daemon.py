@@ -97,18 +97,25 @@ DRAINED = "SELECT NOT EXISTS (SELECT 1 FROM workflows WHERE state IN ('pending',
 
 
 def throughput(
-    cluster: LocalPostgres, processes: int, workflows: int, concurrency: int, steps: int = 3
+    cluster: LocalPostgres,
+    processes: int,
+    workflows: int,
+    concurrency: int,
+    steps: int = 3,
+    *,
+    plain: bool = False,
 ) -> dict[str, float]:
     """Insert `workflows` no-op workflows of `steps` steps first, then drain them with
     `processes` daemons; timed by the database, from the first claim to the last completion.
-    Also what the drain cost the server and the daemons (bench/primary.py)."""
+    Also what the drain cost the server and the daemons (bench/primary.py). `plain`: the
+    steps are plain functions (run in the daemon's thread pool), not coroutines."""
     name = f"bench_throughput_{processes}"
     url = fresh_database(cluster, name)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(
             "INSERT INTO workflows (type, input, user_id) SELECT %s, jsonb_build_object('n', n), 'bench' "
             "FROM generate_series(1, %s) n",
-            (f"noop_{steps}", workflows),
+            (f"noop_sync_{steps}" if plain else f"noop_{steps}", workflows),
         )
         cost = PrimaryCost(cluster, name)
         with daemons(url, processes, concurrency) as running:

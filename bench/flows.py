@@ -12,6 +12,11 @@ async def noop(input: Any, ctx: WorkflowContext) -> dict[str, Any]:
     return {}
 
 
+def plain_noop(input: Any, ctx: WorkflowContext) -> dict[str, Any]:
+    # A plain (synchronous) function: many users write steps so.
+    return {}
+
+
 async def stamp(input: Any, ctx: WorkflowContext) -> dict[str, float]:
     # Wall-clock time at step start, compared with the inserting client's clock (same host).
     return {"started": time.time()}
@@ -19,4 +24,5 @@ async def stamp(input: Any, ctx: WorkflowContext) -> dict[str, float]:
 
 noop_1 = Workflow(type="noop_1", steps=[Step("only", noop)])
 noop_3 = Workflow(type="noop_3", steps=[Step("one", noop), Step("two", noop), Step("three", noop)])
+noop_sync_1 = Workflow(type="noop_sync_1", steps=[Step("only", plain_noop)])
 pickup = Workflow(type="pickup", steps=[Step("stamp", stamp)])

@@ -15,14 +15,15 @@ def test_the_bench_command_runs_every_case_of_our_own_and_writes_its_figures(tmp
     out = tmp_path / "figures.json"
     command = [
         sys.executable, "-m", "bench", "--workflows", "60", "--processes", "1", "--repeats", "1",
-        "--inserts", "5", "--finished", "2000", "--no-peers", "--out", str(out),
+        "--inserts", "5", "--finished", "2000", "--due", "50", "--no-peers", "--out", str(out),
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     figures = json.loads(out.read_text())
     for key in (
         "sql_limit", "workflowd_1_step_1_processes", "workflowd_3_step_1_processes",
-        "pickup_p50_ms", "pickup_p99_ms",
+        "pickup_p50_ms", "pickup_p99_ms", "workflowd_1_step_plain_2_processes", "burst_stale_statistics",
+        "burst_analyzed", "large_tables",
     ):  # fmt: skip
         assert figures[key]["median"] > 0, key
         assert len(figures[key]["runs"]) == 1
@@ -35,3 +36,4 @@ def test_the_bench_command_runs_every_case_of_our_own_and_writes_its_figures(tmp
     assert figures["claim_cost"]["finished_rows"] == 2000
     assert figures["memory"]["peak_rss_mb"] > 0
     assert "workflowd 3-step workflows, 1 process(es)" in result.stdout
+    assert "burst after idle, stale statistics ÷ analyzed" in result.stdout
