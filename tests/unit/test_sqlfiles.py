@@ -100,7 +100,7 @@ def test_every_query_has_sql_and_no_trailing_semicolon() -> None:
     for name, text in queries().items():
         assert text, name
         assert not text.endswith(";"), name
-        assert re.search(r"\b(SELECT|INSERT|UPDATE|DELETE|WITH)\b", text), name
+        assert re.search(r"\b(SELECT|INSERT|UPDATE|DELETE|WITH|SET)\b", text), name
 
 
 def test_queries_use_bound_parameters_only() -> None:
