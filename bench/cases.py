@@ -81,6 +81,7 @@ def claim_cost(cluster: LocalPostgres, finished: int = 1_000_000) -> dict[str, f
         return (time.perf_counter() - started) / CLAIM_SAMPLES * 1000
 
     with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(query("pin_hot_plans"))  # as the worker's sessions run it
         empty = mean_ms(conn)
         conn.execute(
             "INSERT INTO workflows (type, input, user_id, state, completed_at) "
