@@ -5,8 +5,9 @@ file per concern (claim, advance, fail and compensate, leases, operator commands
 reads), as blocks that start with `-- name: <query_name>`; each file opens with the
 list of its queries. A rule several queries share is written once, as a block of
 sql/parts.sql, and a query includes it by name as `{{part_name}}`: the parts are
-expanded here, when the queries are read. In a source checkout they sit in the top-level sql/ folder; a
-wheel carries them inside the engine package.
+expanded here, when the queries are read. The comment lines stay in the files: the
+database is sent the SQL alone. In a source checkout they sit in the top-level sql/
+folder; a wheel carries them inside the engine package.
 """
 
 from __future__ import annotations
@@ -40,6 +41,14 @@ def parse_queries(text: str) -> dict[str, str]:
     return queries
 
 
+def without_comment_lines(text: str) -> str:
+    """The SQL without its whole-line comments: they stay in the files, for readers. Sent
+    with every statement they would make the hot ones longer than psycopg caches its
+    parsing of (4 KB: psycopg._queries.MAX_CACHED_STATEMENT_LENGTH), and it would parse
+    them again on every run."""
+    return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("--"))
+
+
 def include_parts(text: str, shared: dict[str, str]) -> str:
     """The query with each `{{part_name}}` replaced by that part's text."""
 
@@ -54,20 +63,21 @@ def include_parts(text: str, shared: dict[str, str]) -> str:
 
 @cache
 def parts() -> dict[str, str]:
-    """The shared parts of sql/parts.sql, read once."""
-    return parse_queries((sql_dir() / "parts.sql").read_text(encoding="utf-8"))
+    """The shared parts of sql/parts.sql, read once, without their comment lines."""
+    shared = parse_queries((sql_dir() / "parts.sql").read_text(encoding="utf-8"))
+    return {name: without_comment_lines(text) for name, text in shared.items()}
 
 
 @cache
 def queries() -> dict[str, str]:
-    """The named queries of every file in sql/queries, read once, their parts included;
-    a name may appear once."""
+    """The named queries of every file in sql/queries, read once, without their comment
+    lines, their parts included; a name may appear once."""
     named: dict[str, str] = {}
     for path in sorted((sql_dir() / "queries").glob("*.sql")):
         for name, text in parse_queries(path.read_text(encoding="utf-8")).items():
             if name in named:
                 raise ValueError(f"query {name!r} is defined twice (again in {path.name})")
-            named[name] = include_parts(text, parts())
+            named[name] = include_parts(without_comment_lines(text), parts())
     return named
 
 

@@ -66,7 +66,7 @@ def test_the_daemons_listen_where_the_database_wakes_them(db: psycopg.Connection
     assert f"pg_notify('{CHANNEL}'" in wake
     (trigger,) = db.execute("SELECT pg_get_functiondef('workflows_notify_insert'::regproc)").fetchone()  # type: ignore[misc]
     assert "workflow_wake()" in trigger
-    assert queries()["notify_due"].endswith("\nSELECT workflow_wake()")
+    assert queries()["notify_due"] == "SELECT workflow_wake()"
 
 
 def test_the_step_key_is_the_same_rule_in_sql_and_python(db: psycopg.Connection[Any]) -> None:

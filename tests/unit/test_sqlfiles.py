@@ -10,7 +10,15 @@ import re
 import pytest
 
 import engine.store
-from engine.sqlfiles import include_parts, parse_queries, parts, queries, query, sql_dir
+from engine.sqlfiles import (
+    include_parts,
+    parse_queries,
+    parts,
+    queries,
+    query,
+    sql_dir,
+    without_comment_lines,
+)
 
 QUERIES_TEXT = """\
 -- The file's own comment, before any name: ignored.
@@ -64,7 +72,7 @@ def test_queries_are_read_once_from_every_file() -> None:
     files = sorted((sql_dir() / "queries").glob("*.sql"))
     assert len(files) > 1
     merged = {
-        name: include_parts(text, parts())
+        name: include_parts(without_comment_lines(text), parts())
         for path in files
         for name, text in parse_queries(path.read_text()).items()
     }
@@ -142,3 +150,12 @@ def test_every_query_the_store_uses_exists() -> None:
 def test_store_methods_are_named_after_their_query() -> None:
     for name in _query_names_used_by_the_store():
         assert callable(getattr(engine.store.Store, name, None)), name
+
+
+def test_every_query_is_sent_without_comment_lines_and_fits_psycopgs_parse_cache() -> None:
+    # Longer statements are parsed for placeholders again on every run (psycopg 3.1+).
+    from psycopg._queries import MAX_CACHED_STATEMENT_LENGTH  # noqa: PLC0415
+
+    for name, text in queries().items():
+        assert not any(line.lstrip().startswith("--") for line in text.splitlines()), name
+        assert len(text.encode()) <= MAX_CACHED_STATEMENT_LENGTH, name
