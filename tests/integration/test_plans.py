@@ -31,6 +31,12 @@ LOOKUPS = {"workflows_pkey", "workflow_steps_pkey", "workflow_workers_pkey", "wo
 NEARLY_EMPTY = 50
 BURST = 20_000
 PARAMETER = re.compile(r"%\((\w+)\)[sb]")
+PINS = {
+    "enable_seqscan": "off",
+    "enable_hashjoin": "off",
+    "enable_mergejoin": "off",
+    "plan_cache_mode": "force_generic_plan",
+}
 
 
 def hot_statements() -> list[str]:
@@ -147,6 +153,7 @@ def test_a_transactional_steps_sql_plans_as_configured_and_the_completion_under_
     with db.transaction():
         db.execute(query("unpin_hot_plans"))
         assert db.execute("SHOW enable_seqscan").fetchone() == ("on",)
+        assert db.execute("SHOW plan_cache_mode").fetchone() == ("auto",)
         db.execute(query("pin_hot_plans"))
         assert db.execute("SHOW enable_hashjoin").fetchone() == ("off",)
     assert db.execute("SHOW enable_seqscan").fetchone() == ("off",)
@@ -159,10 +166,6 @@ async def test_a_worker_session_opens_pinned(db_url: str) -> None:
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
         await worker_session(conn)
         cursor = await conn.execute(
-            "SELECT name, setting FROM pg_settings WHERE name IN ('enable_seqscan', 'enable_hashjoin', 'enable_mergejoin')"
+            "SELECT name, setting FROM pg_settings WHERE name = ANY(%s)", (list(PINS),)
         )
-        assert dict(await cursor.fetchall()) == {
-            "enable_seqscan": "off",
-            "enable_hashjoin": "off",
-            "enable_mergejoin": "off",
-        }
+        assert dict(await cursor.fetchall()) == PINS
