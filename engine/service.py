@@ -211,8 +211,15 @@ class WorkflowService:
 
     async def get_workflow(self, workflow_id: UUID | str) -> WorkflowRecord:
         """One workflow; `WorkflowNotFoundError` if there is none with this id."""
-        key = parse_workflow_id(workflow_id)
-        row = await self.store.get_workflow(key)
+        return await self._workflow(self.store, parse_workflow_id(workflow_id))
+
+    @staticmethod
+    async def _workflow(store: Store, key: UUID) -> WorkflowRecord:
+        """One workflow as `store` sees it. An operator command reads it back in its own
+        transaction: the record is what the command left, not what a daemon made of it
+        the moment the command committed (a retried workflow comes back pending, not
+        already claimed)."""
+        row = await store.get_workflow(key)
         if row is None:
             raise WorkflowNotFoundError(key)
         return WorkflowRecord.model_validate(row)
@@ -268,12 +275,10 @@ class WorkflowService:
                 await tx.begin_compensation(workflow_id=key, worker_id=None, actor=actor)
             if changed is not None:
                 await tx.notify_due()
+            workflow = await self._workflow(tx, key)
         if changed is None:
-            workflow = await self.get_workflow(key)
             WORKFLOW_TRANSITIONS.check(workflow.state, WorkflowState.CANCELLED)
-            if workflow.state is WorkflowState.CANCELLED:  # cancelled while we looked
-                return workflow
-        return await self.get_workflow(key)
+        return workflow
 
     async def retry_workflow(
         self, workflow_id: UUID | str, *, force: bool = False, actor: str | None = None
@@ -290,7 +295,7 @@ class WorkflowService:
             retried = await tx.retry_workflow(key, force=force, needs_force=OUTCOME_UNKNOWN, actor=actor)
             if retried:
                 await tx.notify_due()
-        workflow = await self.get_workflow(key)
+            workflow = await self._workflow(tx, key)
         if not retried:
             explain_refused_retry(workflow)
         return workflow
@@ -310,7 +315,7 @@ class WorkflowService:
             if locked:
                 await tx.begin_compensation(workflow_id=key, worker_id=None, actor=actor)
                 await tx.notify_due()
-        workflow = await self.get_workflow(key)
+            workflow = await self._workflow(tx, key)
         if not locked:
             WORKFLOW_TRANSITIONS.check(workflow.state, WorkflowState.COMPENSATING)
         return workflow
