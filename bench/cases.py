@@ -10,8 +10,10 @@ from pathlib import Path
 import psycopg
 
 from bench.daemon import DRAINED, daemons, fresh_database, wait_until_drained
+from bench.flows import noop_1
 from daemon.local_postgres import LocalPostgres
 from engine.sqlfiles import query
+from engine.store import StepDefinitions
 
 SQL_LIMIT_CONNECTIONS = 8
 SQL_LIMIT_BATCH = 100
@@ -68,7 +70,7 @@ def claim_cost(cluster: LocalPostgres, finished: int = 1_000_000) -> dict[str, f
         "limit": 10,
         "lease_seconds": 30,
         "busy": [],
-    }
+    } | StepDefinitions.of([noop_1]).shapes
 
     def mean_ms(conn: psycopg.Connection[tuple[object, ...]]) -> float:
         conn.execute("INSERT INTO workflows (type, input, user_id) SELECT 'noop_1', jsonb_build_object('c', n), 'b' "

@@ -300,6 +300,7 @@ class Worker:
                 limit=limit,
                 lease_seconds=self.config.lease_seconds,
                 busy=list(self.driver.busy),
+                definitions=self.step_definitions,
             )
             assignments = await self._prepare(tx, rows, claimed_at + self.config.lease_seconds)
         self._count_claims(rows)

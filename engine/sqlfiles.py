@@ -5,8 +5,8 @@ file per concern (claim, advance, fail and compensate, leases, operator commands
 reads), as blocks that start with `-- name: <query_name>`; each file opens with the
 list of its queries. A rule several queries share is written once, as a block of
 sql/parts.sql, and a query includes it by name as `{{part_name}}`: the parts are
-expanded here, when the queries are read. The comment lines stay in the files: the
-database is sent the SQL alone. In a source checkout they sit in the top-level sql/
+expanded here, when the queries are read. The comment lines and the indentation stay
+in the files: the database is sent the SQL alone. In a source checkout they sit in the top-level sql/
 folder; a wheel carries them inside the engine package.
 """
 
@@ -41,12 +41,14 @@ def parse_queries(text: str) -> dict[str, str]:
     return queries
 
 
-def without_comment_lines(text: str) -> str:
-    """The SQL without its whole-line comments: they stay in the files, for readers. Sent
-    with every statement they would make the hot ones longer than psycopg caches its
-    parsing of (4 KB: psycopg._queries.MAX_CACHED_STATEMENT_LENGTH), and it would parse
-    them again on every run."""
-    return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("--"))
+def as_sent(text: str) -> str:
+    """The SQL as the database is sent it: without its whole-line comments and its
+    indentation, which stay in the files, for readers. Sent with every statement they
+    would make the hot ones longer than psycopg caches its parsing of (4 KB:
+    psycopg._queries.MAX_CACHED_STATEMENT_LENGTH), and it would parse them again on
+    every run. (No query holds a string literal across lines, where indentation counts.)"""
+    lines = (line.strip() for line in text.splitlines())
+    return "\n".join(line for line in lines if line and not line.startswith("--"))
 
 
 def include_parts(text: str, shared: dict[str, str]) -> str:
@@ -65,7 +67,7 @@ def include_parts(text: str, shared: dict[str, str]) -> str:
 def parts() -> dict[str, str]:
     """The shared parts of sql/parts.sql, read once, without their comment lines."""
     shared = parse_queries((sql_dir() / "parts.sql").read_text(encoding="utf-8"))
-    return {name: without_comment_lines(text) for name, text in shared.items()}
+    return {name: as_sent(text) for name, text in shared.items()}
 
 
 @cache
@@ -77,7 +79,7 @@ def queries() -> dict[str, str]:
         for name, text in parse_queries(path.read_text(encoding="utf-8")).items():
             if name in named:
                 raise ValueError(f"query {name!r} is defined twice (again in {path.name})")
-            named[name] = include_parts(without_comment_lines(text), parts())
+            named[name] = include_parts(as_sent(text), parts())
     return named
 
 

@@ -124,17 +124,19 @@ class Renewal:
 
 @dataclass(frozen=True)
 class StepDefinitions:
-    """Workflow definitions as create_steps takes them: an element per step of each type
-    and version, and one per type and version for its shape. Built once per worker."""
+    """Workflow definitions as the queries take them, built once per worker: `steps`
+    for create_steps (an element per step of each type and version), `shapes` for the
+    claim (an element per type and version: its shape)."""
 
-    params: dict[str, list[Any]]
+    steps: dict[str, list[Any]]
+    shapes: dict[str, list[Any]]
 
     @classmethod
     def of(cls, workflows: Iterable[Workflow]) -> StepDefinitions:
         types = list(workflows)
         steps = [(workflow, index, step) for workflow in types for index, step in enumerate(workflow.steps)]
         return cls(
-            {
+            steps={
                 "types": [workflow.type for workflow, _, _ in steps],
                 "type_versions": [workflow.version for workflow, _, _ in steps],
                 "step_indexes": [index for _, index, _ in steps],
@@ -143,12 +145,14 @@ class StepDefinitions:
                 "idempotent": [step.is_idempotent for _, _, step in steps],
                 "compensable": [step.compensate is not None for _, _, step in steps],
                 "configs": [Jsonb(dict(step.config)) for _, _, step in steps],
+            },
+            shapes={
                 "shape_types": [workflow.type for workflow in types],
                 "shape_versions": [workflow.version for workflow in types],
                 "shape_totals": [len(workflow.steps) for workflow in types],
                 "shape_max_retries": [workflow.max_retries for workflow in types],
                 "shape_compensation": [workflow.requires_compensation for workflow in types],
-            }
+            },
         )
 
 
@@ -367,9 +371,17 @@ class Store:
     # The queue: claims, fenced results, leases and the worker registry.
 
     async def claim_due_workflows(
-        self, *, worker_id: str, served: list[str], limit: int, lease_seconds: float, busy: list[UUID]
+        self,
+        *,
+        worker_id: str,
+        served: list[str],
+        limit: int,
+        lease_seconds: float,
+        busy: list[UUID],
+        definitions: StepDefinitions,
     ) -> list[ClaimedWorkflow]:
-        """Claim up to `limit` due workflows and start their current steps.
+        """Claim up to `limit` due workflows and start their current steps; a workflow
+        never started takes the shape of its version from `definitions`.
 
         `served`: the type and version keys to claim (engine.registry.served_key). `busy`:
         workflows not to claim (an earlier attempt may still run in this process).
@@ -381,7 +393,7 @@ class Store:
             "lease_seconds": lease_seconds,
             "busy": busy,
         }
-        return await self._typed(ClaimedWorkflow, "claim_due_workflows", params)
+        return await self._typed(ClaimedWorkflow, "claim_due_workflows", params | definitions.shapes)
 
     async def create_steps(
         self,
@@ -403,7 +415,7 @@ class Store:
             "versions": [versions[workflow_id] for workflow_id in digests],
         }
         async with self.connection() as conn:
-            await conn.execute(query("create_steps"), params | definitions.params)
+            await conn.execute(query("create_steps"), params | definitions.steps)
 
     async def complete_steps(
         self, completions: Sequence[Completion], *, worker_id: str

@@ -15,12 +15,12 @@
 -- interrupted (its worker died or lost the lease), and that spends a retry like a
 -- failed attempt: forward, a step still running; compensating, one still compensating
 -- with no retry scheduled. Reads `s` (the step) and `go.compensating` (the direction).
+-- (A true condition cast to int counts 1; none of these conditions can be NULL.)
 state = CASE WHEN go.compensating THEN 'compensating'::step_state ELSE 'running'::step_state END,
-attempt = s.attempt + CASE WHEN go.compensating THEN 0 ELSE 1 END,
-compensation_attempt = s.compensation_attempt + CASE WHEN go.compensating THEN 1 ELSE 0 END,
-retry_count = s.retry_count + CASE WHEN s.state = 'running' THEN 1 ELSE 0 END,
-compensation_retry_count = s.compensation_retry_count
-    + CASE WHEN s.state = 'compensating' AND s.next_retry_at IS NULL THEN 1 ELSE 0 END,
+attempt = s.attempt + (NOT go.compensating)::int,
+compensation_attempt = s.compensation_attempt + go.compensating::int,
+retry_count = s.retry_count + (s.state = 'running')::int,
+compensation_retry_count = s.compensation_retry_count + (s.state = 'compensating' AND s.next_retry_at IS NULL)::int,
 started_at = coalesce(s.started_at, now()), next_retry_at = NULL, updated_at = now()
 
 -- name: release_lease

@@ -38,11 +38,21 @@ SELECT set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', '
 -- A workflow whose cancel was requested starts nothing: the caller cancels it at this
 -- step boundary. `busy`: workflows an earlier attempt of which may still be running in
 -- this process (a timed-out step in a thread), never claimed by it until that ends.
+-- A workflow never started before (inserted by SQL, it has no version and no shape yet)
+-- takes the shape of the version it will run in the same row version as its claim, not
+-- in a second one (`shape`: one element per type and version this daemon serves, from
+-- its definitions; a row without a version runs the newest). create_steps then makes
+-- its step rows. (The claim must stay under 4 KB as sent: tests/unit/test_sqlfiles.py.)
 -- The final SELECT reads the statement's snapshot, so `prev` holds the step as it was
 -- before this claim. input and context come as text: the caller decodes each row on
 -- its own, so that one row Python cannot read fails alone instead of the whole claim.
-WITH due AS (
-    SELECT id, state AS previous_state, next_retry_at AS due_at,
+WITH shape AS (
+    SELECT * FROM unnest(%(shape_types)s::text[], %(shape_versions)s::int[], %(shape_totals)s::int[],
+                         %(shape_max_retries)s::int[], %(shape_compensation)s::bool[])
+        AS s(type, version, total_steps, max_retries, requires_compensation)
+),
+due AS (
+    SELECT id, type, state AS previous_state, next_retry_at AS due_at, started_at,
            workflow_run_version(version, started_at) AS run_version
     FROM workflows
     WHERE state IN ('pending', 'running', 'compensating')
@@ -61,10 +71,16 @@ claimed AS (
         next_retry_at = now() + %(lease_seconds)s * interval '1 second',
         state = CASE WHEN w.state = 'pending' THEN 'running'::workflow_state ELSE w.state END,
         started_at = coalesce(w.started_at, now()),
-        updated_at = now()
-    FROM due
+        updated_at = now(),
+        version = coalesce(s.version, w.version),
+        total_steps = coalesce(s.total_steps, w.total_steps),
+        max_retries = coalesce(s.max_retries, w.max_retries),
+        requires_compensation = coalesce(s.requires_compensation, w.requires_compensation)
+    FROM due LEFT JOIN shape s
+        ON due.started_at IS NULL AND s.type = due.type
+       AND s.version = coalesce(due.run_version, (SELECT max(n.version) FROM shape n WHERE n.type = s.type))
     WHERE w.id = due.id
-    RETURNING w.*, due.previous_state, due.due_at, due.run_version
+    RETURNING w.*, due.previous_state, due.due_at, coalesce(s.version, due.run_version) AS run_version
 ),
 started AS (
     UPDATE workflow_steps s
@@ -108,7 +124,7 @@ LEFT JOIN started st ON st.workflow_id = c.id;
 -- none), in bulk, under the version the daemon chose (`versions`: the row's own, or the
 -- newest it serves when a SQL insert left it NULL), with step 0 already started (an
 -- insert cannot run start_step on the rows it writes: test_one_home proves the row equal
--- to the part's); and the workflows' version and shape. The rows come from the
+-- to the part's). The claim gave the workflows their version and shape. The rows come from the
 -- definitions (one array element per step of a type's version, not per step of every
 -- workflow). A step's idempotency key is built from its name and the digest of the
 -- workflow's input (workflow_step_key), which the daemon computes (engine/idempotency.py,
@@ -122,11 +138,6 @@ definition AS (
                          %(step_names)s::text[], %(max_retries)s::int[], %(idempotent)s::bool[],
                          %(compensable)s::bool[], %(configs)s::jsonb[])
         AS d(type, version, step_index, step_name, max_retries, is_idempotent, requires_compensation, config)
-),
-shape AS (
-    SELECT * FROM unnest(%(shape_types)s::text[], %(shape_versions)s::int[], %(shape_totals)s::int[],
-                         %(shape_max_retries)s::int[], %(shape_compensation)s::bool[])
-        AS s(type, version, total_steps, max_retries, requires_compensation)
 ),
 inserted AS (
     INSERT INTO workflow_steps (workflow_id, step_index, step_name, state, input, config, max_retries,
@@ -142,16 +153,6 @@ inserted AS (
     JOIN workflows w ON w.id = f.id
     JOIN definition d ON d.type = w.type AND d.version = f.version
     RETURNING workflow_id, step_index, step_name, state
-),
-shaped AS (
-    UPDATE workflows w
-    SET version = shape.version, total_steps = shape.total_steps, max_retries = shape.max_retries,
-        requires_compensation = shape.requires_compensation
-    FROM fresh f, shape
-    WHERE w.id = f.id AND shape.type = w.type AND shape.version = f.version
-      -- A workflow started through the API has its shape already: no new row version.
-      AND (w.version, w.total_steps, w.max_retries, w.requires_compensation)
-          IS DISTINCT FROM (shape.version, shape.total_steps, shape.max_retries, shape.requires_compensation)
 )
 INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state, attempt, worker_id)
 SELECT workflow_id, step_index, step_name, 'pending', 'running', 1, %(worker_id)s

@@ -50,10 +50,14 @@ async def pool(db_url: str) -> AsyncIterator[AsyncConnectionPool]:
 async def claim_one(store: Store) -> ClaimedWorkflow:
     async with store.claiming_transaction() as tx:
         (row,) = await tx.claim_due_workflows(
-            worker_id=WORKER, served=Registry([THREE]).served, limit=1, lease_seconds=30, busy=[]
+            worker_id=WORKER,
+            served=Registry([THREE]).served,
+            limit=1,
+            lease_seconds=30,
+            busy=[],
+            definitions=(definitions := StepDefinitions.of([THREE])),
         )
         if row.first_claim:
-            definitions = StepDefinitions.of([THREE])
             await tx.create_steps(
                 worker_id=WORKER, digests={row.id: "d"}, versions={row.id: 1}, definitions=definitions
             )

@@ -52,7 +52,12 @@ async def store(db_url: str) -> AsyncIterator[CountingStore]:
 async def claim(store: Store, workflow: Workflow, count: int) -> list[ClaimedWorkflow]:
     async with store.claiming_transaction() as tx:
         rows = await tx.claim_due_workflows(
-            worker_id=WORKER, served=[workflow.type], limit=count, lease_seconds=30, busy=[]
+            worker_id=WORKER,
+            served=[workflow.type],
+            limit=count,
+            lease_seconds=30,
+            busy=[],
+            definitions=StepDefinitions.of([workflow]),
         )
         digests = {row.id: f"digest-{row.id}" for row in rows}
         await tx.create_steps(

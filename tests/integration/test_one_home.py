@@ -85,7 +85,12 @@ async def test_a_fresh_step_is_inserted_as_start_step_makes_it(
         store = Store(pool)
         async with store.claiming_transaction() as tx:
             (row,) = await tx.claim_due_workflows(
-                worker_id="w", served=["two_steps"], limit=1, lease_seconds=30, busy=[]
+                worker_id="w",
+                served=["two_steps"],
+                limit=1,
+                lease_seconds=30,
+                busy=[],
+                definitions=StepDefinitions.of([workflow]),
             )
             await tx.create_steps(
                 worker_id="w",

@@ -11,13 +11,13 @@ import pytest
 
 import engine.store
 from engine.sqlfiles import (
+    as_sent,
     include_parts,
     parse_queries,
     parts,
     queries,
     query,
     sql_dir,
-    without_comment_lines,
 )
 
 QUERIES_TEXT = """\
@@ -72,7 +72,7 @@ def test_queries_are_read_once_from_every_file() -> None:
     files = sorted((sql_dir() / "queries").glob("*.sql"))
     assert len(files) > 1
     merged = {
-        name: include_parts(without_comment_lines(text), parts())
+        name: include_parts(as_sent(text), parts())
         for path in files
         for name, text in parse_queries(path.read_text()).items()
     }
@@ -152,7 +152,7 @@ def test_store_methods_are_named_after_their_query() -> None:
         assert callable(getattr(engine.store.Store, name, None)), name
 
 
-def test_every_query_is_sent_without_comment_lines_and_fits_psycopgs_parse_cache() -> None:
+def test_every_query_is_sent_as_sent_and_fits_psycopgs_parse_cache() -> None:
     # Longer statements are parsed for placeholders again on every run (psycopg 3.1+).
     from psycopg._queries import MAX_CACHED_STATEMENT_LENGTH  # noqa: PLC0415
 
