@@ -6,8 +6,8 @@ reads), as blocks that start with `-- name: <query_name>`; each file opens with 
 list of its queries. A rule several queries share is written once, as a block of
 sql/parts.sql, and a query includes it by name as `{{part_name}}`: the parts are
 expanded here, when the queries are read. The comment lines and the indentation stay
-in the files: the database is sent the SQL alone. In a source checkout they sit in the top-level sql/
-folder; a wheel carries them inside the engine package.
+in the files: the database is sent the SQL alone (as_sent). In a source checkout they
+sit in the top-level sql/ folder; a wheel carries them inside the engine package.
 """
 
 from __future__ import annotations
@@ -65,15 +65,15 @@ def include_parts(text: str, shared: dict[str, str]) -> str:
 
 @cache
 def parts() -> dict[str, str]:
-    """The shared parts of sql/parts.sql, read once, without their comment lines."""
+    """The shared parts of sql/parts.sql, read once, as sent."""
     shared = parse_queries((sql_dir() / "parts.sql").read_text(encoding="utf-8"))
     return {name: as_sent(text) for name, text in shared.items()}
 
 
 @cache
 def queries() -> dict[str, str]:
-    """The named queries of every file in sql/queries, read once, without their comment
-    lines, their parts included; a name may appear once."""
+    """The named queries of every file in sql/queries, read once, as sent, their parts
+    included; a name may appear once."""
     named: dict[str, str] = {}
     for path in sorted((sql_dir() / "queries").glob("*.sql")):
         for name, text in parse_queries(path.read_text(encoding="utf-8")).items():
