@@ -370,8 +370,9 @@ class Driver:
                 await store.unpin_hot_plans()  # the step's own SQL plans as configured
                 outcome = await self._run(assignment, replace(self._context(assignment), connection=conn))
                 if isinstance(outcome, StepSucceeded):
-                    await store.pin_hot_plans()
-                    result = await self._completion(assignment, outcome, transaction=store)()
+                    async with conn.pipeline():  # the pins and the completion in one round trip
+                        await store.pin_hot_plans()
+                        result = await self._completion(assignment, outcome, transaction=store)()
                     return self._advance(assignment, outcome, result)
                 raise _AttemptFailed(outcome)
         except _AttemptFailed as failed:

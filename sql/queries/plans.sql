@@ -2,8 +2,8 @@
 -- Queries, in this order:
 --   pin_hot_plans
 --   unpin_hot_plans
--- Each is a named block. Neither takes parameters, so each may hold several statements
--- and costs one round trip.
+-- Each is a named block, without parameters. pin_hot_plans is one statement
+-- (set_config, not SET), so that it can travel in a pipeline with the statement after it.
 
 -- name: pin_hot_plans
 -- Every statement the worker runs finds its rows through an index (a batch of ids, a
@@ -27,16 +27,15 @@
 -- but the planner, seeing an unnest of a parameter as 10 rows where a custom plan sees
 -- the real length, would judge the generic plan of create_steps too dear and plan it
 -- again on every run (about 0.5 ms each, a fifth of an idle claim's time).
-SET enable_seqscan = off;
-SET enable_hashjoin = off;
-SET enable_mergejoin = off;
-SET plan_cache_mode = force_generic_plan
+SELECT set_config('enable_seqscan', 'off', false), set_config('enable_hashjoin', 'off', false),
+       set_config('enable_mergejoin', 'off', false), set_config('plan_cache_mode', 'force_generic_plan', false)
 
 -- name: unpin_hot_plans
 -- A transactional step's own SQL plans as the database is configured, not under the
--- worker's pins: its transaction opens with this, and runs pin_hot_plans again before
--- the engine's completion runs in it (a SET in a transaction outlives it when it
--- commits; when it rolls back, the session is back to the pins anyway).
+-- worker's pins: its transaction opens with this, and runs pin_hot_plans again, in one
+-- round trip with the engine's completion, before that completion plans in it (a
+-- session-wide setting made in a transaction outlives it when it commits; when it rolls
+-- back, the session is back to the pins anyway).
 SET LOCAL enable_seqscan TO DEFAULT;
 SET LOCAL enable_hashjoin TO DEFAULT;
 SET LOCAL enable_mergejoin TO DEFAULT;

@@ -216,10 +216,13 @@ async def credit_ledger(input: dict[str, Any], ctx: WorkflowContext) -> dict[str
     await ctx.connection.execute(
         "INSERT INTO test_ledger (workflow_id, amount) VALUES (%s, %s)", (ctx.workflow_id, input["amount"])
     )
+    # The step's own SQL plans as the database is configured, not under the worker's pins.
+    planner = await ctx.connection.execute("SELECT current_setting('enable_seqscan')")
+    (seqscan,) = await planner.fetchone() or ("?",)
     await asyncio.sleep(float(input.get("sleep", 0)))
     if input.get("fail"):
         raise PermanentError("ledger refused")
-    return {"step": ctx.step_name, "attempt": ctx.attempt, "seen": sorted(ctx.outputs)}
+    return {"step": ctx.step_name, "attempt": ctx.attempt, "seen": sorted(ctx.outputs), "seqscan": seqscan}
 
 
 # An interrupted attempt spends a retry: a budget above the kill tests' 20 kills.

@@ -340,6 +340,16 @@ def test_a_transactional_step_of_a_stale_worker_rolls_back(
     assert_invariants(db, expected_completed=1, daemons=daemons.all_but())
 
 
+def test_a_transactional_steps_own_sql_plans_as_configured_and_its_completion_lands(
+    daemons: Daemons, db: psycopg.Connection[Any]
+) -> None:
+    daemons.start()
+    insert_workflows(db, "ledger", 2, amount=5)
+    wait_until(lambda: all_finished(db, 2, "completed"), 20, "the ledger workflows to complete")
+    assert db.execute("SELECT DISTINCT output->>'seqscan' FROM workflows").fetchall() == [("on",)]
+    assert db.execute("SELECT count(*) FROM test_ledger").fetchone() == (2,)
+
+
 def test_a_failing_transactional_step_leaves_no_write(daemons: Daemons, db: psycopg.Connection[Any]) -> None:
     daemons.start()
     insert_workflows(db, "ledger", 1, amount=5, fail=True)
