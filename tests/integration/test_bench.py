@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_the_bench_command_runs_every_case_of_our_own_and_writes_its_figures(tmp_path: Path) -> None:
     out = tmp_path / "figures.json"
+    # Enough workflows for the daemons' CPU to register: /proc counts it in 10 ms ticks.
     command = [
-        sys.executable, "-m", "bench", "--workflows", "60", "--processes", "1", "--repeats", "1",
+        sys.executable, "-m", "bench", "--workflows", "300", "--processes", "1", "--repeats", "1",
         "--inserts", "5", "--finished", "2000", "--due", "50", "--no-peers", "--out", str(out),
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
