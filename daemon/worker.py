@@ -340,7 +340,6 @@ class Worker:
             await tx.create_steps(
                 worker_id=self.id,
                 digests={a.workflow_id: a.step_digest for a in fresh},
-                versions={a.workflow_id: a.definition.version for a in fresh},
                 definitions=self.step_definitions,
             )
         return assignments

@@ -400,20 +400,14 @@ class Store:
         *,
         worker_id: str,
         digests: Mapping[UUID, str],
-        versions: Mapping[UUID, int],
         definitions: StepDefinitions,
     ) -> None:
-        """Create the step rows of first-claimed workflows (step 0 started) and shape them.
+        """Create the step rows of first-claimed workflows (step 0 started), from the
+        definition of the version the claim gave each.
 
-        `digests`: {workflow id: the digest of its input, for the steps' keys};
-        `versions`: {workflow id: the version of its definition it runs under}.
+        `digests`: {workflow id: the digest of its input, for the steps' keys}.
         """
-        params = {
-            "worker_id": worker_id,
-            "ids": list(digests),
-            "digests": list(digests.values()),
-            "versions": [versions[workflow_id] for workflow_id in digests],
-        }
+        params = {"worker_id": worker_id, "ids": list(digests), "digests": list(digests.values())}
         async with self.connection() as conn:
             await conn.execute(query("create_steps"), params | definitions.steps)
 

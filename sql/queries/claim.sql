@@ -121,8 +121,8 @@ LEFT JOIN started st ON st.workflow_id = c.id;
 
 -- name: create_steps
 -- The step rows of workflows claimed for the first time (a workflow inserted by SQL has
--- none), in bulk, under the version the daemon chose (`versions`: the row's own, or the
--- newest it serves when a SQL insert left it NULL), with step 0 already started (an
+-- none), in bulk, under the version the claim gave the row (its own, or the newest the
+-- daemon serves when a SQL insert left it NULL), with step 0 already started (an
 -- insert cannot run start_step on the rows it writes: test_one_home proves the row equal
 -- to the part's). The claim gave the workflows their version and shape. The rows come from the
 -- definitions (one array element per step of a type's version, not per step of every
@@ -131,7 +131,7 @@ LEFT JOIN started st ON st.workflow_id = c.id;
 -- the same function as workflow_step_idempotency_key, as a test proves) and hands to the
 -- steps.
 WITH fresh AS (
-    SELECT * FROM unnest(%(ids)b::uuid[], %(digests)s::text[], %(versions)s::int[]) AS f(id, digest, version)
+    SELECT * FROM unnest(%(ids)b::uuid[], %(digests)s::text[]) AS f(id, digest)
 ),
 definition AS (
     SELECT * FROM unnest(%(types)s::text[], %(type_versions)s::int[], %(step_indexes)s::int[],
@@ -151,7 +151,7 @@ inserted AS (
     FROM fresh f
     -- No fence needed: this runs in the claiming transaction, which holds the rows' locks.
     JOIN workflows w ON w.id = f.id
-    JOIN definition d ON d.type = w.type AND d.version = f.version
+    JOIN definition d ON d.type = w.type AND d.version = workflow_run_version(w.version, w.started_at)
     RETURNING workflow_id, step_index, step_name, state
 )
 INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state, attempt, worker_id)

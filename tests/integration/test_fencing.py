@@ -58,9 +58,7 @@ async def claim_one(store: Store) -> ClaimedWorkflow:
             definitions=(definitions := StepDefinitions.of([THREE])),
         )
         if row.first_claim:
-            await tx.create_steps(
-                worker_id=WORKER, digests={row.id: "d"}, versions={row.id: 1}, definitions=definitions
-            )
+            await tx.create_steps(worker_id=WORKER, digests={row.id: "d"}, definitions=definitions)
     return row
 
 

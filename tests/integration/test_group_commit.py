@@ -63,7 +63,6 @@ async def claim(store: Store, workflow: Workflow, count: int) -> list[ClaimedWor
         await tx.create_steps(
             worker_id=WORKER,
             digests=digests,
-            versions=dict.fromkeys(digests, 1),
             definitions=StepDefinitions.of([workflow]),
         )
     assert len(rows) == count

@@ -95,7 +95,6 @@ async def test_a_fresh_step_is_inserted_as_start_step_makes_it(
             await tx.create_steps(
                 worker_id="w",
                 digests={row.id: "d"},
-                versions={row.id: 1},
                 definitions=StepDefinitions.of([workflow]),
             )
     started = db.execute(STEP_COLUMNS + " WHERE workflow_id = %s AND step_index = 0", (row.id,)).fetchone()
