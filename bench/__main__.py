@@ -116,6 +116,8 @@ def main() -> None:
         if not args.no_peers:
             measure_peers(report, cluster, counts, args)
         measure_latency(report, cluster, args)
+        if not args.no_peers:
+            measure_peer_latency(report, cluster, args)
         measure_burst(report, cluster, args)
         report.record(
             "large_tables", f"workflowd 1-step, 2 processes, {args.due:,} due beside {args.finished:,} finished",
@@ -161,6 +163,15 @@ def measure_latency(report: Report, cluster: LocalPostgres, args: argparse.Names
         report.record(
             f"pickup_{quantile}", f"pickup latency {quantile[:3]}, idle daemons, NOTIFY", runs, quantile, "ms"
         )
+
+
+def measure_peer_latency(report: Report, cluster: LocalPostgres, args: argparse.Namespace) -> None:
+    runs = [peers.pgqueuer_pickup(cluster, args.inserts) for _ in range(args.repeats)]
+    for quantile in ("p50_ms", "p95_ms", "p99_ms"):
+        report.record(
+            f"pgqueuer_pickup_{quantile}", f"pgqueuer pickup latency {quantile[:3]}, idle workers, NOTIFY",
+            runs, quantile, "ms",
+        )  # fmt: skip
 
 
 def measure_burst(report: Report, cluster: LocalPostgres, args: argparse.Namespace) -> None:
@@ -221,8 +232,15 @@ def print_comparisons(figures: dict[str, Any]) -> None:
     print()
     if one_step and pgqueuer:
         print(f"1-step workflows/s ÷ PgQueuer jobs/s, 2 processes: {one_step / pgqueuer:.2f}")
+    if three_step and pgqueuer:
+        print(f"3-step steps/s ÷ PgQueuer jobs/s, 2 processes: {three_step / pgqueuer:.2f}")
     if one_step and three_step:
         print(f"3-step steps/s ÷ 1-step workflows/s, 2 processes: {three_step / one_step:.2f}")
+    pickup, peer_pickup = median("pickup_p50_ms"), median("pgqueuer_pickup_p50_ms")
+    if pickup and peer_pickup:
+        print(
+            f"pickup p50, workflowd ÷ PgQueuer, idle, NOTIFY: {pickup:.2f} ÷ {peer_pickup:.2f} ms = {pickup / peer_pickup:.1f}"
+        )
     plain = median("workflowd_1_step_plain_2_processes")
     if one_step and plain:
         print(

@@ -65,19 +65,33 @@ def peer_throughput(
     steps) with `processes` worker processes, in a fresh database on `cluster` that is
     dropped afterwards. The result is run.py's JSON: seconds, jobs_per_s, steps_per_s,
     version and config, and timed_out with jobs_done (fewer than `jobs` if it timed out)."""
+    options = ["--jobs", str(jobs), "--processes", str(processes), "--steps", str(steps)]
+    return run_peer(cluster, system, f"bench_peer_{system}_{processes}", options, timeout)
+
+
+def pgqueuer_pickup(cluster: LocalPostgres, inserts: int, timeout: float = 300) -> dict[str, Any]:
+    """PgQueuer's pickup latency measured as the bench measures workflowd's (two idle
+    worker processes, `inserts` single enqueues 10 ms apart): run.py's JSON with p50_ms,
+    p95_ms and p99_ms."""
+    options = ["--pickup", str(inserts), "--processes", "2"]
+    return run_peer(cluster, "pgqueuer", "bench_peer_pgqueuer_pickup", options, timeout)
+
+
+def run_peer(
+    cluster: LocalPostgres, system: str, database: str, options: list[str], timeout: float
+) -> dict[str, Any]:
+    """run.py for `system` with `options` in a fresh database on `cluster`, dropped
+    afterwards: the JSON line it prints."""
     python = ensure_peers_venv()
-    name = f"bench_peer_{system}_{processes}"
-    url = as_url(empty_database(cluster, name))
+    url = as_url(empty_database(cluster, database))
     try:
         command = [
-            str(python), str(RUNNER), "--dsn", url, "--system", system,
-            "--jobs", str(jobs), "--processes", str(processes), "--steps", str(steps),
-            "--timeout", str(timeout),
+            str(python), str(RUNNER), "--dsn", url, "--system", system, *options, "--timeout", str(timeout),
         ]  # fmt: skip
         result = subprocess.run(
             command, stdout=subprocess.PIPE, check=True, text=True, timeout=timeout + TIMEOUT_MARGIN_SECONDS
         )
     finally:
-        drop_database(cluster, name)
+        drop_database(cluster, database)
     parsed: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
     return parsed

@@ -1,7 +1,7 @@
 """Throughput of a peer job or workflow system on PostgreSQL, for bench/peers.py.
 
     python bench/peers/run.py --dsn postgresql://... --system {pgqueuer,procrastinate,dbos}
-        [--jobs 20000] [--processes 2] [--steps 1|3] [--timeout 300]
+        [--jobs 20000] [--processes 2] [--steps 1|3] [--timeout 300] [--pickup N]
 
 Runs with the peers' own virtualenv (bench/peers/requirements.txt), never the project's:
 it imports none of the project's packages. It installs the system's schema into the
@@ -9,6 +9,10 @@ given empty database, enqueues --jobs no-op jobs in bulk (not timed), then start
 --processes worker processes (this script again, with --worker) that drain the queue.
 The time is the database's own, from the first job picked to the last one completed, so
 the workers' start-up is not counted; it prints one JSON line on stdout.
+
+With --pickup N (PgQueuer only) it measures pickup latency instead, as the bench measures
+workflowd's: idle workers, then N single enqueues 10 ms apart, each timed from the
+acknowledged commit of the enqueue to the start of the job's code.
 
 Each system runs in its best documented configuration for throughput; --concurrency,
 --batch-size and --polling-interval override the defaults to try others.
@@ -23,8 +27,10 @@ import json
 import logging
 import os
 import signal
+import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +53,10 @@ STOP_GRACE_SECONDS = 10
 ENQUEUE_CHUNK = 10_000
 DBOS_APP = "peerbench"
 DBOS_QUEUE = "peerbench"
+PICKUP_GAP_SECONDS = 0.01
+PICKUP_IDLE_SECONDS = 1.0
+# The pickup case's workers append "job-number start-time" lines here (inherited environment).
+STAMPS_ENV = "PEERBENCH_PICKUP_STAMPS"
 # Workers and the enqueuer must agree on the version, or the workers leave the jobs alone.
 DBOS_VERSION = "peerbench-1"
 
@@ -149,7 +159,34 @@ class PgQueuer(Peer):
         async def noop(job: Job) -> None:
             pass
 
+        if stamps := os.environ.get(STAMPS_ENV):
+            stamps_fd = os.open(stamps, os.O_WRONLY | os.O_APPEND)
+
+            @manager.entrypoint("stamp")
+            async def stamp(job: Job) -> None:
+                started = time.time()
+                assert job.payload is not None
+                os.write(stamps_fd, f"{job.payload.decode()} {started}\n".encode())
+
         return manager
+
+    def enqueue_singly(self, count: int) -> dict[int, float]:
+        """`count` jobs enqueued one at a time, each number with the time its commit was
+        acknowledged."""
+        return uvloop.run(self._enqueue_singly(count))
+
+    async def _enqueue_singly(self, count: int) -> dict[int, float]:
+        connection = await asyncpg.connect(self.settings.dsn)
+        committed: dict[int, float] = {}
+        try:
+            queries = Queries(AsyncpgDriver(connection))
+            for n in range(count):
+                await queries.enqueue("stamp", str(n).encode())
+                committed[n] = time.time()
+                await asyncio.sleep(PICKUP_GAP_SECONDS)
+        finally:
+            await connection.close()
+        return committed
 
 
 class Procrastinate(Peer):
@@ -310,8 +347,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, help="per process; the system's documented best if unset")
     parser.add_argument("--batch-size", type=int, help="PgQueuer's dequeue batch size")
     parser.add_argument("--polling-interval", type=float, help="seconds (Procrastinate, DBOS)")
+    parser.add_argument(
+        "--pickup",
+        type=int,
+        metavar="N",
+        help="measure pickup latency over N single enqueues (PgQueuer only)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.pickup and args.system != "pgqueuer":
+        parser.error("--pickup applies to PgQueuer only")
     if args.steps != 1 and args.system != "dbos":
         parser.error("--steps applies to DBOS only: the job queues run single no-op jobs")
     return args
@@ -321,7 +366,7 @@ def settings_for(args: argparse.Namespace) -> Settings:
     peer = SYSTEMS[args.system]
     return Settings(
         dsn=args.dsn,
-        jobs=args.jobs,
+        jobs=0 if args.pickup else args.jobs,  # the pickup case enqueues its own, singly
         steps=args.steps,
         concurrency=args.concurrency or peer.concurrency,
         batch_size=args.batch_size or peer.batch_size,
@@ -436,6 +481,35 @@ def measure(args: argparse.Namespace, peer: Peer) -> dict[str, Any]:
     }
 
 
+def measure_pickup(args: argparse.Namespace, peer: PgQueuer) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(prefix="peerbench-stamps-") as stamps:
+        os.environ[STAMPS_ENV] = stamps.name  # the workers inherit it
+        workers = start_workers(args.processes)
+        try:
+            time.sleep(PICKUP_IDLE_SECONDS)  # idle workers, listening
+            committed = peer.enqueue_singly(args.pickup)
+            deadline = time.monotonic() + args.timeout
+            while len(Path(stamps.name).read_text().splitlines()) < args.pickup:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the pickup jobs did not all start in time")
+                time.sleep(POLL_SECONDS)
+        finally:
+            stop_workers(workers)
+        started = [line.split() for line in Path(stamps.name).read_text().splitlines()]
+    latencies = [(float(at) - committed[int(n)]) * 1000 for n, at in started]
+    quantiles = statistics.quantiles(latencies, n=100)
+    return {
+        "system": args.system,
+        "processes": args.processes,
+        "inserts": args.pickup,
+        "p50_ms": round(quantiles[49], 2),
+        "p95_ms": round(quantiles[94], 2),
+        "p99_ms": round(quantiles[98], 2),
+        "version": version(peer.distribution),
+        "config": peer.config(),
+    }
+
+
 def main() -> None:
     args = parse_args()
     peer = SYSTEMS[args.system](settings_for(args))
@@ -444,7 +518,11 @@ def main() -> None:
             peer.work(ready_and_wait_for_start)
         return
     peer.setup()
-    print(json.dumps(measure(args, peer)), flush=True)
+    if args.pickup:
+        assert isinstance(peer, PgQueuer)
+        print(json.dumps(measure_pickup(args, peer)), flush=True)
+    else:
+        print(json.dumps(measure(args, peer)), flush=True)
 
 
 if __name__ == "__main__":
