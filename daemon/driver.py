@@ -36,6 +36,7 @@ from engine.runner import (
     outcome_unknown,
     run_compensation,
     run_step,
+    with_workflow_output,
 )
 from engine.store import Advanced, Completion, FailedAttempt, Store
 
@@ -191,9 +192,16 @@ class Driver:
                 assignment.step, assignment.input, output, ctx, self.executor, default_timeout=timeout
             )
         else:
+            definition = assignment.definition
             outcome = await run_step(
-                assignment.step, assignment.input, ctx, self.executor, default_timeout=timeout
-            )
+                assignment.step, assignment.input, ctx, self.executor,
+                default_timeout=timeout, read_json=definition.read_json,
+            )  # fmt: skip
+            if isinstance(outcome, StepSucceeded) and assignment.step_index == len(definition.steps) - 1:
+                outcome = with_workflow_output(
+                    definition, outcome, input=assignment.input, outputs=assignment.outputs,
+                    step=assignment.step, attempt=assignment.attempt,
+                )  # fmt: skip
         self._count_attempt(assignment, outcome, time.monotonic() - started)
         if isinstance(outcome, StepFailed) and outcome.still_running is not None:
             self._hold_until_done(assignment, outcome.still_running)
@@ -303,7 +311,7 @@ class Driver:
             )  # fmt: skip
         completion = Completion(
             assignment.workflow_id, assignment.lease_token, assignment.step_index, assignment.attempt,
-            outcome.output_json, go_on,
+            outcome.output_json, go_on, outcome.workflow_output_json,
         )  # fmt: skip
         if transaction is None:
             return lambda: self.group_commit.complete(completion)

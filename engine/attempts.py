@@ -9,7 +9,6 @@ with a failure (and which). No database here: the worker acts on the decision.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -105,7 +104,7 @@ def decide(claimed: ClaimedWorkflow, definition: Workflow) -> Decision:
     if shape is not None:
         return Refuse(shape)
     try:
-        input, outputs, digest = _read(claimed)
+        input, outputs, digest = _read(claimed, definition)
     except Exception as error:  # anything Python cannot decode or key: this row alone fails
         message = f"the stored input or context cannot be read: {type(error).__name__}: {_brief(error)}"
         return Refuse(failure("", 0, "UnreadableInput", message, retryable=False))
@@ -133,9 +132,9 @@ def _shape_refusal(claimed: ClaimedWorkflow, definition: Workflow) -> StepFailed
     return None
 
 
-def _read(claimed: ClaimedWorkflow) -> tuple[dict[str, Any], dict[str, Any], str]:
-    input = json.loads(claimed.input_text)
-    outputs = json.loads(claimed.context_text)
+def _read(claimed: ClaimedWorkflow, definition: Workflow) -> tuple[dict[str, Any], dict[str, Any], str]:
+    input = definition.read_json(claimed.input_text)
+    outputs = definition.read_json(claimed.context_text)
     if not isinstance(input, dict) or not isinstance(outputs, dict):
         raise TypeError("input and context must be JSON objects")
     return input, outputs, step_input_digest(claimed.idempotency_key, input)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import builtins
 import inspect
+import json
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -28,6 +30,8 @@ MAX_RETRIES_DEFAULT = 3
 
 ExecuteFn = Callable[[Any, "WorkflowContext"], Any | Awaitable[Any]]
 CompensateFn = Callable[[Any, Any, "WorkflowContext"], Any | Awaitable[Any]]
+# A workflow's final output from its input and its steps' outputs (by step name).
+OutputFn = Callable[[Any, Mapping[str, Any]], Any]
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,13 @@ class Workflow:
     end under the version it started with, so a change to the steps (a rename, a step
     inserted or moved) is a new version, and the old one stays in the code until no
     workflow of it is left (`workflowd versions`).
+
+    `output` shapes the workflow's final output from its input and its steps' outputs
+    (by step name); without it the last step's output is the workflow's. It runs when
+    the last step succeeds, before the completion is recorded, and must be quick and
+    pure: an error in it fails the workflow like broken step code. `exact_numbers` gives
+    step code every JSON number with a fraction (of the input and of earlier steps'
+    outputs) as a `decimal.Decimal` with every digit, never a binary float: for money.
     """
 
     type: str
@@ -133,6 +144,8 @@ class Workflow:
     # builtins.type: inside this class body, `type` is the field above.
     input_model: builtins.type[BaseModel] | None = None
     version: int = 1
+    output: OutputFn | None = None
+    exact_numbers: bool = False
 
     def __post_init__(self) -> None:
         if not TYPE_NAME_PATTERN.fullmatch(self.type):
@@ -150,9 +163,15 @@ class Workflow:
             raise DefinitionError(f"workflow {self.type!r}: max_retries cannot be negative")
         if self.version < 1:
             raise DefinitionError(f"workflow {self.type!r}: version must be 1 or more")
+        if self.output is not None and not callable(self.output):
+            raise DefinitionError(f"workflow {self.type!r}: output must be callable")
         object.__setattr__(self, "steps", tuple(self.steps))
         if not self.name:
             object.__setattr__(self, "name", self.type)
+
+    def read_json(self, text: str) -> Any:
+        """A stored JSON value as this type's step code sees it (`exact_numbers`)."""
+        return json.loads(text, parse_float=Decimal) if self.exact_numbers else json.loads(text)
 
     def validate_input(self, input: Any) -> None:
         """Raise `InputValidationError` with readable messages unless the input fits."""

@@ -15,18 +15,23 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from engine.definitions import Step, WorkflowContext
+from engine.definitions import Step, Workflow, WorkflowContext
 from engine.errors import OUTCOME_UNKNOWN, InputValidationError, NotExecuted, PermanentError
 from engine.idempotency import json_text
+
+JsonReader = Callable[[str], Any]
 
 
 @dataclass(frozen=True)
 class StepSucceeded:
     """The attempt returned `output`, stored as `output_json` (the store's own text of
-    it; `output` is that text read back, what later steps see after any restart)."""
+    it; `output` is that text read back, what later steps see after any restart).
+    `workflow_output_json`: the workflow's final output when the definition shapes it
+    (`Workflow.output`) and this was its last step; else the step's output is that."""
 
     output: Any
     output_json: str = "null"
+    workflow_output_json: str | None = None
 
 
 @dataclass(frozen=True)
@@ -55,11 +60,35 @@ def failure(
     return StepFailed(error=summary, traceback=trace, retryable=retryable)
 
 
-def succeeded(output: Any) -> StepSucceeded:
+def succeeded(output: Any, read_json: JsonReader = json.loads) -> StepSucceeded:
     """The outcome of an attempt that returned `output`; raises TypeError or
     UnstorableValueError (a ValueError) when the output cannot be stored."""
     text = json_text(output)
-    return StepSucceeded(json.loads(text), text)
+    return StepSucceeded(read_json(text), text)
+
+
+def with_workflow_output(
+    workflow: Workflow,
+    outcome: StepSucceeded,
+    *,
+    input: Any,
+    outputs: Mapping[str, Any],
+    step: Step,
+    attempt: int,
+) -> StepOutcome:
+    """The last step's outcome carrying the workflow's final output, as `workflow.output`
+    shapes it from the input and every step's output; a shaping that raises or returns
+    what JSON cannot hold fails the attempt for good (a deploy fixes it; `retry` resumes)."""
+    if workflow.output is None:
+        return outcome
+    try:
+        text = json_text(workflow.output(input, {**outputs, step.name: outcome.output}))
+    except Exception as error:
+        reason = f"{type(error).__name__}: {error}"
+        message = f"the output of workflow type {workflow.type!r} could not be made: {reason}"
+        trace = "".join(traceback.format_exception(error))
+        return failure(step.name, attempt, "InvalidWorkflowOutput", message, retryable=False, trace=trace)
+    return replace(outcome, workflow_output_json=text)
 
 
 # Failures that another attempt cannot fix: the step said so, the input is invalid, or
@@ -115,6 +144,7 @@ async def run_step(
     executor: Executor | None = None,
     *,
     default_timeout: float | None = None,
+    read_json: JsonReader = json.loads,
 ) -> StepOutcome:
     """Run one attempt of `step` and classify its outcome; never raises for step errors.
 
@@ -124,13 +154,15 @@ async def run_step(
     function that times out keeps running in its thread (Python cannot stop a thread):
     its result is ignored and the failure's `still_running` says when it ends.
     Cancellation (shutdown) is not a step error and propagates; anything else the step
-    raises, even SystemExit, becomes a failed attempt.
+    raises, even SystemExit, becomes a failed attempt. `read_json` reads the stored
+    output back as later steps will see it (Workflow.read_json).
     """
     at_most_once = not step.is_idempotent
     timeout = step.timeout or default_timeout
     return await _attempt(
-        step, step.execute, (input, ctx), ctx, executor, limit=timeout, at_most_once=at_most_once
-    )
+        step, step.execute, (input, ctx), ctx, executor,
+        limit=timeout, at_most_once=at_most_once, read_json=read_json,
+    )  # fmt: skip
 
 
 async def run_compensation(
@@ -163,6 +195,7 @@ async def _attempt(
     *,
     limit: float | None,
     at_most_once: bool,
+    read_json: JsonReader = json.loads,
 ) -> StepOutcome:
     deadline = asyncio.timeout(limit)
     thread: Future[None] = Future()
@@ -178,7 +211,7 @@ async def _attempt(
     except BaseException as error:  # broken step code must not stop the daemon
         return _failure_from(error, step, ctx.attempt, at_most_once=at_most_once)
     try:
-        return succeeded(output)
+        return succeeded(output, read_json)
     except (TypeError, ValueError, RecursionError) as error:
         message = f"step {step.name!r} returned a value that cannot be stored as JSON: {error}"
         return failure(step.name, ctx.attempt, "InvalidStepOutput", message, retryable=False)

@@ -23,6 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from engine.attempts import ClaimedWorkflow
 from engine.definitions import Workflow
+from engine.idempotency import json_text
 from engine.sqlfiles import query
 
 Row = dict[str, Any]
@@ -64,6 +65,8 @@ class Completion:
 
     `output_json`: the output's JSON text (engine.idempotency.json_text). `go_on`: start
     the next step under the same lease rather than release the workflow.
+    `workflow_output_json`: the workflow's final output when this is its last step and
+    its definition shapes it; None leaves the step's output to be the workflow's.
     """
 
     workflow_id: UUID
@@ -72,6 +75,7 @@ class Completion:
     attempt: int
     output_json: str
     go_on: bool
+    workflow_output_json: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +257,7 @@ class Store:
             {
                 "type": type,
                 "version": version,
-                "input": Jsonb(input),
+                "input": Jsonb(input, dumps=json_text),  # a Decimal keeps every digit
                 "user_id": user_id,
                 "wallet_address": wallet_address,
                 "total_steps": total_steps,
@@ -273,7 +277,8 @@ class Store:
         self, *, type: str, input: Any, user_id: str | None, idempotency_key: str | None = None
     ) -> Row | None:
         """The workflow that a start with these arguments (or with this key) maps to, if any."""
-        params = {"type": type, "input": Jsonb(input), "user_id": user_id, "idempotency_key": idempotency_key}
+        input_json = Jsonb(input, dumps=json_text)
+        params = {"type": type, "input": input_json, "user_id": user_id, "idempotency_key": idempotency_key}
         return await self._one("get_workflow_by_start", params)
 
     async def get_workflow(self, workflow_id: UUID) -> Row | None:
@@ -426,6 +431,7 @@ class Store:
             "attempts": [c.attempt for c in completions],
             "outputs": [c.output_json for c in completions],
             "go_on": [c.go_on for c in completions],
+            "workflow_outputs": [c.workflow_output_json for c in completions],
             "worker_id": worker_id,
         }
         return {row.id: row for row in await self._typed(Advanced, "complete_steps", params)}

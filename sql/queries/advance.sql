@@ -21,13 +21,16 @@
 -- claim the workflow at any moment, and must not find a next step already running.
 -- The UUID arrays are sent in binary (%%(...)b): psycopg dumps them twice as fast so.
 -- Outputs come as JSON text, serialised (and checked) once by the daemon.
+-- `workflow_outputs`: a last step's workflow output when its definition shapes one
+-- (Workflow.output), else NULL: the last step's output is the workflow's.
 WITH batch AS (
     SELECT * FROM unnest(%(ids)b::uuid[], %(lease_tokens)b::uuid[], %(step_indexes)s::int[],
-                         %(attempts)s::int[], %(outputs)s::text[]::jsonb[], %(go_on)s::bool[])
-        AS b(id, lease_token, step_index, attempt, output, go_on)
+                         %(attempts)s::int[], %(outputs)s::text[]::jsonb[], %(go_on)s::bool[],
+                         %(workflow_outputs)s::text[]::jsonb[])
+        AS b(id, lease_token, step_index, attempt, output, go_on, workflow_output)
 ),
 owner AS (
-    SELECT w.id, w.total_steps, b.step_index, b.attempt, b.output,
+    SELECT w.id, w.total_steps, b.step_index, b.attempt, b.output, b.workflow_output,
            b.go_on AND NOT w.cancel_requested AND w.lease_expires_at > now() AS go_on
     FROM workflows w JOIN batch b ON b.id = w.id AND b.lease_token = w.lease_token
     ORDER BY w.id
@@ -39,7 +42,7 @@ done AS (
     FROM owner
     WHERE s.workflow_id = owner.id AND s.step_index = owner.step_index
       AND s.state = 'running' AND s.attempt = owner.attempt
-    RETURNING s.workflow_id, s.step_name, s.step_index, owner.attempt, owner.output,
+    RETURNING s.workflow_id, s.step_name, s.step_index, owner.attempt, owner.output, owner.workflow_output,
               s.step_index = owner.total_steps - 1 AS was_last,
               owner.go_on AND s.step_index < owner.total_steps - 1 AS go_on
 ),
@@ -48,7 +51,7 @@ advanced AS (
     SET current_step_index = w.current_step_index + 1,
         context = w.context || jsonb_build_object(done.step_name, done.output),
         state = CASE WHEN done.was_last THEN 'completed'::workflow_state ELSE w.state END,
-        output = CASE WHEN done.was_last THEN done.output ELSE w.output END,
+        output = CASE WHEN done.was_last THEN coalesce(done.workflow_output, done.output) ELSE w.output END,
         completed_at = CASE WHEN done.was_last THEN now() END,
         updated_at = now(), {{keep_or_release_lease}}
     FROM done

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from engine import NotExecuted, PermanentError, Step, WorkflowContext
-from engine.runner import StepFailed, StepSucceeded, run_step
+from engine import NotExecuted, PermanentError, Step, Workflow, WorkflowContext
+from engine.runner import StepFailed, StepSucceeded, run_step, with_workflow_output
 
 
 def context(attempt: int = 1) -> WorkflowContext:
@@ -220,3 +220,56 @@ async def test_an_output_jsonb_cannot_hold_fails_permanently(output: Any) -> Non
     outcome = await run_step(Step("s", returns), {}, context())
     assert isinstance(outcome, StepFailed)
     assert (outcome.error["type"], outcome.retryable) == ("InvalidStepOutput", False)
+
+
+def shaped_workflow(output: Any) -> Workflow:
+    return Workflow(
+        type="shaped", steps=[Step("a", lambda i, c: None), Step("b", lambda i, c: None)], output=output
+    )
+
+
+def test_the_workflow_output_is_shaped_from_the_input_and_every_steps_output() -> None:
+    workflow = shaped_workflow(lambda input, outputs: {"sum": input["n"] + outputs["a"] + outputs["b"]})
+    last = StepSucceeded(2, "2")
+    outcome = with_workflow_output(
+        workflow, last, input={"n": 1}, outputs={"a": 3}, step=workflow.steps[1], attempt=1
+    )
+    assert outcome == StepSucceeded(2, "2", '{"sum":6}')
+
+
+def test_without_a_shape_the_last_steps_output_is_the_workflows() -> None:
+    workflow = Workflow(type="plain", steps=[Step("a", lambda i, c: None)])
+    last = StepSucceeded({"x": 1}, '{"x":1}')
+    assert (
+        with_workflow_output(workflow, last, input={}, outputs={}, step=workflow.steps[0], attempt=1) is last
+    )
+
+
+@pytest.mark.parametrize(
+    ("output", "reason"),
+    [
+        (lambda input, outputs: outputs["missing"], "KeyError"),
+        (lambda input, outputs: {"n": float("nan")}, "not storable as JSON"),
+    ],
+)
+def test_a_shape_that_fails_fails_the_workflow_for_good(output: Any, reason: str) -> None:
+    workflow = shaped_workflow(output)
+    outcome = with_workflow_output(
+        workflow, StepSucceeded(None, "null"), input={}, outputs={}, step=workflow.steps[1], attempt=2
+    )
+    assert isinstance(outcome, StepFailed)
+    assert not outcome.retryable
+    assert outcome.error["type"] == "InvalidWorkflowOutput"
+    assert reason in outcome.error["message"]
+    assert (outcome.error["step"], outcome.error["attempt"]) == ("b", 2)
+
+
+async def test_an_exact_definition_reads_the_output_back_with_decimals() -> None:
+    async def execute(input: Any, ctx: WorkflowContext) -> dict[str, Any]:
+        return {"amount": Decimal("0.300000000000000001")}
+
+    exact = Workflow(type="exact", steps=[Step("s", execute)], exact_numbers=True)
+    outcome = await run_step(exact.steps[0], {}, context(), read_json=exact.read_json)
+    assert outcome == StepSucceeded(
+        {"amount": Decimal("0.300000000000000001")}, '{"amount":0.300000000000000001}'
+    )
