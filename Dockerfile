@@ -7,7 +7,7 @@ COPY engine ./engine
 COPY daemon ./daemon
 COPY sql ./sql
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir .
+    && /opt/venv/bin/pip install --no-cache-dir '.[chain]'
 
 # Runtime stage: the virtual environment only, run by an unprivileged user.
 FROM python:3.11-slim

@@ -51,8 +51,9 @@ def sample(run: str) -> list[tuple[str, dict[str, Any], str]]:
             {"contractCode": "0x", "contractName": "Empty"},
         ],
         "trade_execution": [
-            *({"tokenA": "ETH", "tokenB": "USDC", "amount": n + 1} for n in range(3)),
-            {"tokenA": "ETH", "tokenB": "DAI", "amount": 1, "slippage": 0.01},
+            *({"tokenA": "ETH", "tokenB": "USDC", "amount": f"{n}.5", "slippage": 0.01} for n in range(1, 4)),
+            # Slippage is a fraction: 0.0001 (0.01 %) is tighter than the sandbox settles.
+            {"tokenA": "ETH", "tokenB": "DAI", "amount": 1, "slippage": 0.0001},
         ],
         "ai_job_chain": [
             *({"audio": audio, "instruction": f"Answer #{n}"} for n in range(3)),

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Awaitable, Iterator
+from decimal import Decimal
 from enum import Enum
 from typing import Annotated, Any, Protocol
 from uuid import UUID
@@ -86,6 +88,13 @@ class StartRequest(BaseModel):
         description="your own key for this start (default: computed from type, user and input); "
         "reusing it for a different start is refused with 409",
     )
+
+
+async def exact_input(request: Request) -> dict[str, Any]:
+    """The `input` of a validated start request with its numbers as sent: a fraction read
+    as a binary float would lose digits of an amount (1.000000000000000001)."""
+    body: dict[str, Any] = json.loads(await request.body(), parse_float=Decimal)
+    return dict(body["input"])
 
 
 class WorkflowDetail(WorkflowRecord):
@@ -311,12 +320,15 @@ def add_admin_routes(app: FastAPI, service: WorkflowService) -> None:
         status_code=201,
         responses=START_ERRORS | {200: {"model": WorkflowRecord}},
     )
-    async def start_workflow(body: StartRequest, response: Response, actor: OperatorActor) -> WorkflowRecord:
+    async def start_workflow(
+        body: StartRequest, request: Request, response: Response, actor: OperatorActor
+    ) -> WorkflowRecord:
         """Start a workflow: 201 when created, 200 with the existing one on a duplicate key
         (409 if that key belongs to a different type, user or input)."""
+        input = await exact_input(request) if body.input else body.input
         try:
             result = await service.start(
-                body.type, body.input, body.user_id, body.wallet_address, idempotency_key=body.idempotency_key
+                body.type, input, body.user_id, body.wallet_address, idempotency_key=body.idempotency_key
             )
         except IdempotencyKeyConflictError as error:
             audit("start", actor, error.workflow_id, "refused", reason=str(error))

@@ -195,10 +195,13 @@ def _warn_about_sandboxes(settings: Settings) -> None:
             message="THE BUILT-IN WORKFLOW TYPES TALK TO SANDBOXES, NOT TO REAL SERVICES: "
             "no chain, exchange or AI service is called (set WORKFLOWD_ADAPTERS=http for real ones)",
         )
-    elif settings.builtins:
+    elif settings.builtins and not (settings.exchange_url and settings.notifier_url):
+        sandboxed = [name for name, url in (("exchange", settings.exchange_url),
+                                             ("notifier", settings.notifier_url)) if not url]  # fmt: skip
         LOG.warning(
             "sandbox_adapters",
-            message="the exchange and the notifier of the built-in types have no HTTP adapter yet: SANDBOXES",
+            message=f"the built-in types' {' and '.join(sandboxed)} are SANDBOXES "
+            "(set WORKFLOWD_EXCHANGE_URL and WORKFLOWD_NOTIFIER_URL for real ones)",
         )
 
 

@@ -99,10 +99,19 @@ class Settings(BaseSettings):
     # transient failures (0 to 1).
     sandbox_latency_ms: float = Field(0.0, ge=0)
     sandbox_failure_rate: float = Field(0.0, ge=0, le=1)
-    # The HTTP adapters: an EVM JSON-RPC node (deployments are sent from `chain_deployer`,
-    # an account the node or its signing proxy holds) and an OpenAI-compatible AI API.
+    # The HTTP adapters: an EVM JSON-RPC node, an OpenAI-compatible AI API, and, when
+    # their URLs are set, an exchange and a notifier over REST (else sandboxes).
+    # Deployments are signed with `chain_private_key` (eth-account, the `chain` extra),
+    # or by a signer that holds the key of `chain_deployer` (`eth_signTransaction` on
+    # `chain_signer_url`, by default the node itself: Web3Signer, Clef, an unlocked node).
     chain_rpc_url: str | None = None
     chain_deployer: str | None = None
+    chain_private_key: SecretStr | None = None
+    chain_signer_url: str | None = None
+    exchange_url: str | None = None
+    exchange_api_key: SecretStr | None = None
+    notifier_url: str | None = None
+    notifier_api_key: SecretStr | None = None
     ai_base_url: str | None = None
     ai_api_key: SecretStr | None = None
     ai_chat_model: str = "gpt-4o-mini"

@@ -56,6 +56,9 @@ class WorkflowRecord(_Record):
 class StepRecord(_Record):
     """One row of `workflow_steps`."""
 
+    # The step row's own id (the seed's schema); None for a row made before migration
+    # 0010 and not backfilled since.
+    id: UUID | None = None
     workflow_id: UUID
     step_index: int
     step_name: str

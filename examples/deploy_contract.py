@@ -33,6 +33,7 @@ async def main() -> None:
         finished = await service.get_workflow(workflow.id)
         output = finished.output
         print(f"contract address {output['contractAddress']}, verified {output['verification']['verified']}")
+        print(f"transaction hash {output['transactionHash']}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Execute a trade and wait for it to complete (the seed's `workflow.on('completed')`).
+"""Execute a trade and wait for it to complete (the seed's `workflow.on('completed')`),
+then read the seed's `result.output.tradeHash`. Slippage is a fraction: 0.01 is 1 %.
 
     DATABASE_URL=... python examples/execute_trade.py
 
@@ -17,11 +18,14 @@ async def main() -> None:
     async with WorkflowService.connect(os.environ["DATABASE_URL"]) as service:
         trade = await service.start_workflow(
             "trade_execution",
-            {"tokenA": "ETH", "tokenB": "USDC", "amount": 1.5, "slippage": 0.5},
+            {"tokenA": "ETH", "tokenB": "USDC", "amount": 1.5, "slippage": 0.01},
             user_id="example-trader",
         )
-        finished = await service.wait_for(trade.id, timeout=60)
-        print(f"trade {finished.id} is {finished.state}: {finished.output}")
+        result = await service.wait_for(trade.id, timeout=60)
+        print(f"trade {result.id} is {result.state}")
+        fill = result.output
+        sold, bought = f"{fill['amountIn']} {fill['tokenA']}", f"{fill['amountOut']} {fill['tokenB']}"
+        print(f"trade hash {fill['tradeHash']}: {sold} for {bought}")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from engine.builtin.adapters import Adapters
 from engine.builtin.ai import ai_job_chain
-from engine.builtin.chain import contract_deployment, indexing_verification
+from engine.builtin.chain import contract_deployments, indexing_verification
 from engine.builtin.rewards import reward_grant
 from engine.builtin.sandbox import sandbox_adapters
-from engine.builtin.trade import trade_execution
+from engine.builtin.trade import trade_executions
 from engine.definitions import Workflow
 
 BUILTIN_TYPES = (
@@ -22,8 +22,8 @@ BUILTIN_TYPES = (
 def builtin_workflows(adapters: Adapters) -> list[Workflow]:
     """The five built-in workflow types, served by every daemon unless turned off."""
     return [
-        contract_deployment(adapters.chain),
-        trade_execution(adapters.exchange),
+        *contract_deployments(adapters.chain),
+        *trade_executions(adapters.exchange),
         ai_job_chain(adapters.ai),
         indexing_verification(adapters.chain),
         reward_grant(adapters.notifier),

@@ -9,16 +9,33 @@ services over HTTP (engine.builtin.http_clients).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Protocol
+
+from engine.builtin.evm import Deployer
 
 
 class ChainClient(Protocol):
     """An EVM chain: deploy and inspect contracts, read event logs."""
 
+    async def deployer(self, *, idempotency_key: str) -> Deployer:
+        """The account that signs deployments: its chain, address and pending nonce."""
+
+    async def sign_deployment(
+        self, data: str, nonce: int, deployer: Deployer, *, idempotency_key: str
+    ) -> dict[str, str]:
+        """Sign, without sending, the transaction that deploys `data` (bytecode and
+        constructor arguments) with `nonce`: {rawTransaction, transactionHash}."""
+
+    async def send_raw_transaction(self, raw_tx: str, *, idempotency_key: str) -> str:
+        """Send a signed transaction; returns its hash. Sending the same bytes again is
+        harmless: a node that holds them, or mined them, answers with the same hash."""
+
     async def deploy_contract(
         self, bytecode: str, constructor_args: list[Any], *, idempotency_key: str
     ) -> str:
-        """Send the deployment transaction; returns its hash."""
+        """Send the deployment transaction for the node to sign (version 1 of
+        contract_deployment, kept for its workflows in flight); returns its hash."""
 
     async def get_receipt(self, tx_hash: str, *, idempotency_key: str) -> dict[str, Any] | None:
         """The receipt ({status, contractAddress, blockNumber}), or None while pending."""
@@ -37,9 +54,11 @@ class Exchange(Protocol):
     """A trading venue."""
 
     async def execute_trade(
-        self, token_a: str, token_b: str, amount: float, slippage: float, *, idempotency_key: str
+        self, token_a: str, token_b: str, amount: Decimal, slippage: Decimal, *, idempotency_key: str
     ) -> dict[str, Any]:
-        """Swap `amount` of token_a for token_b; returns {trade_id, amount_in, amount_out, price}."""
+        """Swap `amount` of token_a for token_b, accepting a price up to `slippage` (a
+        fraction) worse than quoted; returns {trade_id, tradeHash, amount_in, amount_out,
+        price}, amounts as decimal strings."""
 
     async def confirm_trade(self, trade_id: str, *, idempotency_key: str) -> dict[str, Any]:
         """Wait for settlement; returns {trade_id, status}."""

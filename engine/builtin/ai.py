@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -19,6 +20,16 @@ class AIJobInput(BaseModel):
     instruction: str = Field(default=DEFAULT_INSTRUCTION, max_length=4000)
 
 
+def ai_output(input: Mapping[str, Any], outputs: Mapping[str, Any]) -> dict[str, Any]:
+    """What a finished job returns: what was heard, the model's reply, and the spoken
+    reply (base64, as the speech service returned it)."""
+    return {
+        "transcript": outputs["speech_to_text"]["transcript"],
+        "reply": outputs["llm"]["completion"],
+        "audio": outputs["text_to_speech"]["audio"],
+    }
+
+
 def ai_job_chain(ai: AIClient) -> Workflow:
     """Transcribe the audio, answer it with the language model, speak the answer."""
 
@@ -32,17 +43,14 @@ def ai_job_chain(ai: AIClient) -> Workflow:
 
     async def text_to_speech(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, str]:
         completion = ctx.outputs["llm"]["completion"]
-        return {
-            "transcript": ctx.outputs["speech_to_text"]["transcript"],
-            "completion": completion,
-            "audio": await ai.speak(completion, idempotency_key=ctx.idempotency_key),
-        }
+        return {"audio": await ai.speak(completion, idempotency_key=ctx.idempotency_key)}
 
     return Workflow(
         type="ai_job_chain",
         name="AI job chain",
         description="Speech to text, a language model, text to speech.",
         input_model=AIJobInput,
+        output=ai_output,
         steps=[
             Step("speech_to_text", speech_to_text, timeout=120),
             Step("llm", llm, timeout=120),

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
 
 from engine import PermanentError, Step, Workflow, WorkflowContext
 from engine.builtin.adapters import ChainClient
+from engine.builtin.evm import Deployer, encode_constructor_args
+from engine.definitions import ExecuteFn
 
 RECEIPT_POLL_SECONDS = 1.0
 RECEIPT_WAIT_SECONDS = 120.0
@@ -38,8 +41,9 @@ class IndexingInput(BaseModel):
         return self
 
 
-async def wait_for_receipt(chain: ChainClient, tx_hash: str, key: str) -> dict[str, Any]:
-    """Poll for a transaction's receipt; a reverted or missing one fails the step."""
+async def receipt_of(chain: ChainClient, tx_hash: str, key: str) -> dict[str, Any]:
+    """Poll for a transaction's receipt, for at most RECEIPT_WAIT_SECONDS (the step then
+    times out and is retried); a reverted one fails the step for good."""
     async with asyncio.timeout(RECEIPT_WAIT_SECONDS):
         while True:  # the chain offers no push: poll it
             receipt = await chain.get_receipt(tx_hash, idempotency_key=key)
@@ -51,42 +55,104 @@ async def wait_for_receipt(chain: ChainClient, tx_hash: str, key: str) -> dict[s
     return receipt
 
 
-def contract_deployment(chain: ChainClient) -> Workflow:
-    """deploy_contract -> index_contract -> verify_contract."""
+ALLOCATE_NONCE = """
+INSERT INTO chain_nonces (chain_id, address, next_nonce)
+VALUES (%(chain_id)s, lower(%(address)s), %(pending)s + 1)
+ON CONFLICT (chain_id, address) DO UPDATE
+SET next_nonce = greatest(chain_nonces.next_nonce, %(pending)s) + 1, updated_at = now()
+RETURNING next_nonce - 1
+"""
+
+
+async def allocate_nonce(ctx: WorkflowContext, deployer: Deployer) -> int:
+    """The next nonce of the deploying account, in the signing step's own transaction
+    (sql/migrations/0009_chain_nonces.sql): held by no other deployment, and spent only
+    if the signed transaction is stored with it."""
+    assert ctx.connection is not None  # transactional
+    values = {"chain_id": deployer.chain_id, "address": deployer.address, "pending": deployer.pending_nonce}
+    cursor = await ctx.connection.execute(ALLOCATE_NONCE, values)
+    row = await cursor.fetchone()
+    assert row is not None  # an upsert returns its row
+    return int(row[0])
+
+
+def deployment_output(input: Mapping[str, Any], outputs: Mapping[str, Any]) -> dict[str, Any]:
+    """What a finished deployment returns: the seed's `contractAddress` and
+    `transactionHash`, where it landed, and its verification."""
+    deployed = outputs["wait_for_receipt"]
+    return {
+        "contractName": input["contractName"],
+        "contractAddress": deployed["contractAddress"],
+        "transactionHash": deployed["transactionHash"],
+        "blockNumber": deployed["blockNumber"],
+        "verification": outputs["verify_contract"]["verification"],
+    }
+
+
+def contract_deployments(chain: ChainClient) -> list[Workflow]:
+    """Version 2, which signs, sends and waits in steps of their own so that a deployment
+    never doubles; and version 1, one step that sends for the node to sign, kept for the
+    deployments it started until none is left (`workflowd versions`)."""
+    index_contract, verify_contract = contract_bookkeeping(chain, "wait_for_receipt")
+
+    async def sign_deployment(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
+        if input["contractCode"] in ("", "0x"):
+            raise PermanentError("the contract bytecode is empty")
+        data = input["contractCode"] + encode_constructor_args(input.get("constructorArgs", []))
+        deployer = await chain.deployer(idempotency_key=ctx.idempotency_key)
+        nonce = await allocate_nonce(ctx, deployer)
+        signed = await chain.sign_deployment(data, nonce, deployer, idempotency_key=ctx.idempotency_key)
+        return {"chainId": deployer.chain_id, "from": deployer.address, "nonce": nonce, **signed}
+
+    async def send_transaction(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
+        # The same signed bytes on every attempt: a resend after a lost answer is the
+        # same transaction, which the node already holds, never a second deployment.
+        signed = ctx.outputs["sign_deployment"]
+        sent = await chain.send_raw_transaction(signed["rawTransaction"], idempotency_key=ctx.idempotency_key)
+        if sent.lower() != signed["transactionHash"].lower():
+            raise PermanentError(
+                f"the node took the transaction as {sent}, signed as {signed['transactionHash']}"
+            )
+        return {"transactionHash": signed["transactionHash"]}
+
+    async def wait_for_receipt(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
+        tx_hash = ctx.outputs["send_transaction"]["transactionHash"]
+        receipt = await receipt_of(chain, tx_hash, ctx.idempotency_key)
+        return {"transactionHash": tx_hash, "contractAddress": receipt["contractAddress"],
+                "blockNumber": receipt["blockNumber"]}  # fmt: skip
+
+    v2 = Workflow(
+        type="contract_deployment",
+        version=2,
+        name="Contract deployment",
+        description="Sign a deployment, send it, wait for its receipt, index the contract, verify its code.",
+        input_model=ContractDeploymentInput,
+        output=deployment_output,
+        steps=[
+            Step("sign_deployment", sign_deployment, transactional=True, timeout=60),
+            Step("send_transaction", send_transaction, timeout=60),
+            Step("wait_for_receipt", wait_for_receipt, timeout=RECEIPT_WAIT_SECONDS + 30),
+            Step("index_contract", index_contract, transactional=True),
+            Step("verify_contract", verify_contract, timeout=60),
+        ],
+    )
+    return [v2, contract_deployment_v1(chain)]
+
+
+def contract_deployment_v1(chain: ChainClient) -> Workflow:
+    """deploy_contract -> index_contract -> verify_contract, as released first."""
+    index_contract, verify_contract = contract_bookkeeping(chain, "deploy_contract")
 
     async def deploy_contract(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
         key = ctx.idempotency_key
         tx_hash = await chain.deploy_contract(
             input["contractCode"], input.get("constructorArgs", []), idempotency_key=key
         )
-        receipt = await wait_for_receipt(chain, tx_hash, key)
+        receipt = await receipt_of(chain, tx_hash, key)
         return {
             "transactionHash": tx_hash,
             "contractAddress": receipt["contractAddress"],
             "blockNumber": receipt["blockNumber"],
-        }
-
-    async def index_contract(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
-        deployed = ctx.outputs["deploy_contract"]
-        assert ctx.connection is not None  # transactional
-        await ctx.connection.execute(
-            "INSERT INTO indexed_contracts (address, name, transaction_hash, block_number, workflow_id) "
-            "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (address) DO NOTHING",
-            (deployed["contractAddress"], input["contractName"], deployed["transactionHash"],
-             deployed["blockNumber"], ctx.workflow_id),
-        )  # fmt: skip
-        return {"indexed": True, "contractAddress": deployed["contractAddress"]}
-
-    async def verify_contract(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
-        deployed = ctx.outputs["deploy_contract"]
-        code = await chain.get_code(deployed["contractAddress"], idempotency_key=ctx.idempotency_key)
-        if code in ("", "0x"):
-            raise PermanentError(f"no code at {deployed['contractAddress']}: the deployment did not stick")
-        return {
-            "contractName": input["contractName"],
-            "contractAddress": deployed["contractAddress"],
-            "transactionHash": deployed["transactionHash"],
-            "verification": {"verified": True, "codeSize": (len(code) - 2) // 2},
         }
 
     return Workflow(
@@ -100,6 +166,36 @@ def contract_deployment(chain: ChainClient) -> Workflow:
             Step("verify_contract", verify_contract, timeout=60),
         ],
     )
+
+
+def contract_bookkeeping(chain: ChainClient, deployed_by: str) -> tuple[ExecuteFn, ExecuteFn]:
+    """index_contract and verify_contract, reading the deployment from the output of
+    step `deployed_by` ({transactionHash, contractAddress, blockNumber})."""
+
+    async def index_contract(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
+        deployed = ctx.outputs[deployed_by]
+        assert ctx.connection is not None  # transactional
+        await ctx.connection.execute(
+            "INSERT INTO indexed_contracts (address, name, transaction_hash, block_number, workflow_id) "
+            "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (address) DO NOTHING",
+            (deployed["contractAddress"], input["contractName"], deployed["transactionHash"],
+             deployed["blockNumber"], ctx.workflow_id),
+        )  # fmt: skip
+        return {"indexed": True, "contractAddress": deployed["contractAddress"]}
+
+    async def verify_contract(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
+        deployed = ctx.outputs[deployed_by]
+        code = await chain.get_code(deployed["contractAddress"], idempotency_key=ctx.idempotency_key)
+        if code in ("", "0x"):
+            raise PermanentError(f"no code at {deployed['contractAddress']}: the deployment did not stick")
+        return {
+            "contractName": input["contractName"],
+            "contractAddress": deployed["contractAddress"],
+            "transactionHash": deployed["transactionHash"],
+            "verification": {"verified": True, "codeSize": (len(code) - 2) // 2},
+        }
+
+    return index_contract, verify_contract
 
 
 def indexing_verification(chain: ChainClient) -> Workflow:

@@ -14,16 +14,24 @@ import base64
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from engine.builtin.adapters import Adapters
+from engine.builtin.evm import Deployer
+from engine.builtin.money import amount_text
 from engine.errors import PermanentError
 
 SANDBOX_BLOCK_HEIGHT = 1_000_000
+SANDBOX_CHAIN_ID = 31337  # the chain id local development chains use
 MAX_INJECTED_FAILURES_PER_KEY = 2
-# The sandbox refuses slippage tolerances below this, at confirmation: a realistic way
-# to make a trade fail after it executed, so its compensation (an unwind) runs.
-SANDBOX_MIN_SLIPPAGE_PERCENT = 0.1
+# The sandbox refuses slippage tolerances below this fraction (0.1 %), at confirmation:
+# a realistic way to make a trade fail after it executed, so its compensation (an
+# unwind) runs.
+SANDBOX_MIN_SLIPPAGE = Decimal("0.001")
+# Prices to 8 decimals, fills to 18 (a token's smallest unit).
+PRICE_QUANTUM = Decimal("1e-8")
+FILL_QUANTUM = Decimal("1e-18")
 
 
 class SandboxUnavailableError(Exception):
@@ -66,9 +74,26 @@ class SandboxFaults:
 
 @dataclass
 class SandboxChain:
-    """A sandbox EVM chain: every deployment succeeds (unless its bytecode is empty)."""
+    """A sandbox EVM chain: every deployment succeeds (unless its bytecode is empty).
+    No keys: a "signed" transaction is a digest of what it would carry."""
 
     faults: SandboxFaults
+
+    async def deployer(self, *, idempotency_key: str) -> Deployer:
+        await self.faults.enter("deployer", idempotency_key)
+        # Stateless: the node counts no pending transactions; chain_nonces counts them.
+        return Deployer(SANDBOX_CHAIN_ID, "0x" + digest("sandbox-deployer")[:40], 0)
+
+    async def sign_deployment(
+        self, data: str, nonce: int, deployer: Deployer, *, idempotency_key: str
+    ) -> dict[str, str]:
+        await self.faults.enter("sign_deployment", idempotency_key)
+        raw = "0x" + digest("raw", deployer.chain_id, deployer.address, nonce, data)
+        return {"rawTransaction": raw, "transactionHash": "0x" + digest("tx", raw)}
+
+    async def send_raw_transaction(self, raw_tx: str, *, idempotency_key: str) -> str:
+        await self.faults.enter("send_raw_transaction", idempotency_key)
+        return "0x" + digest("tx", raw_tx)
 
     async def deploy_contract(
         self, bytecode: str, constructor_args: list[Any], *, idempotency_key: str
@@ -118,18 +143,20 @@ class SandboxExchange:
     faults: SandboxFaults
 
     async def execute_trade(
-        self, token_a: str, token_b: str, amount: float, slippage: float, *, idempotency_key: str
+        self, token_a: str, token_b: str, amount: Decimal, slippage: Decimal, *, idempotency_key: str
     ) -> dict[str, Any]:
         await self.faults.enter("execute_trade", idempotency_key)
-        price = 0.5 + int(digest("price", token_a, token_b)[:6], 16) / 0xFFFFFF * 2
+        spread = Decimal(int(digest("price", token_a, token_b)[:6], 16)) / 0xFFFFFF * 2
+        price = (Decimal("0.5") + spread).quantize(PRICE_QUANTUM)
         # Stateless: the trade id carries what confirmation needs to know.
-        tight = "tight-" if slippage < SANDBOX_MIN_SLIPPAGE_PERCENT else ""
+        tight = "tight-" if slippage < SANDBOX_MIN_SLIPPAGE else ""
         return {
             "trade_id": f"trade-{tight}" + digest("trade", idempotency_key)[:16],
-            "amount_in": amount,
-            "amount_out": round(amount * price, 8),
-            "price": round(price, 8),
-            "slippage": slippage,
+            "tradeHash": "0x" + digest("trade-hash", idempotency_key),
+            "amount_in": amount_text(amount),
+            "amount_out": amount_text((amount * price).quantize(FILL_QUANTUM)),
+            "price": amount_text(price),
+            "slippage": amount_text(slippage),
         }
 
     async def confirm_trade(self, trade_id: str, *, idempotency_key: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import base64
 import random
 import signal
 import time
+from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -54,7 +55,7 @@ def test_contract_deployment_deploys_indexes_and_verifies(
     assert empty.error == {
         "type": "PermanentError",
         "message": "the contract bytecode is empty",
-        "step": "deploy_contract",
+        "step": "sign_deployment",
         "attempt": 1,
     }
 
@@ -64,22 +65,25 @@ def test_trade_execution_books_the_portfolio_and_a_failed_trade_is_unwound(
 ) -> None:
     daemons.start()
     (settled, slipped) = run(db_url, [
-        ("trade_execution", {"tokenA": "ETH", "tokenB": "USDC", "amount": 2, "slippage": 0.5}, "trader"),
-        ("trade_execution", {"tokenA": "ETH", "tokenB": "DAI", "amount": 1, "slippage": 0.01}, "trader"),
+        ("trade_execution", {"tokenA": "ETH", "tokenB": "USDC", "amount": 2, "slippage": 0.005}, "trader"),
+        ("trade_execution", {"tokenA": "ETH", "tokenB": "DAI", "amount": 1, "slippage": 0.0001}, "trader"),
     ])  # fmt: skip
     assert settled.state is WorkflowState.COMPLETED
-    booked = settled.output["booked"]
-    assert booked["ETH"] == -2
-    assert booked["USDC"] > 0
+    assert settled.output["amountIn"] == "2"
+    booked = {
+        token: Decimal(delta)
+        for token, delta in db.execute(
+            "SELECT token, delta::text FROM portfolio_movements WHERE workflow_id = %s", (settled.id,)
+        ).fetchall()
+    }
+    assert booked == {"ETH": Decimal(-2), "USDC": Decimal(settled.output["amountOut"])}
     assert slipped.state is WorkflowState.COMPENSATED
     assert slipped.error is not None
     assert "slippage" in slipped.error["message"]
     positions = dict(
-        db.execute(
-            "SELECT token, amount::float8 FROM portfolio_positions WHERE user_id = 'trader'"
-        ).fetchall()
+        db.execute("SELECT token, amount FROM portfolio_positions WHERE user_id = 'trader'").fetchall()
     )
-    assert positions == {"ETH": -2.0, "USDC": booked["USDC"]}  # the slipped trade never reached the books
+    assert positions == booked  # the slipped trade never reached the books
     unwound = db.execute(
         "SELECT to_state FROM workflow_events WHERE workflow_id = %s AND step_name = 'execute_trade' ORDER BY id",
         (slipped.id,),
@@ -129,8 +133,8 @@ def test_ai_job_chain_transcribes_answers_and_speaks(daemons: Daemons, db_url: s
     ])  # fmt: skip
     assert job.state is WorkflowState.COMPLETED
     assert job.output["transcript"].startswith("sandbox transcript of 24 bytes")
-    assert job.output["completion"].startswith("sandbox completion")
-    assert base64.b64decode(job.output["audio"]).decode().startswith("sandbox speech: sandbox completion")
+    assert job.output["reply"].startswith("sandbox completion")
+    assert base64.b64decode(job.output["audio"]).decode() == f"sandbox speech: {job.output['reply']}"
     assert broken.state is WorkflowState.FAILED
     assert broken.error is not None
     assert broken.error["message"] == "the audio is not valid base64"
@@ -165,7 +169,10 @@ def test_reward_grant_grants_once_and_revokes_when_the_user_cannot_be_told(
         ("reward_grant", {"amount": 50_000, "reason": "typo"}, "carol"),
     ])  # fmt: skip
     assert granted.state is WorkflowState.COMPLETED
-    assert granted.output["message"] == "You received 50 for referral."
+    assert granted.output == {
+        "grantId": str(granted.id), "amount": "50", "userId": "alice", "notified": "alice",
+        "message": "You received 50 for referral.",
+    }  # fmt: skip
     assert unreachable.state is WorkflowState.COMPENSATED
     assert too_big.state is WorkflowState.COMPENSATED  # failed at validate: nothing to undo
     ledger = db.execute(

