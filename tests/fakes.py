@@ -16,12 +16,16 @@ from typing import Any
 
 import rlp  # type: ignore[import-untyped]  # eth-account's RLP, untyped
 import uvicorn
-from eth_account import Account
-from eth_utils.crypto import keccak
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from daemon.local_postgres import free_port
+from engine.builtin.http_clients import eth_account_library
+
+# Imported the daemon's way, which keeps this process's recursion limit (tests of deep
+# JSON rely on it).
+Account = eth_account_library().Account
+keccak = eth_account_library().keccak
 
 
 @dataclass

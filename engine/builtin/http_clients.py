@@ -11,7 +11,9 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import sys
 from decimal import Decimal
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -51,10 +53,22 @@ ALREADY_SENT = ("already known", "known transaction", "alreadyknown", "already i
 
 def keccak_hex(raw: bytes) -> str:
     """A transaction's hash: keccak-256 of its signed bytes (eth-account's, the `chain` extra)."""
-    # The chain extra, imported only by a daemon that signs: the rest never needs it.
-    from eth_utils.crypto import keccak  # noqa: PLC0415
+    digest: bytes = eth_account_library().keccak(raw)
+    return "0x" + digest.hex()
 
-    return "0x" + keccak(raw).hex()
+
+def eth_account_library() -> SimpleNamespace:
+    """eth-account's `Account` and `keccak` (the `chain` extra: imported only by a
+    daemon that signs), keeping the process's recursion limit: py_ecc, which eth-account
+    imports, raises it to 100,000 for itself, and with that limit a deeply nested JSON
+    value could overflow the C stack of the daemon reading it instead of being refused."""
+    limit = sys.getrecursionlimit()
+    try:
+        from eth_account import Account  # noqa: PLC0415
+        from eth_utils.crypto import keccak  # noqa: PLC0415
+    finally:
+        sys.setrecursionlimit(limit)
+    return SimpleNamespace(Account=Account, keccak=keccak)
 
 
 class LocalKeySigner:
@@ -62,9 +76,7 @@ class LocalKeySigner:
     eth-account."""
 
     def __init__(self, private_key: str) -> None:
-        from eth_account import Account  # noqa: PLC0415  # the chain extra, as keccak_hex
-
-        self.account = Account.from_key(private_key)
+        self.account = eth_account_library().Account.from_key(private_key)
         self.address: str = self.account.address
 
     async def sign(self, tx: dict[str, Any], *, idempotency_key: str) -> str:

@@ -10,11 +10,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from eth_account import Account
 
 from engine import WorkflowRecord, WorkflowService, WorkflowState
 from tests.e2e.conftest import Daemons
-from tests.fakes import CHAIN_ID, NODE_KEY, Behaviour, Mempool, fake_ai, fake_chain, serving
+from tests.fakes import CHAIN_ID, NODE_KEY, Account, Behaviour, Mempool, fake_ai, fake_chain, serving
 
 DAEMON_KEY = "0x" + "2b" * 32
 DEPLOYMENTS = 3

@@ -10,12 +10,11 @@ from typing import Any
 
 import psycopg
 import pytest
-from eth_account import Account
 
 from engine import PermanentError, WorkflowService, WorkflowState
 from engine.builtin.http_clients import JsonRpc, JsonRpcChain, OpenAICompatibleAI, ServiceUnavailableError
 from tests.e2e.conftest import Daemons
-from tests.fakes import NODE_KEY, Behaviour, fake_ai, fake_chain, serving
+from tests.fakes import NODE_KEY, Account, Behaviour, fake_ai, fake_chain, serving
 
 DEPLOYER = "0x" + "99" * 20
 

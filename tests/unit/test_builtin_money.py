@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +18,7 @@ from engine.builtin.money import amount_text
 from engine.builtin.trade import TradeInput, TradeInputInPercent
 
 TRADE = {"tokenA": "ETH", "tokenB": "USDC"}
+ROOT = Path(__file__).parents[2]
 
 
 def trade_definition(version: int) -> object:
@@ -76,3 +80,15 @@ def test_the_sandbox_fills_to_the_last_digit() -> None:
     assert Decimal(fill["amount_out"]) == (amount * Decimal(fill["price"])).quantize(Decimal("1e-18"))
     assert amount_text(Decimal("2.50")) == "2.5"
     assert amount_text(Decimal("1E+2")) == "100"
+
+
+def test_the_signing_library_leaves_the_recursion_limit_alone() -> None:
+    # py_ecc, imported by eth-account, raises it to 100,000: a daemon must keep its own,
+    # or a deeply nested JSON value could overflow its C stack instead of being refused.
+    program = (
+        "import sys; before = sys.getrecursionlimit()\n"
+        "from engine.builtin.http_clients import eth_account_library\n"
+        "eth_account_library().Account.create()\n"
+        "assert sys.getrecursionlimit() == before, sys.getrecursionlimit()\n"
+    )
+    subprocess.run([sys.executable, "-c", program], check=True, cwd=ROOT)
