@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import select
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,29 @@ def test_plain_sql_insert_creates_a_valid_pending_workflow_due_now(
         row["lease_token"],
     ) == (0, 0, None, None)
     assert row["cancel_requested"] is False
+
+
+def test_new_ids_are_uuidv7_ordered_by_their_creation(db: psycopg.Connection[Any]) -> None:
+    ids = []
+    for n in range(3):
+        (workflow_id,) = db.execute(
+            "INSERT INTO workflows (type, input, user_id) VALUES ('t', jsonb_build_object('n', %s::int), 'u') "
+            "RETURNING id",
+            (n,),
+        ).fetchone()  # type: ignore[misc]
+        ids.append(workflow_id)
+        time.sleep(0.002)  # a new millisecond: the order of ids within one is random
+    assert [workflow_id.version for workflow_id in ids] == [7, 7, 7]
+    assert ids == sorted(ids)
+    (created_ms,) = db.execute("SELECT (extract(epoch FROM created_at) * 1000)::bigint FROM workflows WHERE id = %s",
+                               (ids[0],)).fetchone()  # type: ignore[misc]  # fmt: skip
+    assert abs((ids[0].int >> 80) - created_ms) < 1000  # the first 48 bits are its creation, in ms
+    (step_id,) = db.execute(
+        "INSERT INTO workflow_steps (workflow_id, step_index, step_name, idempotency_key) "
+        "VALUES (%s, 0, 's', 'k') RETURNING id",
+        (ids[0],),
+    ).fetchone()  # type: ignore[misc]
+    assert step_id.version == 7
 
 
 def test_duplicate_sql_insert_is_refused_and_on_conflict_do_nothing_works(
