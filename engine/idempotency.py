@@ -67,12 +67,22 @@ def _number(number: float | Decimal) -> str:
     exact = Decimal(repr(number)) if isinstance(number, float) else number
     if not exact.is_finite():
         raise UnstorableValueError(f"{number} is not a JSON number")
+    # Checked before the digits are written out: 1e999999999, read as a Decimal, would
+    # otherwise become a billion characters.
+    exponent = int(exact.as_tuple().exponent)  # an int: the number is finite
+    if exact and (exponent < -NUMERIC_MAX_SCALE or exact.adjusted() >= NUMERIC_MAX_INTEGER_DIGITS):
+        raise UnstorableValueError(f"{str(exact)[:40]} is beyond the range of PostgreSQL's numeric")
     if exact == 0:
         return "0"  # PostgreSQL's numeric has no negative zero.
     # Fixed-point with every digit (no context rounding), then trim_scale's trimming.
     text = format(exact, "f")
     return text.rstrip("0").rstrip(".") if "." in text else text
 
+
+# PostgreSQL's numeric (and so jsonb's numbers): at most 131,072 digits before the
+# decimal point and 16,383 after it.
+NUMERIC_MAX_INTEGER_DIGITS = 131_072
+NUMERIC_MAX_SCALE = 16_383
 
 # A \u0000 escape that is not itself an escaped backslash followed by "u0000".
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")

@@ -62,6 +62,21 @@ def test_amounts_are_booked_to_the_last_digit_from_every_way_in(
         env={**os.environ, "DATABASE_URL": db_url}, cwd=ROOT, check=True, capture_output=True,
     )  # fmt: skip
 
+    # A number beyond PostgreSQL's numeric, read exactly, is refused in one line, fast: as
+    # a Decimal it would otherwise have been written out as a billion digits.
+    huge = '{"type": "trade_execution", "input": {"tokenA": "ETH", "tokenB": "USDC", "amount": 1e999999999}}'
+    refused = httpx.post(f"{daemon.url}/admin/workflows", content=huge, timeout=5,
+                         headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})  # fmt: skip
+    assert refused.status_code == 422
+    assert "beyond the range of PostgreSQL's numeric" in refused.json()["detail"]
+    cli = subprocess.run(
+        [sys.executable, "-m", "daemon", "start", "trade_execution", "--user", "cli", "--input", '{"amount": 1e-99999}'],
+        env={**os.environ, "DATABASE_URL": db_url}, cwd=ROOT, check=False, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert cli.returncode == 1
+    assert "beyond the range of PostgreSQL's numeric" in cli.stderr
+    assert len(cli.stderr.strip().splitlines()) == 1
+
     # Python, with decimal strings and a Decimal.
     async def start_from_python() -> None:
         async with WorkflowService.connect(db_url) as service:

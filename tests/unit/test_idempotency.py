@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.errors import UnstorableValueError
-from engine.idempotency import canonical_json, step_idempotency_key, workflow_idempotency_key
+from engine.idempotency import canonical_json, json_text, step_idempotency_key, workflow_idempotency_key
 
 HEX64 = r"[0-9a-f]{64}"
 # PostgreSQL text cannot hold NUL, so canonical_json refuses it (tested below).
@@ -181,6 +181,20 @@ def test_non_finite_numbers_are_refused(number: Any) -> None:
         canonical_json(number)
     with pytest.raises(ValueError, match="not a JSON number"):
         canonical_json({"nested": [1, number]})
+
+
+@pytest.mark.parametrize("number", ["1e999999999", "1e-999999999", "1e131072", "1e-16384"])
+def test_a_decimal_beyond_postgresqls_numeric_is_refused_before_its_digits_are_written(number: str) -> None:
+    # A JSON number read exactly (the HTTP API, the CLI) could otherwise make a client's
+    # 11 bytes into a billion characters.
+    with pytest.raises(ValueError, match="beyond the range of PostgreSQL's numeric"):
+        json_text({"amount": Decimal(number)})
+
+
+def test_a_decimal_at_the_edges_of_numeric_is_kept_whole() -> None:
+    assert len(canonical_json(Decimal("1e131071"))) == 131_072
+    assert canonical_json(Decimal("1e-16383")) == "0." + "0" * 16_382 + "1"
+    assert canonical_json(Decimal("0e999999999")) == "0"
 
 
 # canonical_json: strings and keys
