@@ -193,10 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings_error(error: ValidationError) -> str:
+    """Each invalid setting as the variable the user set, with what they typed:
+    `WORKFLOWD_CONCURRENCY=abc: Input should be a valid integer`. (A secret is a
+    SecretStr, which takes any text, so no error here ever quotes one.)"""
     problems = []
     for detail in error.errors(include_url=False):
         name = ".".join(str(part) for part in detail["loc"])
-        problems.append(f"{name.upper()}: {detail['msg']}")
+        field = Settings.model_fields.get(name)  # None: the name is a seed alias (PORT)
+        variable = (
+            name.upper() if field is None else str(field.validation_alias or f"WORKFLOWD_{name.upper()}")
+        )
+        typed = f"={detail['input']}" if isinstance(detail.get("input"), str) else ""
+        problems.append(f"{variable}{typed}: {detail['msg']}")
     return "invalid setting " + "; ".join(problems)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from engine import WorkflowService
+from engine import WorkflowService, WorkflowState
 from engine.records import StepRecord, TimelineEvent, WorkflowRecord
 
 MESSAGE_WIDTH = 60
@@ -215,6 +215,15 @@ async def cmd_search(args: argparse.Namespace, service: WorkflowService) -> str:
     return workflows_table(found) if found else f"no workflow matches {args.query!r}"
 
 
+def workflow_state(text: str) -> WorkflowState:
+    """A state as typed on the command line, in any case; argparse shows the error."""
+    try:
+        return WorkflowState(text.lower())
+    except ValueError:
+        states = ", ".join(state.value for state in WorkflowState)
+        raise argparse.ArgumentTypeError(f"{text!r} is not a state: one of {states}") from None
+
+
 def add_operator_commands(commands: Any) -> None:
     """Register the operator commands on the CLI's subparsers."""
 
@@ -243,7 +252,7 @@ def add_operator_commands(commands: Any) -> None:
         "interrupted): check the outside service first",
     )
     listing = command("list", cmd_list, "workflows, newest first")
-    listing.add_argument("--state", default=None, help="only this state")
+    listing.add_argument("--state", type=workflow_state, default=None, help="only this state")
     listing.add_argument("--type", default=None, help="only this type")
     listing.add_argument("--user", default=None, help="only this user id")
     listing.add_argument("--page", type=int, default=1)

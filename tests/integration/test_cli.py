@@ -158,7 +158,34 @@ def test_a_database_without_the_schema_says_to_migrate(empty_db_url: str) -> Non
 
 def test_an_invalid_setting_is_one_clear_line(db_url: str) -> None:
     result = workflowd("migrate", env={"DATABASE_URL": db_url, "PORT": "eighty"})
-    assert_one_line_error(result, 2, "invalid setting PORT")
+    assert_one_line_error(result, 2, "invalid setting PORT=eighty: Input should be a valid integer")
+
+
+def test_an_invalid_setting_names_the_variable_the_user_set(db_url: str) -> None:
+    result = workflowd("list", env={"DATABASE_URL": db_url, "WORKFLOWD_CONCURRENCY": "abc"})
+    assert_one_line_error(
+        result, 2, "invalid setting WORKFLOWD_CONCURRENCY=abc: Input should be a valid integer"
+    )
+    result = workflowd("list", env={"DATABASE_URL": db_url, "WORKFLOWD_SANDBOX_FAILURE_RATE": "2"})
+    assert_one_line_error(
+        result, 2, "WORKFLOWD_SANDBOX_FAILURE_RATE=2: Input should be less than or equal to 1"
+    )
+
+
+def test_list_takes_a_state_in_any_case_and_names_the_states_for_a_wrong_one(
+    db_url: str, db: psycopg.Connection[Any]
+) -> None:
+    insert_workflow(db, type="payout", state="failed")
+    listed = workflowd("list", "--state", "FAILED", "--json", env={"DATABASE_URL": db_url})
+    assert listed.returncode == 0, listed.stderr
+    assert [item["state"] for item in json.loads(listed.stdout)["items"]] == ["failed"]
+    wrong = workflowd("list", "--state", "bogus", env={"DATABASE_URL": db_url})
+    assert wrong.returncode == 2
+    assert "Traceback" not in wrong.stderr
+    assert (
+        "argument --state: 'bogus' is not a state: one of pending, running, completed, failed, cancelled, "
+        "compensating, compensated"
+    ) in wrong.stderr
 
 
 def test_operator_commands_print_tables_and_json(db_url: str, db: psycopg.Connection[Any]) -> None:
