@@ -387,7 +387,8 @@ class Worker:
             )
         )  # fmt: skip
         # The definition decides: a row inserted by SQL learns requires_compensation only now.
-        if definition.requires_compensation and not claimed.compensating:
+        # Refused at its first claim, it ran nothing: failed, with nothing to undo.
+        if definition.requires_compensation and not claimed.compensating and not claimed.first_claim:
             await tx.begin_compensation(workflow_id=claimed.id, worker_id=self.id)
         else:
             self.metrics.workflows_finished.labels(claimed.type, "failed").inc()

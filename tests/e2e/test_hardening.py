@@ -78,6 +78,9 @@ def test_bad_rows_mixed_into_good_traffic_fail_alone_and_the_rest_completes(
         "InputValidationError": [
             insert_row(db, "INSERT INTO workflows (type, input) "
                            "VALUES ('validated', '{\"order_id\": \"x\"}') RETURNING id"),
+            # A saga refused before any step ran: failed, not "compensated" with nothing undone.
+            insert_row(db, "INSERT INTO workflows (type, input) "
+                           "VALUES ('trade_execution', '{\"tokenA\": \"ETH\"}') RETURNING id"),
         ],
     }  # fmt: skip
     insert_workflows(db, "three_steps", 50)
@@ -105,7 +108,7 @@ def test_bad_rows_mixed_into_good_traffic_fail_alone_and_the_rest_completes(
         "unreadable_input": 3.0,
         "definition_mismatch": 1.0,
         "invalid_row": 1.0,
-        "input_validation_error": 1.0,
+        "input_validation_error": 2.0,
     }
 
 
