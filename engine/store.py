@@ -30,6 +30,12 @@ Row = dict[str, Any]
 T = TypeVar("T")
 
 
+def stored_json(value: Any) -> Jsonb:
+    """A JSON value as the tables store it: through json_text, the one encoder, so that a
+    Decimal keeps every digit and what jsonb cannot hold is refused in one line."""
+    return Jsonb(value, dumps=json_text)
+
+
 @dataclass(frozen=True)
 class FailedAttempt:
     """A failed attempt of a step (or of its compensation), as the failure queries record it.
@@ -257,7 +263,7 @@ class Store:
             {
                 "type": type,
                 "version": version,
-                "input": Jsonb(input, dumps=json_text),  # a Decimal keeps every digit
+                "input": stored_json(input),
                 "user_id": user_id,
                 "wallet_address": wallet_address,
                 "total_steps": total_steps,
@@ -277,8 +283,12 @@ class Store:
         self, *, type: str, input: Any, user_id: str | None, idempotency_key: str | None = None
     ) -> Row | None:
         """The workflow that a start with these arguments (or with this key) maps to, if any."""
-        input_json = Jsonb(input, dumps=json_text)
-        params = {"type": type, "input": input_json, "user_id": user_id, "idempotency_key": idempotency_key}
+        params = {
+            "type": type,
+            "input": stored_json(input),
+            "user_id": user_id,
+            "idempotency_key": idempotency_key,
+        }
         return await self._one("get_workflow_by_start", params)
 
     async def get_workflow(self, workflow_id: UUID) -> Row | None:
