@@ -17,6 +17,9 @@ from pydantic import Field
 # Token amounts carry up to 18 decimals (an ERC-20's wei); a finer amount is a mistake.
 AMOUNT_DECIMALS = 18
 
+# A token's smallest unit (10^-18): fills are rounded to it.
+SMALLEST_UNIT = Decimal(1).scaleb(-AMOUNT_DECIMALS)
+
 Amount = Annotated[Decimal, Field(gt=0, decimal_places=AMOUNT_DECIMALS, allow_inf_nan=False)]
 
 

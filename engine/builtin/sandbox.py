@@ -19,7 +19,7 @@ from typing import Any
 
 from engine.builtin.adapters import Adapters
 from engine.builtin.evm import Deployer
-from engine.builtin.money import amount_text
+from engine.builtin.money import SMALLEST_UNIT, amount_text
 from engine.errors import PermanentError
 
 SANDBOX_BLOCK_HEIGHT = 1_000_000
@@ -29,9 +29,8 @@ MAX_INJECTED_FAILURES_PER_KEY = 2
 # a realistic way to make a trade fail after it executed, so its compensation (an
 # unwind) runs.
 SANDBOX_MIN_SLIPPAGE = Decimal("0.001")
-# Prices to 8 decimals, fills to 18 (a token's smallest unit).
+# Prices to 8 decimals; fills to a token's smallest unit.
 PRICE_QUANTUM = Decimal("1e-8")
-FILL_QUANTUM = Decimal("1e-18")
 
 
 class SandboxUnavailableError(Exception):
@@ -154,7 +153,7 @@ class SandboxExchange:
             "trade_id": f"trade-{tight}" + digest("trade", idempotency_key)[:16],
             "tradeHash": "0x" + digest("trade-hash", idempotency_key),
             "amount_in": amount_text(amount),
-            "amount_out": amount_text((amount * price).quantize(FILL_QUANTUM)),
+            "amount_out": amount_text((amount * price).quantize(SMALLEST_UNIT)),
             "price": amount_text(price),
             "slippage": amount_text(slippage),
         }
