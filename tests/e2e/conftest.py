@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -15,7 +16,9 @@ from typing import Any, TypeVar
 import psycopg
 import pytest
 
+from engine import WorkflowRecord, WorkflowService
 from tests.daemons import ROOT, Daemon, crash_events, launch
+from tests.fakes import Behaviour, fake_ai, fake_chain, serving
 from tests.invariants import create_side_tables, illegal_transitions
 from tests.replication import ReplicatedPair
 
@@ -121,6 +124,19 @@ def all_finished(db: psycopg.Connection[Any], count: int, state: str = "complete
     return states(db).get(state, 0) == count
 
 
+def run(
+    db_url: str, starts: list[tuple[str, dict[str, Any], str]], timeout: float = 30
+) -> list[WorkflowRecord]:
+    """Start workflows through the Python API and wait until each is finished."""
+
+    async def scenario() -> list[WorkflowRecord]:
+        async with WorkflowService.connect(db_url) as service:
+            started = [await service.start_workflow(type, input, user) for type, input, user in starts]
+            return [await service.wait_for(workflow.id, timeout=timeout) for workflow in started]
+
+    return asyncio.run(scenario())
+
+
 def assert_timeline_is_legal(db: psycopg.Connection[Any]) -> None:
     """Every recorded transition is an arrow of the state machines."""
     assert illegal_transitions(db) == []
@@ -131,3 +147,19 @@ def pair() -> Iterator[ReplicatedPair]:
     """A primary and a synchronous standby of the test's own."""
     with ReplicatedPair.temporary() as started:
         yield started
+
+
+@pytest.fixture
+def chain_service() -> Iterator[tuple[str, Behaviour]]:
+    """A simulated EVM node on loopback: its URL, and what it was asked."""
+    behaviour = Behaviour()
+    with serving(fake_chain(behaviour)) as url:
+        yield url, behaviour
+
+
+@pytest.fixture
+def ai_service() -> Iterator[tuple[str, Behaviour]]:
+    """A simulated OpenAI-compatible API on loopback: its base URL, and what it was asked."""
+    behaviour = Behaviour()
+    with serving(fake_ai(behaviour)) as url:
+        yield url + "/v1", behaviour

@@ -15,20 +15,7 @@ import psycopg
 
 from engine import WorkflowService, WorkflowState
 from engine.records import WorkflowRecord
-from tests.e2e.conftest import Daemons, assert_timeline_is_legal, wait_until
-
-
-def run(
-    db_url: str, starts: list[tuple[str, dict[str, Any], str]], timeout: float = 30
-) -> list[WorkflowRecord]:
-    """Start workflows through the Python API and wait until each is finished."""
-
-    async def scenario() -> list[WorkflowRecord]:
-        async with WorkflowService.connect(db_url) as service:
-            started = [await service.start_workflow(type, input, user) for type, input, user in starts]
-            return [await service.wait_for(workflow.id, timeout=timeout) for workflow in started]
-
-    return asyncio.run(scenario())
+from tests.e2e.conftest import Daemons, assert_timeline_is_legal, run, wait_until
 
 
 def test_contract_deployment_deploys_indexes_and_verifies(

@@ -4,16 +4,15 @@ recovers their senders from the signatures, and can lose an answer after doing t
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
 
-from engine import WorkflowRecord, WorkflowService, WorkflowState
-from tests.e2e.conftest import Daemons
-from tests.fakes import CHAIN_ID, NODE_KEY, Account, Behaviour, Mempool, fake_ai, fake_chain, serving
+from engine import WorkflowRecord, WorkflowState
+from tests.e2e.conftest import Daemons, run
+from tests.fakes import CHAIN_ID, NODE_KEY, Account, Behaviour, Mempool, fake_chain, serving
 
 DAEMON_KEY = "0x" + "2b" * 32
 DEPLOYMENTS = 3
@@ -26,12 +25,6 @@ def node() -> Iterator[tuple[str, Behaviour, Mempool]]:
         yield url, behaviour, mempool
 
 
-@pytest.fixture
-def ai_url() -> Iterator[str]:
-    with serving(fake_ai(Behaviour())) as url:
-        yield url + "/v1"
-
-
 def http_settings(chain_url: str, ai_url: str, **signer: str) -> dict[str, Any]:
     # A one-second timeout, so that a lost answer costs the test a second.
     return {"adapters": "http", "chain_rpc_url": chain_url, "ai_base_url": ai_url, "ai_api_key": "sk-test",
@@ -39,19 +32,9 @@ def http_settings(chain_url: str, ai_url: str, **signer: str) -> dict[str, Any]:
 
 
 def deploy(db_url: str, count: int) -> list[WorkflowRecord]:
-    async def scenario() -> list[WorkflowRecord]:
-        async with WorkflowService.connect(db_url) as service:
-            started = [
-                await service.start_workflow(
-                    "contract_deployment",
-                    {"contractCode": "0x6080604052", "contractName": f"Token{n}", "constructorArgs": [n]},
-                    "deployer",
-                )
-                for n in range(count)
-            ]
-            return [await service.wait_for(workflow.id, timeout=60) for workflow in started]
-
-    return asyncio.run(scenario())
+    input = {"contractCode": "0x6080604052", "constructorArgs": [7]}
+    return run(db_url, [("contract_deployment", input | {"contractName": f"Token{n}"}, "deployer")
+                        for n in range(count)], timeout=60)  # fmt: skip
 
 
 def test_a_deployment_retried_after_a_lost_answer_is_one_transaction(
@@ -59,12 +42,12 @@ def test_a_deployment_retried_after_a_lost_answer_is_one_transaction(
     db_url: str,
     db: psycopg.Connection[Any],
     node: tuple[str, Behaviour, Mempool],
-    ai_url: str,
+    ai_service: tuple[str, Behaviour],
 ) -> None:
     url, behaviour, mempool = node
     # The node takes the first deployment's transaction, then its answer never comes.
     behaviour.lost_answers["eth_sendRawTransaction"] = 1
-    daemons.start(**http_settings(url, ai_url, chain_private_key=DAEMON_KEY))
+    daemons.start(**http_settings(url, ai_service[0], chain_private_key=DAEMON_KEY))
     deployments = deploy(db_url, DEPLOYMENTS)
 
     assert [workflow.state for workflow in deployments] == [WorkflowState.COMPLETED] * DEPLOYMENTS
@@ -93,11 +76,11 @@ def test_a_deployment_retried_after_a_lost_answer_is_one_transaction(
 
 
 def test_a_signer_that_holds_the_key_signs_for_the_deployer(
-    daemons: Daemons, db_url: str, node: tuple[str, Behaviour, Mempool], ai_url: str
+    daemons: Daemons, db_url: str, node: tuple[str, Behaviour, Mempool], ai_service: tuple[str, Behaviour]
 ) -> None:
     url, behaviour, mempool = node
     node_address = Account.from_key(NODE_KEY).address
-    daemons.start(**http_settings(url, ai_url, chain_deployer=node_address, chain_signer_url=url))
+    daemons.start(**http_settings(url, ai_service[0], chain_deployer=node_address, chain_signer_url=url))
     (deployment,) = deploy(db_url, 1)
 
     assert deployment.state is WorkflowState.COMPLETED

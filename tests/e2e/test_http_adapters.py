@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -14,23 +13,9 @@ import pytest
 from engine import PermanentError, WorkflowService, WorkflowState
 from engine.builtin.http_clients import JsonRpc, JsonRpcChain, OpenAICompatibleAI, ServiceUnavailableError
 from tests.e2e.conftest import Daemons
-from tests.fakes import NODE_KEY, Account, Behaviour, fake_ai, fake_chain, serving
+from tests.fakes import NODE_KEY, Account, Behaviour
 
 DEPLOYER = "0x" + "99" * 20
-
-
-@pytest.fixture
-def chain_service() -> Iterator[tuple[str, Behaviour]]:
-    behaviour = Behaviour()
-    with serving(fake_chain(behaviour)) as url:
-        yield url, behaviour
-
-
-@pytest.fixture
-def ai_service() -> Iterator[tuple[str, Behaviour]]:
-    behaviour = Behaviour()
-    with serving(fake_ai(behaviour)) as url:
-        yield url + "/v1", behaviour
 
 
 def ai_client(url: str, timeout: float = 5) -> OpenAICompatibleAI:

@@ -11,15 +11,13 @@ from typing import Any
 import psycopg
 import pytest
 
-from engine import PermanentError, WorkflowRecord, WorkflowService, WorkflowState
+from engine import PermanentError, WorkflowState
 from engine.builtin.http_clients import RestExchange, RestNotifier, ServiceUnavailableError
-from tests.e2e.conftest import Daemons
+from tests.e2e.conftest import Daemons, run
 from tests.fakes import (
     PRICE,
     Behaviour,
     ExchangeBook,
-    fake_ai,
-    fake_chain,
     fake_exchange,
     fake_notifier,
     serving,
@@ -117,22 +115,23 @@ def test_a_daemon_trades_and_grants_over_rest_with_retries(
     db: psycopg.Connection[Any],
     exchange: tuple[str, Behaviour, ExchangeBook],
     notifier: tuple[str, Behaviour, list[dict[str, Any]]],
+    chain_service: tuple[str, Behaviour],
+    ai_service: tuple[str, Behaviour],
 ) -> None:
     exchange_url, exchange_behaviour, book = exchange
     notifier_url, notifier_behaviour, delivered = notifier
     exchange_behaviour.failures["trades"] = [503]
     notifier_behaviour.failures["notifications"] = [429]
-    with serving(fake_chain(Behaviour())) as chain_url, serving(fake_ai(Behaviour())) as ai_url:
-        daemons.start(
-            adapters="http", chain_rpc_url=chain_url, chain_private_key="0x" + "2b" * 32,
-            ai_base_url=ai_url + "/v1", ai_api_key="sk", exchange_url=exchange_url, exchange_api_key="ex",
-            notifier_url=notifier_url, notifier_api_key="n",
-        )  # fmt: skip
-        trade, grant, refused = run(db_url, [
-            ("trade_execution", {"tokenA": "ETH", "tokenB": "USDC", "amount": TOKEN_AMOUNT, "slippage": 0.01}, "t"),
-            ("reward_grant", {"amount": "0.1", "reason": "welcome"}, "alice"),
-            ("reward_grant", {"amount": "0.2", "reason": "welcome"}, "unknown-bob"),
-        ])  # fmt: skip
+    daemons.start(
+        adapters="http", chain_rpc_url=chain_service[0], chain_private_key="0x" + "2b" * 32,
+        ai_base_url=ai_service[0], ai_api_key="sk", exchange_url=exchange_url, exchange_api_key="ex",
+        notifier_url=notifier_url, notifier_api_key="n",
+    )  # fmt: skip
+    trade, grant, refused = run(db_url, [
+        ("trade_execution", {"tokenA": "ETH", "tokenB": "USDC", "amount": TOKEN_AMOUNT, "slippage": 0.01}, "t"),
+        ("reward_grant", {"amount": "0.1", "reason": "welcome"}, "alice"),
+        ("reward_grant", {"amount": "0.2", "reason": "welcome"}, "unknown-bob"),
+    ])  # fmt: skip
 
     assert trade.state is WorkflowState.COMPLETED
     assert trade.output["amountIn"] == TOKEN_AMOUNT
@@ -147,12 +146,3 @@ def test_a_daemon_trades_and_grants_over_rest_with_retries(
     assert refused.state is WorkflowState.COMPENSATED  # the unknown user's grant is revoked
     ledger = db.execute("SELECT user_id, amount::text, status FROM reward_grants ORDER BY user_id").fetchall()
     assert ledger == [("alice", "0.1", "granted"), ("unknown-bob", "0.2", "revoked")]
-
-
-def run(db_url: str, starts: list[tuple[str, dict[str, Any], str]]) -> list[WorkflowRecord]:
-    async def scenario() -> list[WorkflowRecord]:
-        async with WorkflowService.connect(db_url) as service:
-            started = [await service.start_workflow(type, input, user) for type, input, user in starts]
-            return [await service.wait_for(workflow.id, timeout=60) for workflow in started]
-
-    return asyncio.run(scenario())
