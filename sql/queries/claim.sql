@@ -124,9 +124,9 @@ LEFT JOIN started st ON st.workflow_id = c.id;
 -- none), in bulk, under the version the claim gave the row (its own, or the newest the
 -- daemon serves when a SQL insert left it NULL), with step 0 already started (an
 -- insert cannot run start_step on the rows it writes: test_one_home proves the row equal
--- to the part's). The claim gave the workflows their version and shape. The rows come from the
--- definitions (one array element per step of a type's version, not per step of every
--- workflow). A step's idempotency key is built from its name and the digest of the
+-- to the part's). The claim gave the workflows their version and shape. The rows come
+-- from the definitions (one array element per step of a type's version, not per step of
+-- every workflow). A step's idempotency key is built from its name and the digest of the
 -- workflow's input (workflow_step_key), which the daemon computes (engine/idempotency.py,
 -- the same function as workflow_step_idempotency_key, as a test proves) and hands to the
 -- steps.
