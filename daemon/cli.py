@@ -99,7 +99,12 @@ async def cmd_start(args: argparse.Namespace, settings: Settings) -> int:
     registry = load_registry(settings)
     async with connect(settings) as conn:
         result = await WorkflowService(Store(conn), registry).start(
-            args.type, args.input, args.user, args.wallet, idempotency_key=args.idempotency_key
+            args.type,
+            args.input,
+            args.user,
+            args.wallet,
+            idempotency_key=args.idempotency_key,
+            require_served=not args.allow_unserved,
         )
     _print_start(result, args.json)
     return 0
@@ -184,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="your own key for this start (default: computed from type, user and input); "
         "reusing it for a different start is refused",
+    )
+    start.add_argument(
+        "--allow-unserved",
+        action="store_true",
+        help="start it even if no definition here and no live worker serves the type "
+        "(for a worker yet to come)",
     )
     start.add_argument("--json", action="store_true", help="print the workflow as JSON")
     start.set_defaults(handler=cmd_start)

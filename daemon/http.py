@@ -40,6 +40,7 @@ from engine import (
     IllegalTransitionError,
     InputValidationError,
     InvalidWorkflowIdError,
+    UnservedTypeError,
     UnstorableValueError,
     WorkflowEngineError,
     WorkflowNotFoundError,
@@ -88,6 +89,11 @@ class StartRequest(BaseModel):
         description="your own key for this start (default: computed from type, user and input); "
         "reusing it for a different start is refused with 409",
     )
+    allow_unserved: bool = Field(
+        default=False,
+        description="start it even if no live worker serves the type (for a worker yet to come); "
+        "without it such a start is refused with 422, naming the served types",
+    )
 
 
 async def exact_input(request: Request) -> dict[str, Any]:
@@ -109,6 +115,7 @@ class Problem(BaseModel):
 
     detail: str
     errors: list[str] | None = None
+    served: list[str] | None = None
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -176,6 +183,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(UnstorableValueError)
     async def unstorable(request: Request, error: UnstorableValueError) -> JSONResponse:
         return problem(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error))
+
+    @app.exception_handler(UnservedTypeError)
+    async def unserved(request: Request, error: UnservedTypeError) -> JSONResponse:
+        return problem(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error), served=error.served)
 
     @app.exception_handler(InputValidationError)
     async def invalid_input(request: Request, error: InputValidationError) -> JSONResponse:
@@ -328,7 +339,12 @@ def add_admin_routes(app: FastAPI, service: WorkflowService) -> None:
         input = await exact_input(request) if body.input else body.input
         try:
             result = await service.start(
-                body.type, input, body.user_id, body.wallet_address, idempotency_key=body.idempotency_key
+                body.type,
+                input,
+                body.user_id,
+                body.wallet_address,
+                idempotency_key=body.idempotency_key,
+                require_served=not body.allow_unserved,
             )
         except IdempotencyKeyConflictError as error:
             audit("start", actor, error.workflow_id, "refused", reason=str(error))

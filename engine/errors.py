@@ -63,6 +63,21 @@ class IllegalTransitionError(WorkflowEngineError):
         super().__init__(f"a {kind} cannot go from {source} to {target}; {because}")
 
 
+class UnservedTypeError(WorkflowEngineError):
+    """A start of a type that no definition in reach defines and no live worker serves:
+    it would wait forever, so the CLI and the HTTP API refuse it unless told otherwise."""
+
+    def __init__(self, workflow_type: str, served: list[str]) -> None:
+        self.workflow_type = workflow_type
+        self.served = served
+        choices = ", ".join(served) or "none (no live worker, no definition here)"
+        super().__init__(
+            f"no definition here and no live worker serves workflow type {workflow_type!r}; "
+            f"served types: {choices} (to start it anyway, for a worker yet to come: "
+            '--allow-unserved, or "allow_unserved": true over HTTP)'
+        )
+
+
 class VersionMismatchError(WorkflowEngineError):
     """Workflows cannot move between two versions of a definition: one is unknown here, or
     their steps do not line up."""

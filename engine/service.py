@@ -17,6 +17,7 @@ from engine.errors import (
     IdempotencyKeyConflictError,
     IllegalTransitionError,
     InvalidWorkflowIdError,
+    UnservedTypeError,
     UnstorableValueError,
     VersionMismatchError,
     WorkflowNotFoundError,
@@ -152,12 +153,16 @@ class WorkflowService:
         *,
         priority: int = 0,
         idempotency_key: str | None = None,
+        require_served: bool = False,
     ) -> StartResult:
         """Start a workflow, or find the one this start duplicates.
 
         `idempotency_key`: the caller's own key instead of the computed one. A second
         start with it finds the first workflow if type, user and input are the same, and
-        raises `IdempotencyKeyConflictError` if not.
+        raises `IdempotencyKeyConflictError` if not. `require_served`: raise
+        `UnservedTypeError` for a type that neither this registry defines nor a live
+        worker serves (the CLI and the HTTP API ask for it; a worker may come later, so
+        the Python API, like SQL, does not by default).
         """
         check_text(type=type, user_id=user_id, wallet_address=wallet_address)
         check_idempotency_key(idempotency_key)
@@ -165,6 +170,8 @@ class WorkflowService:
         definition = self.registry.get(type)
         if definition is not None:
             definition.validate_input(input)
+        elif require_served:
+            await self._check_served(type)
         row = await self.store.insert_workflow(
             type=type,
             # The newest version this side knows; an unknown type gets it at its first claim.
@@ -319,6 +326,13 @@ class WorkflowService:
         if not locked:
             WORKFLOW_TRANSITIONS.check(workflow.state, WorkflowState.COMPENSATING)
         return workflow
+
+    async def _check_served(self, workflow_type: str) -> None:
+        """Raise UnservedTypeError unless a live worker serves `workflow_type`."""
+        workers = await self.reads.live_workers(stale_seconds=WORKER_STALE_SECONDS_DEFAULT)
+        served = {name for worker in workers for name in worker["types"]}
+        if workflow_type not in served:
+            raise UnservedTypeError(workflow_type, sorted(served | set(self.registry.types)))
 
     async def get_stats(self, *, worker_stale_seconds: float = WORKER_STALE_SECONDS_DEFAULT) -> WorkflowStats:
         """Counts by state and type, recent outcomes, the oldest due work, live workers,

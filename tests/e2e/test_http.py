@@ -85,19 +85,24 @@ def test_start_is_idempotent_and_validated(api: httpx.Client, db: psycopg.Connec
         answer = api.post("/admin/workflows", json=bad)
         assert answer.status_code == 422, bad
         assert "detail" in answer.json()
-    assert api.post("/admin/workflows", json={"type": "nobody_serves_this", "input": {}}).status_code == 201
+    unserved = api.post("/admin/workflows", json={"type": "nobody_serves_this", "input": {}})
+    assert unserved.status_code == 422
+    assert "no live worker serves workflow type 'nobody_serves_this'" in unserved.json()["detail"]
+    assert {"three_steps", "validated", "trade_execution"} <= set(unserved.json()["served"])
+    for_later = {"type": "nobody_serves_this", "input": {}, "allow_unserved": True}
+    assert api.post("/admin/workflows", json=for_later).status_code == 201
 
 
 def test_start_with_an_explicit_idempotency_key(api: httpx.Client, db: psycopg.Connection[Any]) -> None:
     body = {"type": "nobody_serves_this", "input": {"amount": 1.5, "to": "0xa"}, "user_id": "u1",
-            "idempotency_key": "order-7"}  # fmt: skip
+            "idempotency_key": "order-7", "allow_unserved": True}  # fmt: skip
     created = api.post("/admin/workflows", json=body)
     assert created.status_code == 201
     assert created.json()["idempotency_key"] == "order-7"
     # The same start, spelt differently: another key order, another spelling of 1.5.
     respelt = (
         '{"idempotency_key": "order-7", "user_id": "u1", "type": "nobody_serves_this", '
-        '"input": {"to": "0xa", "amount": 15e-1}}'
+        '"input": {"to": "0xa", "amount": 15e-1}, "allow_unserved": true}'
     )
     again = api.post("/admin/workflows", content=respelt, headers={"Content-Type": "application/json"})
     assert again.status_code == 200
@@ -141,7 +146,8 @@ def test_retry_of_an_outcome_unknown_failure_needs_force(
 
 def test_commands_are_audited_and_their_actor_is_in_the_timeline(api: httpx.Client, daemon: Daemon) -> None:
     workflow_id = api.post(
-        "/admin/workflows", json={"type": "nobody_serves_this", "input": {}, "user_id": "u"}
+        "/admin/workflows",
+        json={"type": "nobody_serves_this", "input": {}, "user_id": "u", "allow_unserved": True},
     ).json()["id"]
     assert (
         api.post(f"/admin/workflows/{workflow_id}/cancel", headers={"X-Workflowd-Actor": "alice"}).status_code
@@ -251,7 +257,8 @@ def test_commands_on_a_finished_workflow_conflict_and_unknown_or_malformed_ids_a
 
 def test_a_waiting_workflow_is_cancelled_then_compensated_with_nothing_to_undo(api: httpx.Client) -> None:
     waiting = api.post(
-        "/admin/workflows", json={"type": "nobody_serves_this", "input": {}, "user_id": "u"}
+        "/admin/workflows",
+        json={"type": "nobody_serves_this", "input": {}, "user_id": "u", "allow_unserved": True},
     ).json()
     cancelled = api.post(f"/admin/workflows/{waiting['id']}/cancel")
     assert cancelled.status_code == 200

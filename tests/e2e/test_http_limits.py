@@ -117,7 +117,7 @@ def test_an_authenticated_body_over_the_cap_is_refused_with_413_on_its_length(da
     assert (status, headers["connection"]) == (413, "close")
     assert b"larger than 1048576 bytes (WORKFLOWD_MAX_BODY_BYTES)" in body
     # A body of exactly the cap is read.
-    start = b'{"type": "nobody_serves_this", "user_id": "u", "input": {"pad": "'
+    start = b'{"type": "nobody_serves_this", "allow_unserved": true, "user_id": "u", "input": {"pad": "'
     end = b'"}}'
     exactly = start + b"x" * (MIB - len(start) - len(end)) + end
     assert len(exactly) == MIB
@@ -136,7 +136,9 @@ def test_a_chunked_body_over_the_cap_is_refused_with_413_as_it_streams(daemon: D
     assert b"WORKFLOWD_MAX_BODY_BYTES" in body
     assert sent < 8 * MIB, sent
     # A chunked body under the cap is read as usual.
-    small = iter([b'{"type": "nobody_serves_this", ', b'"user_id": "u", "input": {"n": 1}}'])
+    small = iter(
+        [b'{"type": "nobody_serves_this", "allow_unserved": true, ', b'"user_id": "u", "input": {"n": 1}}']
+    )
     answer = httpx.post(
         f"{daemon.url}/admin/workflows", content=small, headers=AUTH | {"Content-Type": "application/json"}
     )

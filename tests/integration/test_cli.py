@@ -91,10 +91,35 @@ def test_start_prints_the_workflow_as_json_and_is_idempotent(
 
 
 def test_start_prints_a_readable_summary(db_url: str) -> None:
-    result = workflowd("start", "report", "--input", "{}", "--user", "u1", env={"DATABASE_URL": db_url})
+    result = workflowd(
+        "start", "reward_grant", "--input", '{"amount": 5, "reason": "hi"}', "--user", "u1",
+        env={"DATABASE_URL": db_url},
+    )  # fmt: skip
     assert result.returncode == 0
     assert result.stdout.startswith("started: workflow ")
-    assert "idempotency key  workflow:report:u1:" in result.stdout
+    assert "idempotency key  workflow:reward_grant:u1:" in result.stdout
+
+
+def test_start_refuses_a_type_nothing_serves_and_names_the_served_types(
+    db_url: str, db: psycopg.Connection[Any]
+) -> None:
+    env = {"DATABASE_URL": db_url}
+    refused = workflowd("start", "report", "--user", "u1", env=env)
+    assert_one_line_error(refused, 1, "no definition here and no live worker serves workflow type 'report'")
+    assert "served types: ai_job_chain, contract_deployment, indexing_verification," in refused.stderr
+    assert "--allow-unserved" in refused.stderr
+    assert db.execute("SELECT count(*) FROM workflows").fetchone() == (0,)
+    # A live worker elsewhere serves it: started, and so is one for a worker yet to come.
+    db.execute(
+        "INSERT INTO workflow_workers (id, host, pid, types, concurrency) VALUES ('w1', 'h', 1, '{report}', 1)"
+    )
+    assert workflowd("start", "report", "--user", "u1", env=env).returncode == 0
+    later = workflowd("start", "invoice", "--user", "u1", "--allow-unserved", env=env)
+    assert later.returncode == 0, later.stderr
+    assert db.execute("SELECT type FROM workflows ORDER BY type").fetchall() == [("invoice",), ("report",)]
+    # A worker that stopped, or went silent, serves nothing.
+    db.execute("UPDATE workflow_workers SET last_seen_at = now() - interval '1 hour'")
+    assert workflowd("start", "report", "--user", "u2", env=env).returncode == 1
 
 
 def test_the_seed_database_variables_are_accepted(db_url: str) -> None:
@@ -123,6 +148,38 @@ def test_start_validates_input_with_modules_from_the_setting(db_url: str, tmp_pa
         1,
         "invalid input for workflow type 'grant': amount: Input should be a valid integer",
     )
+
+
+def test_modules_are_loaded_from_a_file_path_in_the_current_folder(db_url: str, tmp_path: Path) -> None:
+    (tmp_path / "flows.py").write_text(
+        "from pydantic import BaseModel\n"
+        "from engine import Step, Workflow\n"
+        "class Hello(BaseModel):\n    name: str\n"
+        "hello = Workflow(type='hello', steps=[Step('greet', lambda input, ctx: None)], input_model=Hello)\n"
+    )
+    env = {"DATABASE_URL": db_url, "WORKFLOWD_MODULES": "./flows.py"}
+    refused = workflowd("start", "hello", "--input", "{}", "--user", "u1", env=env, cwd=tmp_path)
+    assert_one_line_error(refused, 1, "invalid input for workflow type 'hello': name: Field required")
+    started = workflowd(
+        "start", "hello", "--input", '{"name": "Ada"}', "--user", "u1", "--json", env=env, cwd=tmp_path
+    )
+    assert started.returncode == 0, started.stderr
+    assert json.loads(started.stdout)["type"] == "hello"
+
+
+@pytest.mark.parametrize(
+    ("modules", "message"),
+    [
+        ("./flows.py", "WORKFLOWD_MODULES: no file './flows.py' ("),
+        ("my_flows", "WORKFLOWD_MODULES: no module named 'my_flows' on sys.path (PYTHONPATH and"),
+    ],
+)
+def test_a_module_not_found_is_one_clear_line(
+    db_url: str, tmp_path: Path, modules: str, message: str
+) -> None:
+    env = {"DATABASE_URL": db_url, "WORKFLOWD_MODULES": modules}
+    result = workflowd("start", "hello", "--user", "u1", env=env, cwd=tmp_path)
+    assert_one_line_error(result, 2, message)
 
 
 @pytest.mark.parametrize(
@@ -252,7 +309,7 @@ def test_operator_commands_explain_refusals_in_one_line(db_url: str, db: psycopg
 
 def test_start_takes_an_idempotency_key(db_url: str, db: psycopg.Connection[Any]) -> None:
     env = {"DATABASE_URL": db_url}
-    start = ("start", "report", "--user", "u1", "--idempotency-key", "report-2026-11")
+    start = ("start", "report", "--user", "u1", "--idempotency-key", "report-2026-11", "--allow-unserved")
     first = workflowd(*start, "--input", '{"month": 11, "format": "pdf"}', "--json", env=env)
     assert first.returncode == 0, first.stderr
     document = json.loads(first.stdout)
