@@ -118,7 +118,7 @@ async def cmd_operator(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
-    return run_dev(settings)
+    return run_dev(settings, force=args.force)
 
 
 async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -160,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     dev = commands.add_parser(
         "dev", help="the whole system in one command: a local database, a daemon, a demo (Ctrl-C stops)"
+    )
+    dev.add_argument(
+        "--force",
+        action="store_true",
+        help="use the configured DATABASE_URL even though dev did not make it (dev's sandboxes "
+        "complete workflows against fake services)",
     )
     dev.set_defaults(handler=cmd_dev)
 

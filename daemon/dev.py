@@ -24,15 +24,22 @@ import psycopg
 from psycopg import sql
 from pydantic import SecretStr
 
-from daemon.local_postgres import LocalPostgres
+from daemon.local_postgres import SUPERUSER, LocalPostgres, port_is_free
 from daemon.logs import configure_logging
 from daemon.process import run_daemon
-from daemon.settings import ConfigurationError, Settings
+from daemon.settings import ConfigurationError, Settings, describe_database
 from engine import Registry, WorkflowService
 from engine.builtin import builtin_workflows, sandbox_adapters
 
 DEV_HOME = Path(".workflowd")
 DEV_DATABASE = "workflowd"
+LOG_NAME = "workflowd.log"
+# The embedded server listens here when the port is free, so that the DATABASE_URL dev
+# prints stays the same from one run to the next.
+DEV_PORT = 55432
+# Written as the comment of every database dev uses: dev runs sandboxes that "complete"
+# workflows against fake services, so it refuses a database without it (unless --force).
+DEV_MARKER = "workflowd dev database: sandbox adapters, not for real work"
 # Sandbox realism for the demo, unless the user set these: slow enough to watch, with
 # some transient failures to show retries.
 DEV_LATENCY_SECONDS = 0.15
@@ -155,7 +162,7 @@ def embedded_database(out: TextIO) -> Iterator[str]:
         )
     DEV_HOME.mkdir(exist_ok=True)
     DEV_HOME.chmod(0o755)  # as root, the database runs as an unprivileged user
-    cluster = LocalPostgres(DEV_HOME.resolve() / "pgdata")
+    cluster = LocalPostgres(DEV_HOME.resolve() / "pgdata", port=DEV_PORT if port_is_free(DEV_PORT) else None)
     fresh = not cluster.initialized
     data = f"{'new' if fresh else 'existing'} data in {DEV_HOME}/pgdata"
     out.write(f"starting PostgreSQL from {cluster.bindir} ({data})\n")
@@ -164,30 +171,69 @@ def embedded_database(out: TextIO) -> Iterator[str]:
         with psycopg.connect(cluster.url(), autocommit=True) as conn:
             if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DEV_DATABASE,)).fetchone():
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DEV_DATABASE)))
-        yield cluster.url(DEV_DATABASE)
+            conn.execute(
+                sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+                    sql.Identifier(DEV_DATABASE), sql.Literal(DEV_MARKER)
+                )
+            )
+        yield f"postgresql://{SUPERUSER}@127.0.0.1:{cluster.port}/{DEV_DATABASE}"
     finally:
         cluster.stop()
+
+
+@contextmanager
+def dev_database(settings: Settings, force: bool) -> Iterator[str]:
+    """The database DATABASE_URL (or DB_*) names, if dev made it (its marker) or `force`."""
+    conninfo = settings.conninfo()
+    try:
+        with psycopg.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
+            (comment,) = conn.execute(
+                "SELECT shobj_description(oid, 'pg_database') FROM pg_database "
+                "WHERE datname = current_database()"
+            ).fetchone() or (None,)
+    except psycopg.OperationalError as error:
+        reason = " ".join(str(error).split())
+        raise ConfigurationError(
+            f"cannot reach the database at {describe_database(conninfo)}: {reason}"
+        ) from None
+    if comment != DEV_MARKER and not force:
+        raise ConfigurationError(
+            f"workflowd dev runs sandboxes that complete workflows against fake services, and "
+            f"{describe_database(conninfo)} is not a database dev made (it has no dev marker): unset "
+            "DATABASE_URL for dev's own database, use `workflowd run` for real work, or pass --force "
+            "to use this one anyway"
+        )
+    yield conninfo
+
+
+def sandbox_realism(settings: Settings) -> tuple[float, float]:
+    """The sandboxes' latency (seconds) and injected failure rate: the demo's, unless the
+    settings chose them."""
+    chosen = settings.model_fields_set
+    latency = settings.sandbox_latency_ms / 1000 if "sandbox_latency_ms" in chosen else DEV_LATENCY_SECONDS
+    failures = settings.sandbox_failure_rate if "sandbox_failure_rate" in chosen else DEV_FAILURE_RATE
+    return latency, failures
 
 
 def dev_registry(settings: Settings) -> Registry:
     """The built-in types on sandbox adapters (slowed down and a little flaky for the
     demo, unless the settings say otherwise), and WORKFLOWD_MODULES."""
-    chosen = settings.model_fields_set
-    latency = settings.sandbox_latency_ms / 1000 if "sandbox_latency_ms" in chosen else DEV_LATENCY_SECONDS
-    failures = settings.sandbox_failure_rate if "sandbox_failure_rate" in chosen else DEV_FAILURE_RATE
-    registry = Registry(builtin_workflows(sandbox_adapters(latency, failures)))
+    registry = Registry(builtin_workflows(sandbox_adapters(*sandbox_realism(settings))))
     registry.load_modules(settings.modules)
     return registry
 
 
-def run_dev(settings: Settings) -> int:
-    """Run the demo; returns the exit code."""
+def run_dev(settings: Settings, *, force: bool = False) -> int:
+    """Run the demo; returns the exit code. `force`: use a configured database that dev
+    did not make."""
     out = sys.stdout
     DEV_HOME.mkdir(exist_ok=True)
-    log_path = DEV_HOME / "workflowd.log"
-    with log_path.open("a", encoding="utf-8") as log:
+    with (DEV_HOME / LOG_NAME).open("a", encoding="utf-8") as log:
         configure_logging("json", settings.log_level, stream=log)
-        token = settings.admin_token_value() or secrets.token_urlsafe(32)
+        token = settings.admin_token_value()
+        # A token the user set is never echoed: it may be a production secret.
+        shown_token = "$WORKFLOWD_ADMIN_TOKEN" if token else None
+        token = token or secrets.token_urlsafe(32)
         # The token is now given as is: a token file of the settings is read once, above.
         update = {
             "admin_token": SecretStr(token),
@@ -197,15 +243,14 @@ def run_dev(settings: Settings) -> int:
         }
         settings = settings.model_copy(update=update)
         registry = dev_registry(settings)
-        configured = settings.database_url or settings.db_host
-        with embedded_database(out) if not configured else _configured(settings) as conninfo:
-            url = f"http://{settings.host}:{settings.port}"
-            out.write(f"admin API  {url}/docs   (token: {token})\n")
-            out.write(
-                f"try        curl -H 'Authorization: Bearer {token}' {url}/admin/workflows/stats/overview\n"
+        if settings.database_url or settings.db_host:
+            database, where = dev_database(settings, force), "the DATABASE_URL you set"
+        else:
+            database, where = embedded_database(out), None
+        with database as conninfo:
+            introduce(
+                out, settings, registry, where or f"export DATABASE_URL={conninfo}", shown_token or token
             )
-            out.write(f"logs       {log_path}\n\n")
-            out.flush()
             run = secrets.token_hex(3)
             return asyncio.run(
                 run_daemon(
@@ -214,6 +259,16 @@ def run_dev(settings: Settings) -> int:
             )
 
 
-@contextmanager
-def _configured(settings: Settings) -> Iterator[str]:
-    yield settings.conninfo()
+def introduce(out: TextIO, settings: Settings, registry: Registry, database: str, token: str) -> None:
+    """What dev serves and how to reach it: the database, the types, the admin API."""
+    url = f"http://{settings.host}:{settings.port}"
+    _, failures = sandbox_realism(settings)
+    out.write(f"database   {database}\n")
+    out.write(f"serving    {', '.join(registry.types)}\n")
+    out.write(
+        f"           on sandbox adapters; {failures:.0%} of their calls fail on purpose, to show retries\n"
+    )
+    out.write(f"admin API  {url}/docs   (token: {token})\n")
+    out.write(f'try        curl -H "Authorization: Bearer {token}" {url}/admin/workflows/stats/overview\n')
+    out.write(f"logs       {DEV_HOME / LOG_NAME}\n\n")
+    out.flush()

