@@ -31,6 +31,7 @@ from engine import WorkflowEngineError, WorkflowService
 from engine.migrate import migrate
 from engine.primary import connect_to_primary
 from engine.records import StartResult
+from engine.registry import WorkflowModuleNotFoundError
 from engine.store import Store
 
 EXIT_FAILURE = 1
@@ -229,6 +230,9 @@ def explain(error: Exception) -> tuple[int, str]:
     """The exit code and the one line a user sees for an error they can act on."""
     if isinstance(error, ValidationError):
         return EXIT_USAGE, _settings_error(error)
+    if isinstance(error, WorkflowModuleNotFoundError):
+        # A setting to fix: the only modules a command loads are WORKFLOWD_MODULES.
+        error = ConfigurationError(f"WORKFLOWD_MODULES: {error}")
     if isinstance(error, ConfigurationError | DatabaseUnavailableError | PostgresBinariesNotFoundError):
         return EXIT_USAGE, str(error)
     if isinstance(error, WorkflowEngineError):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import pickle
+import re
 import sys
 import textwrap
 import uuid
@@ -23,7 +26,7 @@ from engine import (
     WorkflowContext,
 )
 from engine.definitions import MAX_RETRIES_DEFAULT, TYPE_NAME_PATTERN
-from engine.registry import served_key
+from engine.registry import WorkflowModuleNotFoundError, served_key
 
 
 def execute(input: Any, ctx: WorkflowContext) -> Any:
@@ -384,10 +387,27 @@ def test_a_module_with_a_malformed_definition_is_named(write_module: ModuleWrite
         Registry().load_module(name)
 
 
-def test_a_missing_module_is_named() -> None:
-    name = f"wfd_missing_{uuid.uuid4().hex[:8]}"
-    with pytest.raises(DefinitionError, match=rf"cannot import workflow module '{name}'"):
+def test_a_missing_module_is_one_line_saying_how_modules_are_found() -> None:
+    package = f"wfd_missing_{uuid.uuid4().hex[:8]}"
+    with pytest.raises(WorkflowModuleNotFoundError) as raised:
+        Registry().load_module(f"{package}.flows")
+    assert str(raised.value) == (
+        f"no module named '{package}.flows' on sys.path (PYTHONPATH and the installed packages; "
+        "the workflowd command does not add the current folder): give a file path such as "
+        f"./{package}/flows.py to load a file"
+    )
+    assert isinstance(raised.value, DefinitionError)
+
+
+def test_a_module_missing_a_dependency_is_its_own_failure(write_module: ModuleWriter) -> None:
+    name = write_module("import wfd_no_such_dependency\n")
+    with pytest.raises(DefinitionError) as raised:
         Registry().load_module(name)
+    assert not isinstance(raised.value, WorkflowModuleNotFoundError)
+    assert str(raised.value) == (
+        f"cannot import workflow module {name!r}: "
+        "ModuleNotFoundError: No module named 'wfd_no_such_dependency'"
+    )
 
 
 def test_a_failed_load_leaves_earlier_modules_registered(write_module: ModuleWriter) -> None:
@@ -397,3 +417,78 @@ def test_a_failed_load_leaves_earlier_modules_registered(write_module: ModuleWri
     with pytest.raises(DefinitionError, match=bad):
         registry.load_modules([good, bad])
     assert registry.types == ["mod.first", "mod.second"]
+
+
+@pytest.fixture
+def module_file(tmp_path: Path) -> Iterator[Path]:
+    """FLOWS_SOURCE in a file under a unique stem, not on sys.path. Unloaded after."""
+    path = tmp_path / f"wfd_file_{uuid.uuid4().hex[:8]}.py"
+    path.write_text(textwrap.dedent(FLOWS_SOURCE), encoding="utf-8")
+    yield path
+    sys.modules.pop(path.stem, None)
+
+
+def test_a_module_file_is_loaded_by_its_path(module_file: Path) -> None:
+    registry = Registry()
+    loaded = registry.load_module(str(module_file))
+    module = sys.modules[module_file.stem]
+    assert module.__file__ == str(module_file.resolve())
+    assert {workflow.type for workflow in loaded} == {"mod.first", "mod.second"}
+    assert registry.get("mod.first") is module.first
+    # Found by its name like an imported module, so its functions pickle by reference.
+    assert pickle.loads(pickle.dumps(module.run)) is module.run
+
+
+@pytest.mark.parametrize("form", ["./{name}", "{name}", "../{folder}/{name}"])
+def test_a_module_file_is_loaded_by_a_path_relative_to_the_current_folder(
+    module_file: Path, monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    monkeypatch.chdir(module_file.parent)
+    registry = Registry()
+    registry.load_modules([form.format(name=module_file.name, folder=module_file.parent.name)])
+    assert registry.types == ["mod.first", "mod.second"]
+    assert registry.get("mod.first") is sys.modules[module_file.stem].first
+
+
+def test_a_module_loaded_again_by_path_or_name_defines_its_types_once(
+    module_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(module_file.parent)
+    monkeypatch.syspath_prepend(str(module_file.parent))
+    registry = Registry()
+    again = [str(module_file), f"./{module_file.name}", module_file.stem]
+    loaded = registry.load_modules(again)
+    assert len(loaded) == 6  # the same two definitions, three times
+    assert len(registry) == 2
+    assert importlib.import_module(module_file.stem) is sys.modules[module_file.stem]
+
+
+def test_a_missing_module_file_is_one_line_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(WorkflowModuleNotFoundError) as raised:
+        Registry().load_module("./no_such_flows.py")
+    assert str(raised.value) == (
+        f"no file './no_such_flows.py' ({tmp_path.resolve() / 'no_such_flows.py'}): an entry ending "
+        "in .py or holding a / is loaded from that file, any other is imported as a module name "
+        "from sys.path"
+    )
+
+
+def test_a_module_file_that_fails_is_named_and_loads_once_fixed(module_file: Path) -> None:
+    source = module_file.read_text(encoding="utf-8")
+    module_file.write_text("raise RuntimeError('boom at import')\n", encoding="utf-8")
+    message = f"cannot import workflow module '{module_file}': RuntimeError: boom at import"
+    with pytest.raises(DefinitionError, match=re.escape(message)):
+        Registry().load_module(str(module_file))
+    assert module_file.stem not in sys.modules
+    module_file.write_text(source, encoding="utf-8")
+    assert len(Registry().load_module(str(module_file))) == 2
+
+
+def test_a_module_file_named_like_another_loaded_module_is_refused(tmp_path: Path) -> None:
+    shadow = tmp_path / "json.py"
+    shadow.write_text("", encoding="utf-8")
+    refused = r"as 'json': a different module of that name is already loaded .*; rename the file"
+    with pytest.raises(DefinitionError, match=refused):
+        Registry().load_module(str(shadow))
+    assert sys.modules["json"].__file__ != str(shadow)
