@@ -57,19 +57,13 @@ def _message(error: dict[str, Any] | None) -> str | None:
     return None if error is None else str(error.get("message", error))
 
 
-def workflows_table(workflows: Sequence[WorkflowRecord]) -> str:
+async def workflows_table(workflows: Sequence[WorkflowRecord], service: WorkflowService) -> str:
+    """One row a workflow, its completed steps counted as `status` counts them."""
+    done = await service.count_completed_steps(workflows)
     rows = [
-        (
-            w.id,
-            w.type,
-            w.state,
-            w.user_id,
-            f"{min(w.current_step_index, w.total_steps)}/{w.total_steps}",
-            w.created_at,
-        )
-        for w in workflows
+        (w.id, w.type, w.state, w.user_id, f"{done[w.id]}/{w.total_steps}", w.created_at) for w in workflows
     ]
-    return render_table(("id", "type", "state", "user", "step", "created"), rows)
+    return render_table(("id", "type", "state", "user", "steps done", "created"), rows)
 
 
 def steps_table(steps: Sequence[StepRecord]) -> str:
@@ -116,6 +110,12 @@ async def cmd_status(args: argparse.Namespace, service: WorkflowService) -> str:
         ("retries", summary.retries),
         ("duration", None if summary.duration_seconds is None else f"{summary.duration_seconds:g} s"),
         ("error", _message(workflow.error)),
+        (
+            "output",
+            None
+            if workflow.output is None
+            else json.dumps(workflow.output, ensure_ascii=False, sort_keys=True),
+        ),
         ("idempotency key", workflow.idempotency_key),
     ]
     block = "\n".join(f"{name:<16} {'-' if value is None else value}" for name, value in facts)
@@ -129,7 +129,7 @@ async def cmd_list(args: argparse.Namespace, service: WorkflowService) -> str:
     if args.json:
         return to_json(page)
     shown = f"page {page.page}, {len(page.items)} of {page.total} workflows"
-    return (workflows_table(page.items) + "\n" if page.items else "") + shown
+    return (await workflows_table(page.items, service) + "\n" if page.items else "") + shown
 
 
 async def cmd_timeline(args: argparse.Namespace, service: WorkflowService) -> str:
@@ -212,7 +212,7 @@ async def cmd_search(args: argparse.Namespace, service: WorkflowService) -> str:
     found = await service.search_workflows(args.query)
     if args.json:
         return to_json(found)
-    return workflows_table(found) if found else f"no workflow matches {args.query!r}"
+    return await workflows_table(found, service) if found else f"no workflow matches {args.query!r}"
 
 
 def workflow_state(text: str) -> WorkflowState:

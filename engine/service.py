@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 from uuid import UUID
@@ -38,7 +38,7 @@ from engine.records import (
 from engine.registry import Registry
 from engine.states import FINISHED_WORKFLOW_STATES, WORKFLOW_TRANSITIONS, WorkflowState
 from engine.store import Store
-from engine.summary import summarize
+from engine.summary import completed_steps, summarize
 
 LIST_LIMIT_DEFAULT = 20
 LIST_LIMIT_MAX = 100
@@ -261,6 +261,14 @@ class WorkflowService:
         workflow = await self.get_workflow(workflow_id)
         steps = [StepRecord.model_validate(row) for row in await self.store.get_steps(workflow.id)]
         return summarize(workflow, steps, self.registry.get(workflow.type, workflow.version))
+
+    async def count_completed_steps(self, workflows: Sequence[WorkflowRecord]) -> dict[UUID, int]:
+        """The completed steps of each workflow (as its execution summary counts them), for
+        views of many workflows."""
+        steps: dict[UUID, list[StepRecord]] = {workflow.id: [] for workflow in workflows}
+        for row in await self.reads.get_steps_of([workflow.id for workflow in workflows]):
+            steps[row["workflow_id"]].append(StepRecord.model_validate(row))
+        return {workflow.id: completed_steps(workflow, steps[workflow.id]) for workflow in workflows}
 
     async def get_timeline(self, workflow_id: UUID | str) -> list[TimelineEvent]:
         """Every transition of the workflow and its steps, oldest first (who, when, attempt, error)."""

@@ -299,6 +299,10 @@ class Store:
         """The step rows of a workflow, in order (none before its first claim)."""
         return await self._all("get_steps", {"id": workflow_id})
 
+    async def get_steps_of(self, workflow_ids: Sequence[UUID]) -> list[Row]:
+        """The step rows of several workflows, by workflow, in order."""
+        return await self._all("get_steps_of", {"ids": list(workflow_ids)})
+
     async def list_workflows(
         self,
         *,

@@ -30,6 +30,14 @@ def _step_names(
     return []
 
 
+def completed_steps(workflow: WorkflowRecord, steps: Sequence[StepRecord]) -> int:
+    """How many of a workflow's steps did their forward work, whatever happened to them
+    afterwards (a compensated step was completed first): the count every view shows."""
+    if workflow.state is WorkflowState.COMPLETED:
+        return workflow.total_steps or len(steps)
+    return sum(1 for step in steps if step.state in _DONE_STEP_STATES)
+
+
 def summarize(
     workflow: WorkflowRecord,
     steps: Sequence[StepRecord],
@@ -40,10 +48,7 @@ def summarize(
     now = now or datetime.now(UTC)
     names = _step_names(workflow, steps, definition)
     total = workflow.total_steps or len(names)
-    if workflow.state is WorkflowState.COMPLETED:
-        completed = total
-    else:
-        completed = sum(1 for step in steps if step.state in _DONE_STEP_STATES)
+    completed = completed_steps(workflow, steps)
     active = workflow.state in (WorkflowState.PENDING, WorkflowState.RUNNING)
     index = workflow.current_step_index
     current = names[index] if active and index < len(names) else None

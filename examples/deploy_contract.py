@@ -23,10 +23,17 @@ async def main() -> None:
             user_id="example-user",
             wallet_address="0x0000000000000000000000000000000000000001",
         )
-        print(f"started workflow {workflow.id}")
+        print(f"started workflow {workflow.id}; waiting for a daemon to claim it")
+        shown = ""
         while True:
             summary = await service.get_execution_summary(workflow.id)
-            print(f"{summary.state}: {summary.progress_percentage:g} % ({summary.current_step or 'done'})")
+            progress = (
+                f"{summary.state}: {summary.progress_percentage:g} % ({summary.current_step or 'done'})"
+            )
+            # Progress only once a daemon runs it, and each change once.
+            if summary.state != "pending" and progress != shown:
+                print(progress)
+                shown = progress
             if summary.state in FINISHED:
                 break
             await asyncio.sleep(0.2)

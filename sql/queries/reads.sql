@@ -2,6 +2,7 @@
 -- Queries, in this order:
 --   get_workflow
 --   get_steps
+--   get_steps_of
 --   list_workflows
 --   count_workflows
 --   get_timeline
@@ -21,6 +22,10 @@ SELECT * FROM workflows WHERE id = %(id)s;
 
 -- name: get_steps
 SELECT * FROM workflow_steps WHERE workflow_id = %(id)s ORDER BY step_index;
+
+-- name: get_steps_of
+-- The steps of several workflows (a page of a list), by workflow, in order.
+SELECT * FROM workflow_steps WHERE workflow_id = ANY(%(ids)s) ORDER BY workflow_id, step_index;
 
 -- name: list_workflows
 -- Newest first; id breaks ties so that pages never overlap.

@@ -32,9 +32,12 @@ def test_the_deployment_example_watches_progress_to_100(
     daemons.start(sandbox_latency_ms=100)
     output = run_example("deploy_contract.py", db_url)
     assert output.startswith("started workflow ")
-    assert "completed: 100 % (done)" in output
+    progress = [line for line in output.splitlines() if "%" in line]
+    assert progress[-1] == "completed: 100 % (done)"
+    assert not any(line.startswith("pending") for line in progress), output  # only once it runs
+    assert len(set(progress)) == len(progress), output  # each change once
     assert "verified True" in output
-    workflow_id = output.split()[2]
+    workflow_id = output.split()[2].rstrip(";")
     (shaped,) = db.execute("SELECT output FROM workflows WHERE id = %s", (workflow_id,)).fetchone()  # type: ignore[misc]
     assert re.fullmatch(r"0x[0-9a-f]{40}", shaped["contractAddress"])
     assert re.fullmatch(r"0x[0-9a-f]{64}", shaped["transactionHash"])

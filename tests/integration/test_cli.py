@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -289,6 +290,30 @@ def test_operator_commands_print_tables_and_json(db_url: str, db: psycopg.Connec
     assert (
         workflowd("compensate", str(pending["id"]), env=env).stdout
         == f"workflow {pending['id']} is compensated\n"
+    )
+
+
+def test_list_and_status_count_the_same_steps_and_status_shows_the_output(
+    db_url: str, db: psycopg.Connection[Any]
+) -> None:
+    env = {"DATABASE_URL": db_url}
+    # A saga whose second step failed, its first step undone, the index walked back to 0.
+    undone = insert_workflow(db, type="payout", state="compensated", total_steps=2, current_step_index=0)
+    insert_step(db, undone, 0, "quote", state="compensated", attempt=1)
+    insert_step(db, undone, 1, "pay", state="failed", attempt=1)
+    done = insert_workflow(db, type="payout", state="completed", total_steps=2, current_step_index=2,
+                           output={"paid": "1.5", "to": "Ada ✓"})  # fmt: skip
+    insert_step(db, done, 0, "quote", state="completed", attempt=1)
+    insert_step(db, done, 1, "pay", state="completed", attempt=1)
+    listing = workflowd("list", env=env).stdout
+    assert re.search(rf"{undone['id']}\s+payout\s+compensated\s+user-1\s+1/2\s", listing), listing
+    assert re.search(rf"{done['id']}\s+payout\s+completed\s+user-1\s+2/2\s", listing), listing
+    assert "progress         1/2 steps (50 %)" in workflowd("status", str(undone["id"]), env=env).stdout
+    status = workflowd("status", str(done["id"]), env=env).stdout
+    assert "progress         2/2 steps (100 %)" in status
+    assert 'output           {"paid": "1.5", "to": "Ada ✓"}' in status
+    assert re.search(
+        rf"{done['id']}\s+payout\s+completed\s+user-1\s+2/2\s", workflowd("search", "payout", env=env).stdout
     )
 
 
