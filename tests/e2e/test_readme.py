@@ -196,25 +196,37 @@ def server_line(block: Block) -> str:
     return line
 
 
+def dev_sessions() -> list[tuple[Block, list[Block]]]:
+    """Each `dev` block with the `against dev` blocks that follow it, in README order."""
+    sessions: list[tuple[Block, list[Block]]] = []
+    for block in readme_blocks():
+        if block.mode == "dev":
+            sessions.append((block, []))
+        elif block.mode == "against dev":
+            sessions[-1][1].append(block)
+    return sessions
+
+
 def test_the_try_it_path_runs_against_dev_as_pasted(project: Path) -> None:
-    (dev_block,) = readme_blocks("dev")
-    port = free_port()
-    dev = Server(server_line(dev_block), project, clean_environment(PORT=str(port)))
-    try:
-        dev.wait_ready(port)
-        printed = "".join(dev.output)
-        export = re.search(r"^database   export (DATABASE_URL=\S+)$", printed, re.MULTILINE)
-        assert export is not None, printed
-        database_url = export[1].removeprefix("DATABASE_URL=")
-        for block in readme_blocks("against dev"):
-            pasted = bash(f"export {export[1]}\n{block.code}", project, clean_environment()).stdout
-            assert "started: workflow " in pasted
-            (workflow_id,) = re.findall(r"started: workflow (\S+)", pasted)
-            assert workflow_id in pasted.split("started: workflow", 1)[1].split("\n", 1)[1]  # listed
-            wait_for_state(database_url, workflow_id, "completed")
-    finally:
-        dev.stop()
-    assert dev.process.returncode == 0, "".join(dev.output)
+    sessions = dev_sessions()
+    assert len(sessions) >= 2  # the built-in types, then the reader's own
+    for dev_block, pasted_blocks in sessions:
+        port = free_port()
+        dev = Server(server_line(dev_block), project, clean_environment(PORT=str(port)))
+        try:
+            dev.wait_ready(port)
+            printed = "".join(dev.output)
+            export = re.search(r"^database   export (DATABASE_URL=\S+)$", printed, re.MULTILINE)
+            assert export is not None, printed
+            for block in pasted_blocks:
+                pasted = bash(f"export {export[1]}\n{block.code}", project, clean_environment()).stdout
+                for workflow_id in re.findall(r"started: workflow (\S+)", pasted):
+                    wait_for_state(export[1].removeprefix("DATABASE_URL="), workflow_id, "completed")
+                    if "workflowd list" in block.code:
+                        assert pasted.count(workflow_id) == 2, pasted  # started, then shown
+        finally:
+            dev.stop()
+        assert dev.process.returncode == 0, "".join(dev.output)
 
 
 def wait_for_state(database_url: str, workflow_id: str, state: str) -> None:
