@@ -21,13 +21,20 @@ from psycopg import AsyncConnection
 from pydantic import ValidationError
 
 from daemon.catalog import load_registry
-from daemon.commands import add_operator_commands
+from daemon.commands import add_operator_commands, as_typed, idempotency_key, storable_text
 from daemon.dev import run_dev
 from daemon.local_postgres import PostgresBinariesNotFoundError
 from daemon.logs import configure_logging
 from daemon.process import run_daemon
-from daemon.settings import ConfigurationError, Settings, describe_database, with_session_limits
-from engine import WorkflowEngineError, WorkflowService
+from daemon.settings import (
+    ConfigurationError,
+    Settings,
+    describe_database,
+    with_session_limits,
+    without_password,
+)
+from engine import UnstorableValueError, WorkflowEngineError, WorkflowService
+from engine.idempotency import canonical_json
 from engine.migrate import migrate
 from engine.primary import connect_to_primary
 from engine.records import StartResult
@@ -52,8 +59,9 @@ async def connect(settings: Settings) -> AsyncIterator[AsyncConnection[Any]]:
         conn = await connect_to_primary(conninfo, autocommit=True)
     except psycopg.OperationalError as error:
         reason = " ".join(line.strip() for line in str(error).splitlines()) or type(error).__name__
+        source = "DATABASE_URL" if settings.database_url else "DB_HOST, DB_PORT, DB_USERNAME, DB_DATABASE"
         raise DatabaseUnavailableError(
-            f"cannot reach the database at {describe_database(conninfo)}: {reason}"
+            f"cannot reach the database at {describe_database(conninfo)} (from {source}): {reason}"
         ) from None
     async with conn:
         yield conn
@@ -133,12 +141,21 @@ async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _json_object(text: str) -> dict[str, Any]:
+    """The --input: a JSON object the engine can key and store; refused naming what was typed."""
+    typed = as_typed(text)
     try:
         value = json.loads(text, parse_float=Decimal)  # an amount keeps every digit
+        # The engine keys a start by this form: what it refuses (NaN, a NUL) is refused
+        # here, and so is nesting too deep for it (or for json.loads) to walk.
+        canonical_json(value)
     except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {error}") from None
+        raise argparse.ArgumentTypeError(f"{typed} is not valid JSON: {error}") from None
+    except UnstorableValueError as error:
+        raise argparse.ArgumentTypeError(f"{typed} cannot be stored: {error}") from None
+    except RecursionError:
+        raise argparse.ArgumentTypeError(f"{typed} nests too deeply to be stored") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("the input must be a JSON object")
+        raise argparse.ArgumentTypeError(f"{typed}: the input must be a JSON object")
     return value
 
 
@@ -177,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         "migrate-version",
         help="move a type's workflows in flight to another version of its definition whose steps line up",
     )
-    move.add_argument("type", metavar="TYPE", help="the workflow type")
+    move.add_argument("type", metavar="TYPE", type=storable_text, help="the workflow type")
     move.add_argument(
         "--from", dest="from_version", type=int, required=True, metavar="N", help="the version now"
     )
@@ -187,12 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     move.set_defaults(handler=cmd_migrate_version)
 
     start = commands.add_parser("start", help="start a workflow (idempotent)")
-    start.add_argument("type", metavar="TYPE", help="the workflow type")
+    start.add_argument("type", metavar="TYPE", type=storable_text, help="the workflow type")
     start.add_argument("--input", type=_json_object, default={}, help="the input, a JSON object")
-    start.add_argument("--user", required=True, help="the user the workflow runs for")
-    start.add_argument("--wallet", default=None, help="the user's wallet address")
+    start.add_argument("--user", type=storable_text, required=True, help="the user the workflow runs for")
+    start.add_argument("--wallet", type=storable_text, default=None, help="the user's wallet address")
     start.add_argument(
         "--idempotency-key",
+        type=idempotency_key,
         default=None,
         help="your own key for this start (default: computed from type, user and input); "
         "reusing it for a different start is refused",
@@ -213,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _settings_error(error: ValidationError) -> str:
     """Each invalid setting as the variable the user set, with what they typed:
     `WORKFLOWD_CONCURRENCY=abc: Input should be a valid integer`. (A secret is a
-    SecretStr, which takes any text, so no error here ever quotes one.)"""
+    SecretStr, which takes any text, so no error here ever quotes one; nor is the password
+    of a connection string quoted.)"""
     problems = []
     for detail in error.errors(include_url=False):
         name = ".".join(str(part) for part in detail["loc"])
@@ -221,7 +240,7 @@ def _settings_error(error: ValidationError) -> str:
         variable = (
             name.upper() if field is None else str(field.validation_alias or f"WORKFLOWD_{name.upper()}")
         )
-        typed = f"={detail['input']}" if isinstance(detail.get("input"), str) else ""
+        typed = f"={without_password(detail['input'])}" if isinstance(detail.get("input"), str) else ""
         problems.append(f"{variable}{typed}: {detail['msg']}")
     return "invalid setting " + "; ".join(problems)
 

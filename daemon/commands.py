@@ -8,14 +8,22 @@ import argparse
 import getpass
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
 
-from engine import WorkflowService, WorkflowState
+from engine import UnstorableValueError, WorkflowService, WorkflowState
+from engine.idempotency import check_storable_text
 from engine.records import StepRecord, TimelineEvent, WorkflowRecord
+from engine.service import (
+    LIST_LIMIT_DEFAULT,
+    LIST_LIMIT_MAX,
+    LIST_PAGE_MAX,
+    SEARCH_QUERY_MAX_LENGTH,
+    check_idempotency_key,
+)
 
 MESSAGE_WIDTH = 60
 
@@ -224,6 +232,59 @@ def workflow_state(text: str) -> WorkflowState:
         raise argparse.ArgumentTypeError(f"{text!r} is not a state: one of {states}") from None
 
 
+def whole_number(what: str, low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` to `high`, refused naming what was typed
+    and the range."""
+
+    def parse(text: str) -> int:
+        try:
+            number: int | None = int(text)
+        except ValueError:
+            number = None
+        if number is None or not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}: a whole number from {low} to {high}")
+        return number
+
+    return parse
+
+
+def as_typed(text: str) -> str:
+    """`text` quoted as it was typed, cut to MESSAGE_WIDTH: bytes that are not UTF-8, which
+    Python holds as lone surrogates, show as \\xNN, the byte the user's terminal sent."""
+    return "'" + _cell(os.fsencode(text).decode("utf-8", "backslashreplace")) + "'"
+
+
+def storable_text(text: str) -> str:
+    """An argparse type: text the database can store. A NUL cannot be in an argument at all,
+    so what gets refused here is text of another encoding than UTF-8."""
+    try:
+        check_storable_text(text)
+    except UnstorableValueError:
+        raise argparse.ArgumentTypeError(
+            f"{as_typed(text)} is not UTF-8 text, the only text the database stores"
+        ) from None
+    return text
+
+
+def idempotency_key(text: str) -> str:
+    """An argparse type: a key the engine accepts (its length rule is the engine's)."""
+    try:
+        check_idempotency_key(storable_text(text))
+    except UnstorableValueError as error:
+        raise argparse.ArgumentTypeError(f"{as_typed(text)} ({len(text)} characters): {error}") from None
+    return text
+
+
+def search_query(text: str) -> str:
+    """An argparse type: a search, 1 to SEARCH_QUERY_MAX_LENGTH characters of UTF-8."""
+    if not 1 <= len(text) <= SEARCH_QUERY_MAX_LENGTH:
+        raise argparse.ArgumentTypeError(
+            f"{as_typed(text)} ({len(text)} characters): a search has 1 to "
+            f"{SEARCH_QUERY_MAX_LENGTH} characters"
+        )
+    return storable_text(text)
+
+
 def add_operator_commands(commands: Any) -> None:
     """Register the operator commands on the CLI's subparsers."""
 
@@ -253,14 +314,19 @@ def add_operator_commands(commands: Any) -> None:
     )
     listing = command("list", cmd_list, "workflows, newest first")
     listing.add_argument("--state", type=workflow_state, default=None, help="only this state")
-    listing.add_argument("--type", default=None, help="only this type")
-    listing.add_argument("--user", default=None, help="only this user id")
-    listing.add_argument("--page", type=int, default=1)
-    listing.add_argument("--limit", type=int, default=20, help="page size (at most 100)")
+    listing.add_argument("--type", type=storable_text, default=None, help="only this type")
+    listing.add_argument("--user", type=storable_text, default=None, help="only this user id")
+    listing.add_argument("--page", type=whole_number("a page", 1, LIST_PAGE_MAX), default=1)
+    listing.add_argument(
+        "--limit",
+        type=whole_number("a page size", 1, LIST_LIMIT_MAX),
+        default=LIST_LIMIT_DEFAULT,
+        help=f"page size (at most {LIST_LIMIT_MAX})",
+    )
     command("stats", cmd_stats, "counts, recent outcomes, live workers, unserved types")
     command(
         "versions", cmd_versions, "each type's definition versions: workflows in flight, finished, served by"
     )
     command("search", cmd_search, "workflows by id, idempotency key, type, user id or wallet").add_argument(
-        "query", metavar="Q"
+        "query", metavar="Q", type=search_query
     )

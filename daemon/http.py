@@ -55,7 +55,13 @@ from engine.records import (
     WorkflowRecord,
     WorkflowStats,
 )
-from engine.service import IDEMPOTENCY_KEY_MAX_LENGTH, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, LIST_PAGE_MAX
+from engine.service import (
+    IDEMPOTENCY_KEY_MAX_LENGTH,
+    LIST_LIMIT_DEFAULT,
+    LIST_LIMIT_MAX,
+    LIST_PAGE_MAX,
+    SEARCH_QUERY_MAX_LENGTH,
+)
 
 LOG = structlog.get_logger("workflowd")
 LIVENESS_STALL_SECONDS_MIN = 30.0
@@ -360,7 +366,9 @@ def add_admin_routes(app: FastAPI, service: WorkflowService) -> None:
         return await service.get_stats()
 
     @app.get(f"{prefix}/search", dependencies=[auth], tags=tags, responses=ERRORS)
-    async def search(q: Annotated[str, Query(min_length=1, max_length=512)]) -> list[WorkflowRecord]:
+    async def search(
+        q: Annotated[str, Query(min_length=1, max_length=SEARCH_QUERY_MAX_LENGTH)],
+    ) -> list[WorkflowRecord]:
         """Workflows whose id, idempotency key, type, user id or wallet address is `q`."""
         return await service.search_workflows(q)
 

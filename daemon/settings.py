@@ -6,9 +6,11 @@ DB_PASSWORD, DB_DATABASE, PORT); the daemon's own settings are prefixed WORKFLOW
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -41,6 +43,8 @@ MAX_BODY_BYTES_DEFAULT = 1024 * 1024
 # health probes; far below the usual limit of 1024 open files.
 HTTP_MAX_CONNECTIONS_DEFAULT = 500
 HTTP_HEAD_TIMEOUT_SECONDS_DEFAULT = 10.0
+# The password of a URL's user:password@, or of a connection string's password=...
+PASSWORD = re.compile(r"(?<=://)([^/@:]*):[^/@]*@|(?<=password=)('[^']*'|\S+)")
 
 
 class ConfigurationError(Exception):
@@ -138,6 +142,21 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    @field_validator("database_url", "read_database_url")
+    @classmethod
+    def _parse_as_conninfo(cls, value: str | None) -> str | None:
+        # Refused at once, naming its variable, not at the first connection as a bare
+        # libpq error (after `dev` has started its admin API, say).
+        if value is not None:
+            try:
+                conninfo_to_dict(value)
+            except psycopg.Error as error:
+                reason = without_password(" ".join(str(error).split()))
+                raise ValueError(
+                    f"not a connection string such as postgresql://user:password@host:5432/db ({reason})"
+                ) from None
+        return value
+
     @field_validator("modules", mode="before")
     @classmethod
     def _split_modules(cls, value: Any) -> Any:
@@ -219,6 +238,11 @@ def read_token_file(path: Path) -> str:
         reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
         raise ConfigurationError(f"cannot read WORKFLOWD_ADMIN_TOKEN_FILE {path}: {reason}") from None
     return text.removesuffix("\r\n") if text.endswith("\r\n") else text.removesuffix("\n")
+
+
+def without_password(text: str) -> str:
+    """`text` with any password of a connection string in it as ***, for messages."""
+    return PASSWORD.sub(lambda found: f"{found[1]}:***@" if found[1] is not None else "***", text)
 
 
 def describe_database(conninfo: str) -> str:

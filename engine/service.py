@@ -51,6 +51,8 @@ WAIT_POLL_SECONDS_MAX = 0.5
 # A caller's own idempotency key: long enough for any order number or UUID, short
 # enough for the unique index.
 IDEMPOTENCY_KEY_MAX_LENGTH = 512
+# What a search (the CLI's and the HTTP API's) may be: as long as the longest key.
+SEARCH_QUERY_MAX_LENGTH = IDEMPOTENCY_KEY_MAX_LENGTH
 
 
 def check_text(**fields: str | None) -> None:
@@ -374,6 +376,8 @@ class WorkflowService:
         steps line up, the same names in the same order: each workflow then goes on at the
         step it is at. A version whose steps changed is drained instead.
         """
+        if from_version == to_version:
+            raise VersionMismatchError(f"from and to are both version {from_version}: nothing would move")
         source, target = (
             self.registry.get(workflow_type, from_version),
             self.registry.get(workflow_type, to_version),

@@ -1,0 +1,229 @@
+"""Every `workflowd` command given a bad value of each of its arguments, and bad settings,
+as a user runs it: a real process, with a real database configured (so that an error is
+about the bad value, not about a missing database). Each must exit non-zero, print no
+traceback, and say in one line what was typed (and, for a setting, its variable).
+
+One line: our own errors are the only line on stderr, `workflowd: ...`; argparse's are its
+usage block and then one `workflowd <command>: error: ...` line, which is the line checked.
+
+The commands and their arguments come from the parser, so a new command or a new argument
+that takes a value fails `test_every_command_and_argument_has_a_bad_case` until a bad case
+is listed for it. A flag takes no value to get wrong, so it needs none.
+
+A NUL cannot be passed in an argument at all (execve refuses it), so the text PostgreSQL
+cannot hold that a user can type is bytes of another encoding than UTF-8 (`café` from a
+Latin-1 terminal), and the JSON escape \\u0000 in --input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from daemon.cli import build_parser
+from engine.service import IDEMPOTENCY_KEY_MAX_LENGTH, LIST_LIMIT_MAX, LIST_PAGE_MAX, SEARCH_QUERY_MAX_LENGTH
+from tests.conftest import create_database, drop_database
+from tests.integration.test_cli import DB_VARIABLES
+
+# Starting ~50 interpreters is most of the time: run them side by side.
+PARALLEL_PROCESSES = 4
+PROCESS_TIMEOUT_SECONDS = 30
+UNKNOWN_ID = "9b2e6c1e-7d4f-4a8e-9c3b-5f0e1d2a3b4c"
+LATIN1 = os.fsdecode("café".encode("latin-1"))  # what Python makes of the bytes c a f \xe9
+LATIN1_SHOWN = r"'caf\xe9'"
+# Deep enough that json.loads or the engine's canonical form runs out of recursion.
+DEEP_JSON = '{"a": ' + "[" * 900 + "]" * 900 + "}"
+ARGPARSE_ERROR = re.compile(r"workflowd( [\w-]+)?: error: ")
+
+
+@dataclass(frozen=True)
+class Bad:
+    """One bad invocation. `target` is "<command> <what is bad>": an option, a positional's
+    metavar, or (with `env`) the setting's variable."""
+
+    target: str
+    argv: tuple[str, ...]
+    expected: tuple[str, ...]  # each must be in the error line
+    env: tuple[tuple[str, str], ...] = ()
+
+
+def bad(target: str, argv: list[str], *expected: str, **env: str) -> Bad:
+    return Bad(target, tuple(argv), expected, tuple(env.items()))
+
+
+def bad_ids(command: str) -> list[Bad]:
+    return [
+        bad(f"{command} ID", [command, "not-a-uuid"], "'not-a-uuid' is not a workflow id"),
+        bad(f"{command} ID", [command, UNKNOWN_ID], f"no workflow with id {UNKNOWN_ID}"),
+    ]
+
+
+def bad_numbers(option: str, what: str, high: int, *values: str) -> list[Bad]:
+    return [
+        bad(
+            f"list {option}",
+            ["list", option, value],
+            f"'{value}' is not {what}: a whole number from 1 to {high}",
+        )
+        for value in values
+    ]
+
+
+START = ["start", "trade_execution", "--user", "u1"]
+TOO_LONG_KEY = "k" * (IDEMPOTENCY_KEY_MAX_LENGTH + 1)
+TOO_LONG_SEARCH = "q" * (SEARCH_QUERY_MAX_LENGTH + 1)
+UNREACHABLE = "postgresql://nobody@127.0.0.1:1/x"
+
+CASES = [
+    bad("workflowd COMMAND", ["bogus"], "invalid choice: 'bogus' (choose from 'run'"),
+    *(case for command in ("status", "timeline", "retry", "cancel", "compensate") for case in bad_ids(command)),
+    bad("list --state", ["list", "--state", "bogus"], "'bogus' is not a state: one of pending, running"),
+    *bad_numbers("--page", "a page", LIST_PAGE_MAX, "0", "-1", "abc"),
+    *bad_numbers("--limit", "a page size", LIST_LIMIT_MAX, "0", "1000", "abc"),
+    bad("list --type", ["list", "--type", LATIN1], f"argument --type: {LATIN1_SHOWN} is not UTF-8 text"),
+    bad("list --user", ["list", "--user", LATIN1], f"argument --user: {LATIN1_SHOWN} is not UTF-8 text"),
+    bad("start TYPE", ["start", "no_such_type", "--user", "u1"], "workflow type 'no_such_type'"),
+    bad("start TYPE", ["start", LATIN1, "--user", "u1"], f"argument TYPE: {LATIN1_SHOWN} is not UTF-8 text"),
+    bad("start --input", [*START, "--input", "{not json"], "'{not json' is not valid JSON"),
+    bad("start --input", [*START, "--input", "[1, 2]"], "'[1, 2]': the input must be a JSON object"),
+    bad("start --input", [*START, "--input", '{"a": NaN}'], """'{"a": NaN}' cannot be stored"""),
+    bad("start --input", [*START, "--input", '{"a": "\\u0000"}'], """'{"a": "\\u0000"}' cannot be stored"""),
+    bad("start --input", [*START, "--input", DEEP_JSON], """'{"a": [[[""", "nests too deeply"),
+    bad("start --input", [*START, "--input", '{"amount": -1}'], "'trade_execution'", "amount: Input should be greater than 0"),
+    bad("start --user", ["start", "trade_execution", "--user", LATIN1], f"argument --user: {LATIN1_SHOWN}"),
+    bad("start --wallet", [*START, "--wallet", LATIN1], f"argument --wallet: {LATIN1_SHOWN}"),
+    bad("start --idempotency-key", [*START, "--idempotency-key", TOO_LONG_KEY], "'kkkk", f"({len(TOO_LONG_KEY)} characters)", f"1 to {IDEMPOTENCY_KEY_MAX_LENGTH} characters"),
+    bad("start --idempotency-key", [*START, "--idempotency-key", ""], "'' (0 characters)", f"1 to {IDEMPOTENCY_KEY_MAX_LENGTH} characters"),
+    bad("migrate-version TYPE", ["migrate-version", "no_such_type", "--from", "1", "--to", "2"], "no version 1 of 'no_such_type'"),
+    bad("migrate-version TYPE", ["migrate-version", LATIN1, "--from", "1", "--to", "2"], f"argument TYPE: {LATIN1_SHOWN}"),
+    bad("migrate-version --from", ["migrate-version", "trade_execution", "--from", "abc", "--to", "2"], "argument --from: invalid int value: 'abc'"),
+    bad("migrate-version --to", ["migrate-version", "trade_execution", "--from", "1", "--to", "abc"], "argument --to: invalid int value: 'abc'"),
+    bad("migrate-version --to", ["migrate-version", "trade_execution", "--from", "1", "--to", "1"], "from and to are both version 1: nothing would move"),
+    bad("search Q", ["search", LATIN1], f"argument Q: {LATIN1_SHOWN} is not UTF-8 text"),
+    bad("search Q", ["search", TOO_LONG_SEARCH], "'qqqq", f"({len(TOO_LONG_SEARCH)} characters): a search has 1 to {SEARCH_QUERY_MAX_LENGTH} characters"),
+    bad("search Q", ["search", ""], "'' (0 characters)"),
+    # Settings: the line names the variable and what it was set to.
+    bad("list WORKFLOWD_CONCURRENCY", ["list"], "WORKFLOWD_CONCURRENCY=abc: Input should be a valid integer", WORKFLOWD_CONCURRENCY="abc"),
+    bad("run WORKFLOWD_CONCURRENCY", ["run"], "WORKFLOWD_CONCURRENCY=abc", WORKFLOWD_CONCURRENCY="abc"),
+    bad("dev WORKFLOWD_CONCURRENCY", ["dev"], "WORKFLOWD_CONCURRENCY=abc", WORKFLOWD_CONCURRENCY="abc"),
+    bad("migrate DATABASE_URL", ["migrate"], "DATABASE_URL=not-a-url: ", DATABASE_URL="not-a-url"),
+    bad("run DATABASE_URL", ["run"], "DATABASE_URL=not-a-url: ", DATABASE_URL="not-a-url"),
+    bad("dev DATABASE_URL", ["dev"], "DATABASE_URL=not-a-url: ", DATABASE_URL="not-a-url"),
+    # Its password is not repeated, though.
+    bad("status DATABASE_URL", ["status", UNKNOWN_ID], "DATABASE_URL=postgresql://u:***@127.0.0.1/db?bogus=1", 'invalid URI query parameter: "bogus"', DATABASE_URL="postgresql://u:s3cret@127.0.0.1/db?bogus=1"),
+    # Shown as user@host:port/db, the way every message names a database.
+    bad("stats DATABASE_URL", ["stats"], "cannot reach the database at nobody@127.0.0.1:1/x (from DATABASE_URL)", DATABASE_URL=UNREACHABLE),
+    bad("versions PORT", ["versions"], "PORT=eighty: Input should be a valid integer", PORT="eighty"),
+]  # fmt: skip
+
+
+def case_id(case: Bad) -> str:
+    typed = " ".join(case.argv) + "".join(f" [{name}={value}]" for name, value in case.env)
+    return typed if len(typed) <= 60 else typed[:59] + "…"
+
+
+def arguments_of(parser: argparse.ArgumentParser) -> Iterator[str]:
+    """The arguments of `parser` that take a value, as a target names them."""
+    for action in parser._actions:
+        if action.nargs != 0:  # 0: a flag, or --help
+            yield action.option_strings[0] if action.option_strings else str(action.metavar or action.dest)
+
+
+def commands_of(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    (subparsers,) = (action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    return dict(subparsers.choices)
+
+
+def test_every_command_and_argument_has_a_bad_case() -> None:
+    parser = build_parser()
+    commands = commands_of(parser)
+    arguments = {f"workflowd {name}" for name in arguments_of(parser)}
+    arguments |= {f"{command} {name}" for command, sub in commands.items() for name in arguments_of(sub)}
+    targets = {case.target for case in CASES}
+    assert sorted(arguments - targets) == [], "arguments with no bad case"
+    assert sorted(set(commands) - {target.split()[0] for target in targets}) == [], (
+        "commands with no bad case"
+    )
+    # And no case names an argument that is gone, or a setting it does not set.
+    for case in CASES:
+        assert case.target in arguments or case.target.split()[1] in dict(case.env), case
+
+
+@pytest.fixture(scope="module")
+def cli_db_url(pg_server: str, template_db: str) -> Iterator[str]:
+    """One migrated database for all the cases: none of them may change it."""
+    name = f"wfd_cli_bad_{uuid.uuid4().hex[:12]}"
+    url = create_database(pg_server, name, template=template_db)
+    try:
+        yield url
+    finally:
+        drop_database(pg_server, name)
+
+
+def run_case(case: Bad, db_url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    base = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in DB_VARIABLES and name != "PORT" and not name.startswith("WORKFLOWD_")
+    }
+    argv = [sys.executable, "-m", "daemon", *case.argv]
+    try:
+        return subprocess.run(
+            argv,
+            env={**base, "DATABASE_URL": db_url, **dict(case.env)},
+            # `dev` keeps its files in the current folder: not the work tree's.
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            errors="backslashreplace",
+            timeout=PROCESS_TIMEOUT_SECONDS,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(argv, 0, "", f"still running after {PROCESS_TIMEOUT_SECONDS} s")
+
+
+@pytest.fixture(scope="module")
+def outcomes(
+    cli_db_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Mapping[Bad, subprocess.CompletedProcess[str]]:
+    """Every case's process, run once, side by side."""
+    cwd = tmp_path_factory.mktemp("cli_bad_arguments")
+    with ThreadPoolExecutor(PARALLEL_PROCESSES) as pool:
+        results = pool.map(lambda case: run_case(case, cli_db_url, cwd), CASES)
+        return dict(zip(CASES, results, strict=True))
+
+
+def the_error_line(stderr: str) -> str:
+    """Our own error alone on stderr, or argparse's after its usage block (and nothing else)."""
+    *before, line = stderr.rstrip("\n").split("\n")
+    if ARGPARSE_ERROR.match(line):
+        assert before, stderr
+        assert before[0].startswith("usage: "), stderr
+        assert all(wrapped.startswith(" ") for wrapped in before[1:]), stderr
+    else:
+        assert line.startswith("workflowd: "), stderr
+        assert before == [], stderr
+    return line
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_a_bad_value_is_refused_in_one_line_that_names_it(
+    case: Bad, outcomes: Mapping[Bad, subprocess.CompletedProcess[str]]
+) -> None:
+    result = outcomes[case]
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    assert result.returncode != 0, result
+    line = the_error_line(result.stderr)
+    for fragment in case.expected:
+        assert fragment in line
