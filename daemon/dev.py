@@ -13,6 +13,7 @@ import asyncio
 import base64
 import os
 import secrets
+import shlex
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -231,8 +232,12 @@ def run_dev(settings: Settings, *, force: bool = False) -> int:
     with (DEV_HOME / LOG_NAME).open("a", encoding="utf-8") as log:
         configure_logging("json", settings.log_level, stream=log)
         token = settings.admin_token_value()
-        # A token the user set is never echoed: it may be a production secret.
-        shown_token = "$WORKFLOWD_ADMIN_TOKEN" if token else None
+        # A token the user set is never echoed, only where it came from: it may be a
+        # production secret.
+        shown_token = None
+        if token:
+            file = settings.admin_token_file
+            shown_token = f"$(cat {shlex.quote(str(file))})" if file else "$WORKFLOWD_ADMIN_TOKEN"
         token = token or secrets.token_urlsafe(32)
         # The token is now given as is: a token file of the settings is read once, above.
         update = {

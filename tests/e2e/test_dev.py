@@ -184,7 +184,10 @@ def test_without_postgresql_binaries_dev_says_how_to_get_them(
     assert "pip install 'stellara-workflows[embedded]'" in message
 
 
-def test_dev_refuses_a_database_it_did_not_make_unless_forced(project: Path, db_url: str) -> None:
+@pytest.mark.parametrize("token_source", ["environment", "file"])
+def test_dev_refuses_a_database_it_did_not_make_unless_forced(
+    project: Path, db_url: str, token_source: str
+) -> None:
     refused = subprocess.run(
         [sys.executable, "-m", "daemon", "dev"], cwd=project, capture_output=True, text=True, timeout=60,
         env={name: value for name, value in os.environ.items() if name not in UNSET} | {"DATABASE_URL": db_url},
@@ -195,13 +198,19 @@ def test_dev_refuses_a_database_it_did_not_make_unless_forced(project: Path, db_
     assert "is not a database dev made (it has no dev marker)" in refused.stderr
     assert "or pass --force" in refused.stderr
     # Forced, it serves that database, and never echoes the token it was given.
-    secret = "a-token-from-the-environment-0123456789"
+    secret = "a-token-the-user-set-0123456789-abcdef"
+    token_file = project / "admin-token"
+    token_file.write_text(secret + "\n")
+    given, pointer = {
+        "environment": ({"WORKFLOWD_ADMIN_TOKEN": secret}, "$WORKFLOWD_ADMIN_TOKEN"),
+        "file": ({"WORKFLOWD_ADMIN_TOKEN_FILE": str(token_file)}, f"$(cat {token_file})"),
+    }[token_source]
     port = free_port()
-    process = start_dev(project, port, "--force", DATABASE_URL=db_url, WORKFLOWD_ADMIN_TOKEN=secret)
+    process = start_dev(project, port, "--force", DATABASE_URL=db_url, **given)
     try:
         shown = read_until(process, "summary", 120)
         assert "database   the DATABASE_URL you set" in shown
-        assert "(token: $WORKFLOWD_ADMIN_TOKEN)" in shown
+        assert f"(token: {pointer})" in shown
         stats = httpx.get(
             f"http://127.0.0.1:{port}/admin/workflows/stats/overview",
             headers={"Authorization": f"Bearer {secret}"},
