@@ -39,9 +39,12 @@ from engine.migrate import migrate
 from engine.primary import connect_to_primary
 from engine.records import StartResult
 from engine.registry import WorkflowModuleNotFoundError
+from engine.retention import FINISHED_STATES, WORKERS, Pruned, RetentionPolicy, prunable, prune
+from engine.states import WorkflowState
 from engine.store import Store
 
 EXIT_FAILURE = 1
+PRUNED_STATES = [state.value for state in (*FINISHED_STATES, WorkflowState.FAILED)]
 EXIT_USAGE = 2
 
 Handler = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int] | int]
@@ -124,6 +127,48 @@ async def cmd_operator(args: argparse.Namespace, settings: Settings) -> int:
     async with connect(settings) as conn:
         print(await args.service_handler(args, WorkflowService(Store(conn), load_registry(settings))))
     return 0
+
+
+async def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
+    configured = settings.retention_policy()
+    policy = RetentionPolicy(
+        finished_seconds=configured.finished_seconds if args.older_than is None else args.older_than,
+        failed_seconds=configured.failed_seconds
+        if args.failed_older_than is None
+        else args.failed_older_than,
+    )
+    async with connect(settings) as conn:
+        store = Store(conn)
+        pruned = Pruned(await prunable(store, policy)) if args.dry_run else await prune(store, policy)
+    report = {
+        "dry_run": args.dry_run,
+        "workflows": {state: pruned.removed[state] for state in PRUNED_STATES},
+        "workers": None if args.dry_run else pruned.removed[WORKERS],
+        "finished_older_than": policy.finished_seconds,
+        "failed_older_than": policy.failed_seconds,
+        "busy": pruned.busy,
+    }
+    print(json.dumps(report, indent=2) if args.json else _prune_report(report))
+    return 0
+
+
+def _prune_report(report: dict[str, Any]) -> str:
+    workflows: dict[str, int] = report["workflows"]
+    by_state = ", ".join(f"{count} {state}" for state, count in workflows.items())
+    workers = "" if report["workers"] is None else f" and {report['workers']} worker rows"
+    lines = [
+        f"{'would remove' if report['dry_run'] else 'removed'} {sum(workflows.values())} finished "
+        f"workflows with their steps and timeline ({by_state}){workers}",
+        f"kept: {_kept(report['finished_older_than'], 'completed, cancelled, compensated')}; "
+        f"{_kept(report['failed_older_than'], 'failed')}",
+    ]
+    if report["busy"]:
+        lines.append("stopped early: another process (a daemon) is pruning now and goes on from here")
+    return "\n".join(lines)
+
+
+def _kept(seconds: float | None, states: str) -> str:
+    return f"{states} for ever" if seconds is None else f"{states} finished in the last {seconds:g} s"
 
 
 def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
@@ -224,8 +269,35 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--json", action="store_true", help="print the workflow as JSON")
     start.set_defaults(handler=cmd_start)
 
+    pruning = commands.add_parser(
+        "prune", help="delete finished workflows (with steps and timeline) kept longer than retention says"
+    )
+    pruning.add_argument(
+        "--older-than", type=seconds_value, default=None, metavar="SECONDS",
+        help="completed, cancelled and compensated workflows finished more than SECONDS ago "
+        "(default: WORKFLOWD_RETENTION_DAYS)",
+    )  # fmt: skip
+    pruning.add_argument(
+        "--failed-older-than", type=seconds_value, default=None, metavar="SECONDS",
+        help="failed workflows finished more than SECONDS ago (default: WORKFLOWD_FAILED_RETENTION_DAYS)",
+    )  # fmt: skip
+    pruning.add_argument("--dry-run", action="store_true", help="count what would go, delete nothing")
+    pruning.add_argument("--json", action="store_true", help="print JSON")
+    pruning.set_defaults(handler=cmd_prune)
+
     add_operator_commands(commands)
     return parser
+
+
+def seconds_value(text: str) -> float:
+    """An argparse type: a number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{as_typed(text)} is not a number of seconds (0 or more)")
+    return value
 
 
 def _settings_error(error: ValidationError) -> str:

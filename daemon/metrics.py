@@ -79,6 +79,13 @@ class Metrics:
         self.in_flight = Gauge(
             "workflowd_steps_in_flight", "Workflows this process is driving now.", registry=r
         )
+        self.pruned = Counter(
+            "workflowd_pruned",
+            "Rows retention deleted, by what they were: finished workflows by state (each with "
+            "its steps and timeline), and `workers`.",
+            ["state"],
+            registry=r,
+        )
         self.lost_leases = Counter(
             "workflowd_lost_leases", "Results discarded because the lease was lost.", registry=r
         )

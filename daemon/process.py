@@ -18,6 +18,7 @@ from daemon import systemd
 from daemon.health import Readiness, ReplicaLag
 from daemon.http import EmbeddedServer, create_app, http_server
 from daemon.metrics import Metrics
+from daemon.pruner import prune_periodically
 from daemon.settings import ConfigurationError, Settings, with_session_limits
 from daemon.worker import Worker, WorkerConfig
 from engine.migrate import Migration, migrate, pending_migrations
@@ -295,8 +296,17 @@ async def serve(
         if not await wait_for_database(conninfo, worker, apply_migrations=settings.migrate):
             return
         await pools.worker.open(wait=True, timeout=POOL_OPEN_TIMEOUT_SECONDS)
+        retention = prune_periodically(
+            pools.worker, settings.retention_policy(), settings.retention_interval, metrics
+        )
         await _run_worker(
-            worker, metrics, conninfo=conninfo, service=service, admin_token=admin_token, companion=companion
+            worker,
+            metrics,
+            conninfo=conninfo,
+            service=service,
+            admin_token=admin_token,
+            companion=companion,
+            retention=retention,
         )
     finally:
         server.should_exit = True
@@ -314,9 +324,11 @@ async def _run_worker(
     service: WorkflowService,
     admin_token: str | None,
     companion: Companion | None,
+    retention: Coroutine[Any, Any, None],
 ) -> None:
-    """The worker, the queue-depth reporter and the companion, until the worker stops."""
-    side = [asyncio.create_task(metrics.queue_depth.run(conninfo))]
+    """The worker, the queue-depth reporter, retention and the companion, until the
+    worker stops."""
+    side = [asyncio.create_task(metrics.queue_depth.run(conninfo)), asyncio.create_task(retention)]
     worker_task = asyncio.create_task(worker.run())
     systemd.notify("READY=1\nSTATUS=serving")
     if companion:

@@ -15,6 +15,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from engine.retention import RetentionPolicy
+
 DB_PORT_DEFAULT = 5432
 HTTP_PORT_DEFAULT = 3000
 HTTP_HOST_DEFAULT = "127.0.0.1"
@@ -43,6 +45,9 @@ MAX_BODY_BYTES_DEFAULT = 1024 * 1024
 # health probes; far below the usual limit of 1024 open files.
 HTTP_MAX_CONNECTIONS_DEFAULT = 500
 HTTP_HEAD_TIMEOUT_SECONDS_DEFAULT = 10.0
+RETENTION_DAYS_DEFAULT = 30.0
+FAILED_RETENTION_DAYS_DEFAULT = 90.0
+RETENTION_INTERVAL_SECONDS_DEFAULT = 60.0
 # The password of a URL's user:password@, or of a connection string's password=...
 PASSWORD = re.compile(r"(?<=://)([^/@:]*):[^/@]*@|(?<=password=)('[^']*'|\S+)")
 
@@ -138,6 +143,13 @@ class Settings(BaseSettings):
     http_head_timeout: float = Field(HTTP_HEAD_TIMEOUT_SECONDS_DEFAULT, gt=0)
     # How often the one exporting daemon refreshes the queue-depth gauges.
     queue_depth_interval: float = Field(QUEUE_DEPTH_INTERVAL_SECONDS_DEFAULT, gt=0)
+    # Retention: completed, cancelled and compensated workflows are deleted (with their
+    # steps and timeline) this many days after they finished, failed ones (which wait
+    # for an operator) after failed_retention_days; 0 keeps them for ever. The daemons
+    # prune every retention_interval seconds, one at a time.
+    retention_days: float = Field(RETENTION_DAYS_DEFAULT, ge=0)
+    failed_retention_days: float = Field(FAILED_RETENTION_DAYS_DEFAULT, ge=0)
+    retention_interval: float = Field(RETENTION_INTERVAL_SECONDS_DEFAULT, gt=0)
     # Log lines as JSON (the default off a terminal) or for humans (on a terminal).
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -163,6 +175,9 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(name.strip() for name in value.split(",") if name.strip())
         return value
+
+    def retention_policy(self) -> RetentionPolicy:
+        return RetentionPolicy.from_days(self.retention_days, self.failed_retention_days)
 
     def admin_token_value(self) -> str | None:
         """The admin token (from WORKFLOWD_ADMIN_TOKEN or the file of WORKFLOWD_ADMIN_TOKEN_FILE),

@@ -303,6 +303,24 @@ class Store:
         """The step rows of several workflows, by workflow, in order."""
         return await self._all("get_steps_of", {"ids": list(workflow_ids)})
 
+    async def try_retention_lock(self, lock_id: int) -> bool:
+        """In a transaction: whether this one may prune now (no other process does)."""
+        return bool(await self._scalar("try_retention_lock", {"lock_id": lock_id}))
+
+    async def prune_workflows(self, *, states: Sequence[str], age_seconds: float, batch: int) -> list[str]:
+        """Delete one batch of finished workflows (see the query); the state of each."""
+        params = {"states": list(states), "age_seconds": age_seconds, "batch": batch}
+        return [row["state"] for row in await self._all("prune_workflows", params)]
+
+    async def count_prunable(self, *, states: Sequence[str], age_seconds: float) -> dict[str, int]:
+        rows = await self._all("count_prunable", {"states": list(states), "age_seconds": age_seconds})
+        return {row["state"]: row["count"] for row in rows}
+
+    async def prune_workers(self, *, age_seconds: float) -> int:
+        async with self.connection() as conn, conn.cursor() as cursor:
+            await cursor.execute(query("prune_workers"), {"age_seconds": age_seconds})
+            return cursor.rowcount
+
     async def list_workflows(
         self,
         *,

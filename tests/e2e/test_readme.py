@@ -12,6 +12,7 @@ how these tests run it (a block without one fails the first test):
   one); `against run` blocks then run in bash with the environment the `run` block set;
 - `sql`: executed against the database of the `run` block's daemon; `python`: run as a
   script there; `module`: served by a daemon through `WORKFLOWD_MODULES=<its file>`;
+  `archive`: executed, then retention prunes and the archive must hold what went;
 - `make`: each line names a Makefile target; `usage`: each line names a subcommand and
   options the CLI has;
 - `skip (why)`: not run, for the reason given.
@@ -41,10 +42,12 @@ import pytest
 
 from daemon.cli import build_parser
 from daemon.local_postgres import free_port
+from engine.retention import RetentionPolicy, prune
+from engine.store import Store
 from tests.e2e.conftest import ROOT, Daemons, wait_until
 
 README = ROOT / "README.md"
-MODES = {"dev", "against dev", "run", "against run", "sql", "python", "module", "make", "usage"}
+MODES = {"dev", "against dev", "run", "against run", "sql", "python", "module", "make", "usage", "archive"}
 # What the README writes that a test machine must replace: its example database and port.
 README_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 README_ADMIN_ADDRESS = "localhost:3000"
@@ -315,3 +318,18 @@ def test_the_definition_module_is_served_as_written(daemons: Daemons, db: psycop
     )
     (output,) = db.execute("SELECT output FROM workflows").fetchone()  # type: ignore[misc]
     assert output == {"paid": 2.5, "to": "ES91"}
+
+
+async def test_the_archive_sql_keeps_what_retention_deletes(db_url: str, db: psycopg.Connection[Any]) -> None:
+    (archive,) = readme_blocks("archive")
+    db.execute(archive.code)
+    db.execute(
+        "INSERT INTO workflows (type, input, state, completed_at) "
+        "SELECT 't', jsonb_build_object('n', n), 'completed', now() - interval '40 days' FROM generate_series(1, 7) n"
+    )
+    kept = db.execute("SELECT id, input FROM workflows ORDER BY id").fetchall()
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        pruned = await prune(Store(conn), RetentionPolicy.from_days(30, 90))
+    assert pruned.removed["completed"] == 7
+    assert db.execute("SELECT count(*) FROM workflows").fetchone() == (0,)
+    assert db.execute("SELECT id, input FROM workflows_archive ORDER BY id").fetchall() == kept

@@ -112,6 +112,9 @@ CASES = [
     bad("search Q", ["search", LATIN1], f"argument Q: {LATIN1_SHOWN} is not UTF-8 text"),
     bad("search Q", ["search", TOO_LONG_SEARCH], "'qqqq", f"({len(TOO_LONG_SEARCH)} characters): a search has 1 to {SEARCH_QUERY_MAX_LENGTH} characters"),
     bad("search Q", ["search", ""], "'' (0 characters)"),
+    bad("prune --older-than", ["prune", "--older-than", "-5"], "argument --older-than: '-5' is not a number of seconds (0 or more)"),
+    bad("prune --failed-older-than", ["prune", "--failed-older-than", "a week"], "argument --failed-older-than: 'a week' is not a number of seconds"),
+    bad("prune WORKFLOWD_RETENTION_DAYS", ["prune"], "WORKFLOWD_RETENTION_DAYS=-1: Input should be greater than or equal to 0", WORKFLOWD_RETENTION_DAYS="-1"),
     # Settings: the line names the variable and what it was set to.
     bad("list WORKFLOWD_CONCURRENCY", ["list"], "WORKFLOWD_CONCURRENCY=abc: Input should be a valid integer", WORKFLOWD_CONCURRENCY="abc"),
     bad("run WORKFLOWD_CONCURRENCY", ["run"], "WORKFLOWD_CONCURRENCY=abc", WORKFLOWD_CONCURRENCY="abc"),
