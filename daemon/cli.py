@@ -13,6 +13,7 @@ import json
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -103,6 +104,8 @@ def _print_start(result: StartResult, as_json: bool) -> None:
     print(f"{verb}: workflow {workflow.id}")
     print(f"  type             {workflow.type}")
     print(f"  state            {workflow.state}")
+    if workflow.state == "pending" and workflow.next_retry_at > workflow.created_at:
+        print(f"  starts at        {workflow.next_retry_at.isoformat(timespec='seconds')}")
     print(f"  user             {workflow.user_id or '-'}")
     print(f"  idempotency key  {workflow.idempotency_key}")
 
@@ -117,6 +120,8 @@ async def cmd_start(args: argparse.Namespace, settings: Settings) -> int:
             args.wallet,
             idempotency_key=args.idempotency_key,
             require_served=not args.allow_unserved,
+            start_at=args.at,
+            delay_seconds=args.delay,
         )
     _print_start(result, args.json)
     return 0
@@ -260,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="your own key for this start (default: computed from type, user and input); "
         "reusing it for a different start is refused",
     )
+    when = start.add_mutually_exclusive_group()
+    when.add_argument(
+        "--at", type=moment, default=None, metavar="TIME",
+        help="start it at TIME (RFC 3339 with a time zone: 2026-12-01T09:00:00+00:00), not before",
+    )  # fmt: skip
+    when.add_argument(
+        "--delay", type=seconds_value, default=None, metavar="SECONDS", help="start it SECONDS from now"
+    )
     start.add_argument(
         "--allow-unserved",
         action="store_true",
@@ -287,6 +300,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_operator_commands(commands)
     return parser
+
+
+def moment(text: str) -> datetime:
+    """An argparse type: an RFC 3339 time with its time zone (`Z` or an offset)."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        value = None
+    if value is None or value.utcoffset() is None:
+        raise argparse.ArgumentTypeError(
+            f"{as_typed(text)} is not a time with a time zone, such as 2026-12-01T09:00:00+00:00"
+        )
+    return value
 
 
 def seconds_value(text: str) -> float:

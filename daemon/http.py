@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import PoolTimeout
-from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from daemon.health import Readiness, ReplicaLag
@@ -39,6 +39,7 @@ from engine import (
     IdempotencyKeyConflictError,
     IllegalTransitionError,
     InputValidationError,
+    InvalidStartTimeError,
     InvalidWorkflowIdError,
     UnservedTypeError,
     UnstorableValueError,
@@ -94,6 +95,12 @@ class StartRequest(BaseModel):
         max_length=IDEMPOTENCY_KEY_MAX_LENGTH,
         description="your own key for this start (default: computed from type, user and input); "
         "reusing it for a different start is refused with 409",
+    )
+    start_at: AwareDatetime | None = Field(
+        default=None, description="when it may start (RFC 3339, with a time zone); not before"
+    )
+    delay_seconds: float | None = Field(
+        default=None, ge=0, allow_inf_nan=False, description="start it this many seconds from now, not before"
     )
     allow_unserved: bool = Field(
         default=False,
@@ -188,6 +195,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(UnstorableValueError)
     async def unstorable(request: Request, error: UnstorableValueError) -> JSONResponse:
+        return problem(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error))
+
+    @app.exception_handler(InvalidStartTimeError)
+    async def invalid_start_time(request: Request, error: InvalidStartTimeError) -> JSONResponse:
         return problem(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error))
 
     @app.exception_handler(UnservedTypeError)
@@ -351,6 +362,8 @@ def add_admin_routes(app: FastAPI, service: WorkflowService) -> None:
                 body.wallet_address,
                 idempotency_key=body.idempotency_key,
                 require_served=not body.allow_unserved,
+                start_at=body.start_at,
+                delay_seconds=body.delay_seconds,
             )
         except IdempotencyKeyConflictError as error:
             audit("start", actor, error.workflow_id, "refused", reason=str(error))

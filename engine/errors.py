@@ -63,6 +63,11 @@ class IllegalTransitionError(WorkflowEngineError):
         super().__init__(f"a {kind} cannot go from {source} to {target}; {because}")
 
 
+class InvalidStartTimeError(WorkflowEngineError, ValueError):
+    """A delayed start's time is unusable: no time zone, a negative or endless delay, or
+    both a time and a delay."""
+
+
 class UnservedTypeError(WorkflowEngineError):
     """A start of a type that no definition in reach defines and no live worker serves:
     it would wait forever, so the CLI and the HTTP API refuse it unless told otherwise."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -16,6 +18,7 @@ from engine.errors import (
     OUTCOME_UNKNOWN,
     IdempotencyKeyConflictError,
     IllegalTransitionError,
+    InvalidStartTimeError,
     InvalidWorkflowIdError,
     UnservedTypeError,
     UnstorableValueError,
@@ -53,6 +56,16 @@ WAIT_POLL_SECONDS_MAX = 0.5
 IDEMPOTENCY_KEY_MAX_LENGTH = 512
 # What a search (the CLI's and the HTTP API's) may be: as long as the longest key.
 SEARCH_QUERY_MAX_LENGTH = IDEMPOTENCY_KEY_MAX_LENGTH
+
+
+def check_start_time(start_at: datetime | None, delay_seconds: float | None) -> None:
+    """A delayed start names a moment (with its time zone) or a delay, not both."""
+    if start_at is not None and delay_seconds is not None:
+        raise InvalidStartTimeError("give a start time or a delay, not both")
+    if start_at is not None and start_at.utcoffset() is None:
+        raise InvalidStartTimeError(f"start time {start_at.isoformat()} has no time zone (e.g. +00:00)")
+    if delay_seconds is not None and not 0 <= delay_seconds < math.inf:
+        raise InvalidStartTimeError(f"a delay is 0 or more seconds, not {delay_seconds}")
 
 
 def check_text(**fields: str | None) -> None:
@@ -156,6 +169,8 @@ class WorkflowService:
         priority: int = 0,
         idempotency_key: str | None = None,
         require_served: bool = False,
+        start_at: datetime | None = None,
+        delay_seconds: float | None = None,
     ) -> StartResult:
         """Start a workflow, or find the one this start duplicates.
 
@@ -164,10 +179,13 @@ class WorkflowService:
         raises `IdempotencyKeyConflictError` if not. `require_served`: raise
         `UnservedTypeError` for a type that neither this registry defines nor a live
         worker serves (the CLI and the HTTP API ask for it; a worker may come later, so
-        the Python API, like SQL, does not by default).
+        the Python API, like SQL, does not by default). `start_at` (with a time zone) or
+        `delay_seconds` (from the database's clock): no daemon claims it before then; a
+        duplicate start finds the first workflow, with the time that one was given.
         """
         check_text(type=type, user_id=user_id, wallet_address=wallet_address)
         check_idempotency_key(idempotency_key)
+        check_start_time(start_at, delay_seconds)
         canonical_json(input)  # refuses what is not JSON before it reaches the database
         definition = self.registry.get(type)
         if definition is not None:
@@ -186,6 +204,8 @@ class WorkflowService:
             requires_compensation=definition.requires_compensation if definition else False,
             priority=priority,
             idempotency_key=idempotency_key,
+            start_at=start_at,
+            delay_seconds=delay_seconds,
         )
         if row is not None:
             return StartResult(workflow=WorkflowRecord.model_validate(row), created=True)
@@ -211,11 +231,14 @@ class WorkflowService:
         *,
         priority: int = 0,
         idempotency_key: str | None = None,
+        start_at: datetime | None = None,
     ) -> WorkflowRecord:
-        """Start a workflow and return it; a duplicate start returns the existing one."""
+        """Start a workflow (at `start_at`, if given) and return it; a duplicate start
+        returns the existing one."""
         result = await self.start(
-            type, input, user_id, wallet_address, priority=priority, idempotency_key=idempotency_key
-        )
+            type, input, user_id, wallet_address, priority=priority, idempotency_key=idempotency_key,
+            start_at=start_at,
+        )  # fmt: skip
         return result.workflow
 
     async def get_workflow(self, workflow_id: UUID | str) -> WorkflowRecord:

@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -253,10 +254,13 @@ class Store:
         requires_compensation: bool,
         priority: int,
         idempotency_key: str | None = None,
+        start_at: datetime | None = None,
+        delay_seconds: float | None = None,
     ) -> Row | None:
         """Insert a pending workflow; None when its idempotency key already exists.
 
         `idempotency_key`: the caller's own key; None lets the insert trigger compute it.
+        `start_at` or `delay_seconds`: when it falls due (default: now).
         """
         return await self._one(
             "insert_workflow",
@@ -271,6 +275,8 @@ class Store:
                 "requires_compensation": requires_compensation,
                 "priority": priority,
                 "idempotency_key": idempotency_key,
+                "start_at": start_at,
+                "delay_seconds": delay_seconds,
             },
         )
 

@@ -101,6 +101,22 @@ def test_start_prints_a_readable_summary(db_url: str) -> None:
     assert "idempotency key  workflow:reward_grant:u1:" in result.stdout
 
 
+def test_start_takes_a_time_or_a_delay_and_says_when_it_starts(
+    db_url: str, db: psycopg.Connection[Any]
+) -> None:
+    grant = ("start", "reward_grant", "--input", '{"amount": 5, "reason": "hi"}')
+    at = workflowd(*grant, "--user", "u1", "--at", "2030-01-02T03:04:05Z", env={"DATABASE_URL": db_url})
+    assert at.returncode == 0, at.stderr
+    assert "  starts at        2030-01-02T03:04:05+00:00" in at.stdout
+    later = workflowd(*grant, "--user", "u2", "--delay", "3600", env={"DATABASE_URL": db_url})
+    assert "  starts at        " in later.stdout
+    (delay,) = db.execute(
+        "SELECT extract(epoch FROM next_retry_at - created_at) FROM workflows WHERE user_id = 'u2'"
+    ).fetchone()  # type: ignore[misc]
+    assert 3599 < delay < 3601
+    assert "starts at" not in workflowd(*grant, "--user", "u3", env={"DATABASE_URL": db_url}).stdout
+
+
 def test_start_refuses_a_type_nothing_serves_and_names_the_served_types(
     db_url: str, db: psycopg.Connection[Any]
 ) -> None:
