@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -31,6 +32,7 @@ from engine.retry import RetryPolicy
 from engine.runner import (
     StepFailed,
     StepOutcome,
+    StepSnoozed,
     StepSucceeded,
     failure,
     outcome_unknown,
@@ -91,10 +93,11 @@ class LeaseLostError(Exception):
 
 
 class _AttemptFailed(Exception):
-    """Leaves a transactional step's transaction, rolling its writes back."""
+    """Leaves a transactional step's transaction, rolling its writes back (a failed or a
+    snoozed attempt)."""
 
-    def __init__(self, outcome: StepFailed) -> None:
-        super().__init__(outcome.error.get("message"))
+    def __init__(self, outcome: StepFailed | StepSnoozed) -> None:
+        super().__init__(outcome.error.get("message") if isinstance(outcome, StepFailed) else outcome.reason)
         self.outcome = outcome
 
 
@@ -218,6 +221,8 @@ class Driver:
         succeeded = isinstance(outcome, StepSucceeded)
         if assignment.compensating:
             result = "compensated" if succeeded else "compensation_failed"
+        elif isinstance(outcome, StepSnoozed):
+            result = "snoozed"
         else:
             result = "succeeded" if succeeded else "failed"
         labels = (assignment.definition.type, assignment.step.name, result)
@@ -246,11 +251,23 @@ class Driver:
 
     async def _record(self, assignment: Assignment, outcome: StepOutcome) -> bool:
         """Commit an attempt's outcome; returns whether to go straight on to the next step."""
-        if isinstance(outcome, StepFailed):
-            await self._record_failure(assignment, outcome)
+        if not isinstance(outcome, StepSucceeded):
+            await self._record_not_done(assignment, outcome)
             return False
         write = self._completion(assignment, outcome, transaction=None)
         return self._advance(assignment, outcome, await self._fenced(assignment, write, self._settle))
+
+    async def _record_not_done(self, assignment: Assignment, outcome: StepFailed | StepSnoozed) -> None:
+        if isinstance(outcome, StepFailed):
+            await self._record_failure(assignment, outcome)
+            return
+        snooze = partial(
+            self.store.snooze_step, workflow_id=assignment.workflow_id, lease_token=assignment.lease_token,
+            step_index=assignment.step_index, attempt=assignment.attempt, worker_id=self.id,
+            seconds=outcome.seconds, reason=outcome.reason,
+        )  # fmt: skip
+        await self._fenced(assignment, snooze)
+        self._log(assignment).info("step_snoozed", reason=outcome.reason, seconds=outcome.seconds)
 
     async def _record_failure(self, assignment: Assignment, outcome: StepFailed) -> None:
         step = assignment.step
@@ -359,14 +376,14 @@ class Driver:
         except DATABASE_ERRORS as error:
             assignment.step_index, assignment.attempt, assignment.retry_count, assignment.outputs = before
             return await self._settle_interrupted(assignment, error)
-        if isinstance(outcome, StepFailed):
-            await self._record_failure(assignment, outcome)
+        if not isinstance(outcome, bool):
+            await self._record_not_done(assignment, outcome)
             return False
         return outcome
 
     async def _transactional_attempt(
         self, conn: psycopg.AsyncConnection[Any], assignment: Assignment
-    ) -> bool | StepFailed:
+    ) -> bool | StepFailed | StepSnoozed:
         """The attempt and, when it succeeds, its completion, in one transaction.
 
         A failed attempt's writes are rolled back; its failure is returned to be recorded

@@ -32,6 +32,30 @@ class NotExecuted(WorkflowEngineError):
     """
 
 
+# The longest a step may snooze at once: longer waits snooze again.
+SNOOZE_SECONDS_MAX = 7 * 86_400.0
+
+
+class Snooze(WorkflowEngineError):
+    """Raised (or returned) by step code to say "not yet, check again in `seconds`".
+
+    The attempt took no effect (so even a step that must not run twice runs again): the
+    step goes back to pending, due after `seconds`, the workflow's lease is released (no
+    worker slot is held while it waits), and no retry is spent. Each snooze is an
+    attempt (`ctx.attempt` counts them) and a `running -> pending` event in the timeline;
+    a step that may wait for ever should give up after some attempts (PermanentError).
+    """
+
+    def __init__(self, seconds: float, reason: str = "") -> None:
+        if not 0 < seconds <= SNOOZE_SECONDS_MAX:
+            raise ValueError(
+                f"a snooze lasts more than 0 and at most {SNOOZE_SECONDS_MAX:g} seconds, not {seconds}"
+            )
+        self.seconds = float(seconds)
+        self.reason = reason or f"not yet: check again in {seconds:g} s"
+        super().__init__(self.reason)
+
+
 class DefinitionError(WorkflowEngineError):
     """A workflow definition is malformed, or two definitions claim one type name."""
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from engine.definitions import Step, Workflow, WorkflowContext
-from engine.errors import OUTCOME_UNKNOWN, InputValidationError, NotExecuted, PermanentError
+from engine.errors import OUTCOME_UNKNOWN, InputValidationError, NotExecuted, PermanentError, Snooze
 from engine.idempotency import json_text
 
 JsonReader = Callable[[str], Any]
@@ -49,7 +49,15 @@ class StepFailed:
     still_running: Future[None] | None = field(default=None, compare=False)
 
 
-StepOutcome = StepSucceeded | StepFailed
+@dataclass(frozen=True)
+class StepSnoozed:
+    """The attempt said "not yet" (engine.Snooze): no effect, run it again in `seconds`."""
+
+    seconds: float
+    reason: str
+
+
+StepOutcome = StepSucceeded | StepFailed | StepSnoozed
 
 
 def failure(
@@ -183,7 +191,9 @@ async def run_compensation(
         return StepSucceeded(None)
     timeout = step.timeout or default_timeout
     args = (input, output, ctx)
-    return await _attempt(step, step.compensate, args, ctx, executor, limit=timeout, at_most_once=False)
+    return await _attempt(
+        step, step.compensate, args, ctx, executor, limit=timeout, at_most_once=False, may_snooze=False
+    )
 
 
 async def _attempt(
@@ -196,6 +206,7 @@ async def _attempt(
     limit: float | None,
     at_most_once: bool,
     read_json: JsonReader = json.loads,
+    may_snooze: bool = True,
 ) -> StepOutcome:
     deadline = asyncio.timeout(limit)
     thread: Future[None] = Future()
@@ -204,17 +215,34 @@ async def _attempt(
             output = await _call(fn, args, executor, thread)
     except asyncio.CancelledError:
         raise
+    except Snooze as snooze:
+        return _snoozed(snooze, step, ctx.attempt, may_snooze)
     except TimeoutError as error:
         if not deadline.expired():  # the step's own TimeoutError, not our deadline
             return _failure_from(error, step, ctx.attempt, at_most_once=at_most_once)
         return _timed_out(step, ctx.attempt, limit, thread, at_most_once)
     except BaseException as error:  # broken step code must not stop the daemon
         return _failure_from(error, step, ctx.attempt, at_most_once=at_most_once)
+    return _returned(output, step, ctx.attempt, may_snooze, read_json)
+
+
+def _returned(output: Any, step: Step, attempt: int, may_snooze: bool, read_json: JsonReader) -> StepOutcome:
+    """The outcome of an attempt that returned `output`: a Snooze, or a result to store."""
+    if isinstance(output, Snooze):
+        return _snoozed(output, step, attempt, may_snooze)
     try:
         return succeeded(output, read_json)
     except (TypeError, ValueError, RecursionError) as error:
         message = f"step {step.name!r} returned a value that cannot be stored as JSON: {error}"
-        return failure(step.name, ctx.attempt, "InvalidStepOutput", message, retryable=False)
+        return failure(step.name, attempt, "InvalidStepOutput", message, retryable=False)
+
+
+def _snoozed(snooze: Snooze, step: Step, attempt: int, may_snooze: bool) -> StepOutcome:
+    if may_snooze:
+        return StepSnoozed(snooze.seconds, snooze.reason)
+    # An undo waits by failing: compensations retry on any error, with backoff.
+    message = f"a compensation cannot snooze ({snooze.reason}): it is retried with backoff instead"
+    return failure(step.name, attempt, "Snooze", message, retryable=True)
 
 
 def _timed_out(

@@ -93,8 +93,8 @@ STEP_TRANSITIONS = TransitionTable[StepState](
     arrows={
         # Started, or skipped because its workflow was cancelled or failed before it.
         _S.PENDING: frozenset({_S.RUNNING, _S.SKIPPED}),
-        # An attempt succeeded or failed.
-        _S.RUNNING: frozenset({_S.COMPLETED, _S.FAILED}),
+        # An attempt succeeded or failed, or snoozed (engine.Snooze: not yet, no effect).
+        _S.RUNNING: frozenset({_S.COMPLETED, _S.FAILED, _S.PENDING}),
         # A scheduled retry starts another attempt; a manual retry resets the step.
         _S.FAILED: frozenset({_S.RUNNING, _S.PENDING}),
         # Undo it (a step without a compensate function, too, passes through compensating:

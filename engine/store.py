@@ -482,6 +482,16 @@ class Store:
         name = "schedule_compensation_retry" if failed.compensation else "schedule_retry"
         return await self._one(name, failed.params() | {"delay_seconds": delay_seconds}) is not None
 
+    async def snooze_step(
+        self, *, workflow_id: UUID, lease_token: UUID, step_index: int, attempt: int, worker_id: str,
+        seconds: float, reason: str,
+    ) -> bool:  # fmt: skip
+        """Put a step that snoozed back to pending until `seconds` from now, releasing the
+        lease; no retry is spent. False when the lease was lost."""
+        params = {"id": workflow_id, "lease_token": lease_token, "step_index": step_index, "attempt": attempt,
+                  "worker_id": worker_id, "seconds": seconds, "reason": reason}  # fmt: skip
+        return await self._one("snooze_step", params) is not None
+
     async def fail_workflow(self, failed: FailedAttempt) -> bool:
         """Fail the workflow for good at this step (or at this step's compensation).
 

@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from daemon.local_postgres import free_port
+from engine.builtin.chain import CONFIRMATIONS
 from engine.builtin.http_clients import eth_account_library
 
 # Imported the daemon's way, which keeps this process's recursion limit (tests of deep
@@ -137,6 +138,8 @@ def fake_chain(behaviour: Behaviour, mempool: Mempool | None = None) -> FastAPI:
             return {"result": tx and {"hash": tx["hash"], "from": tx["from"], "nonce": hex(tx["nonce"])}}
         if method == "eth_getTransactionReceipt" and params[0] in pool.transactions:
             return {"result": pool.receipt(params[0])}
+        if method == "eth_blockNumber" and pool.transactions:  # the pool's blocks, confirmed
+            return {"result": hex(100 + len(pool.transactions) + CONFIRMATIONS)}
         return None
 
     @app.post("/")
@@ -219,6 +222,8 @@ class ExchangeBook:
 
     trades: dict[str, dict[str, Any]] = field(default_factory=dict)
     answers: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    # Confirmations asked before a trade settles: `pending` is answered until then.
+    checks_to_settle: int = 1
 
 
 PRICE = Decimal("2000.12345678")
@@ -226,7 +231,8 @@ PRICE = Decimal("2000.12345678")
 
 def fake_exchange(behaviour: Behaviour, book: ExchangeBook) -> FastAPI:
     """A fake exchange with the README's REST shape; amounts as decimal strings. A trade
-    asking for less than 0.1 % slippage executes, then is rejected at confirmation."""
+    asking for less than 0.1 % slippage executes, then is rejected at confirmation; a
+    trade is `pending` at its first `book.checks_to_settle - 1` confirmations."""
     app = FastAPI()
 
     async def once(request: Request, name: str, work: Callable[[], dict[str, Any]]) -> Response:
@@ -254,6 +260,11 @@ def fake_exchange(behaviour: Behaviour, book: ExchangeBook) -> FastAPI:
 
     @app.post("/trades/{trade_id}/confirm")
     async def confirm(trade_id: str, request: Request) -> Response:
+        checked = book.trades[trade_id]
+        checked["checks"] = checked.get("checks", 0) + 1
+        if checked["checks"] < book.checks_to_settle:  # a status, not an action: never cached
+            return JSONResponse({"tradeId": trade_id, "status": "pending"})
+
         def settle() -> dict[str, Any]:
             trade = book.trades[trade_id]
             if trade["tight"]:

@@ -61,7 +61,9 @@ class Exchange(Protocol):
         price}, amounts as decimal strings."""
 
     async def confirm_trade(self, trade_id: str, *, idempotency_key: str) -> dict[str, Any]:
-        """Wait for settlement; returns {trade_id, status}."""
+        """Whether the trade settled: {trade_id, status} with status `settled`, or
+        `pending` while the exchange has not settled it yet (the step checks again
+        later); a trade that will not settle raises PermanentError."""
 
     async def unwind_trade(self, trade_id: str, *, idempotency_key: str) -> dict[str, Any]:
         """Reverse a trade (the saga's undo); returns {trade_id, status}."""

@@ -8,13 +8,18 @@ from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
 
-from engine import PermanentError, Step, Workflow, WorkflowContext
+from engine import PermanentError, Snooze, Step, Workflow, WorkflowContext
 from engine.builtin.adapters import ChainClient
 from engine.builtin.evm import Deployer, encode_constructor_args
 from engine.definitions import ExecuteFn
 
 RECEIPT_POLL_SECONDS = 1.0
 RECEIPT_WAIT_SECONDS = 120.0
+# Version 2 waits by snoozing (engine.Snooze: no worker slot is held meanwhile): for a
+# receipt, checked this often; then for CONFIRMATIONS blocks on the deployment's own
+# (it included), before verifying the contract's code.
+CHAIN_CHECK_SECONDS = 2.0
+CONFIRMATIONS = 2
 MAX_BLOCK_RANGE = 1_000
 
 
@@ -116,8 +121,14 @@ def contract_deployments(chain: ChainClient) -> list[Workflow]:
         return {"transactionHash": signed["transactionHash"]}
 
     async def wait_for_receipt(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
+        # A transaction never mined keeps the workflow waiting (a snooze a check, in its
+        # timeline) until an operator cancels it: it may still be mined.
         tx_hash = ctx.outputs["send_transaction"]["transactionHash"]
-        receipt = await receipt_of(chain, tx_hash, ctx.idempotency_key)
+        receipt = await chain.get_receipt(tx_hash, idempotency_key=ctx.idempotency_key)
+        if receipt is None:
+            raise Snooze(CHAIN_CHECK_SECONDS, f"transaction {tx_hash} is not mined yet")
+        if receipt.get("status") != 1:
+            raise PermanentError(f"transaction {tx_hash} reverted")
         return {"transactionHash": tx_hash, "contractAddress": receipt["contractAddress"],
                 "blockNumber": receipt["blockNumber"]}  # fmt: skip
 
@@ -131,7 +142,7 @@ def contract_deployments(chain: ChainClient) -> list[Workflow]:
         steps=[
             Step("sign_deployment", sign_deployment, transactional=True, timeout=60),
             Step("send_transaction", send_transaction, timeout=60),
-            Step("wait_for_receipt", wait_for_receipt, timeout=RECEIPT_WAIT_SECONDS + 30),
+            Step("wait_for_receipt", wait_for_receipt, timeout=60),
             Step("index_contract", index_contract, transactional=True),
             Step("verify_contract", verify_contract, timeout=60),
         ],
@@ -185,6 +196,11 @@ def contract_bookkeeping(chain: ChainClient, deployed_by: str) -> tuple[ExecuteF
 
     async def verify_contract(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
         deployed = ctx.outputs[deployed_by]
+        latest = await chain.block_number(idempotency_key=ctx.idempotency_key)
+        block = deployed["blockNumber"]
+        if latest - block + 1 < CONFIRMATIONS:
+            reason = f"block {block} has fewer than {CONFIRMATIONS} confirmations (the chain is at {latest})"
+            raise Snooze(CHAIN_CHECK_SECONDS, reason)
         code = await chain.get_code(deployed["contractAddress"], idempotency_key=ctx.idempotency_key)
         if code in ("", "0x"):
             raise PermanentError(f"no code at {deployed['contractAddress']}: the deployment did not stick")

@@ -330,6 +330,8 @@ class RestExchange:
 
     async def confirm_trade(self, trade_id: str, *, idempotency_key: str) -> dict[str, Any]:
         answer = exact_json(await _post(self.client, f"/trades/{trade_id}/confirm", idempotency_key))
+        if answer.get("status") == "pending":
+            return {"trade_id": trade_id, "status": "pending"}
         if answer.get("status") != "settled":
             reason = answer.get("reason", "no reason given")
             raise PermanentError(f"trade {trade_id} did not settle ({answer.get('status')}): {reason}")

@@ -18,6 +18,7 @@ from decimal import Decimal
 from typing import Any
 
 from engine.builtin.adapters import Adapters
+from engine.builtin.chain import CONFIRMATIONS
 from engine.builtin.evm import Deployer
 from engine.builtin.money import SMALLEST_UNIT, amount_text
 from engine.errors import PermanentError
@@ -107,7 +108,8 @@ class SandboxChain:
         return {
             "status": 1,
             "contractAddress": "0x" + digest("address", tx_hash)[:40],
-            "blockNumber": SANDBOX_BLOCK_HEIGHT - int(digest("block", tx_hash)[:4], 16),
+            # Mined deep enough to be verified at once (the sandbox chain does not grow).
+            "blockNumber": SANDBOX_BLOCK_HEIGHT - max(int(digest("block", tx_hash)[:4], 16), CONFIRMATIONS),
         }
 
     async def get_code(self, address: str, *, idempotency_key: str) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
-from engine import Step, Workflow, WorkflowContext
+from engine import PermanentError, Snooze, Step, Workflow, WorkflowContext
 from engine.builtin.adapters import Exchange
 from engine.builtin.money import Amount, amount_text
 
@@ -16,6 +16,10 @@ from engine.builtin.money import Amount, amount_text
 # (0.01 = 1 %). Above half the price no one means a fraction: 1.5 was meant as 1.5 %.
 MAX_SLIPPAGE = Decimal("0.5")
 DEFAULT_SLIPPAGE = Decimal("0.005")
+# A trade the exchange has not settled yet is checked again this much later (a snooze:
+# no worker slot is held meanwhile), and given up (then unwound) after this many checks.
+SETTLEMENT_CHECK_SECONDS = 2.0
+SETTLEMENT_CHECKS_MAX = 300
 
 
 class TradeInput(BaseModel):
@@ -121,8 +125,13 @@ def trade_execution(exchange: Exchange, input_model: type[TradeInput], version: 
         return await exchange.unwind_trade(output["trade_id"], idempotency_key=ctx.idempotency_key)
 
     async def confirm_trade(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
-        trade = ctx.outputs["execute_trade"]
-        return await exchange.confirm_trade(trade["trade_id"], idempotency_key=ctx.idempotency_key)
+        trade_id = ctx.outputs["execute_trade"]["trade_id"]
+        confirmation = await exchange.confirm_trade(trade_id, idempotency_key=ctx.idempotency_key)
+        if confirmation["status"] != "pending":
+            return confirmation
+        if ctx.attempt >= SETTLEMENT_CHECKS_MAX:
+            raise PermanentError(f"trade {trade_id} did not settle after {ctx.attempt} checks")
+        raise Snooze(SETTLEMENT_CHECK_SECONDS, f"trade {trade_id} is not settled yet")
 
     async def update_portfolio(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
         trade = ctx.outputs["execute_trade"]

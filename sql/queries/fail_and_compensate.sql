@@ -1,7 +1,8 @@
 -- Failing: retries with backoff, failing for good, and compensation's own retries and
--- failure.
+-- failure; and a step's snooze, which waits like a retry without being one.
 -- Queries, in this order:
 --   schedule_retry
+--   snooze_step
 --   fail_workflow
 --   begin_compensation
 --   schedule_compensation_retry
@@ -39,6 +40,39 @@ INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_
 SELECT %(id)s, %(step_index)s, failed.step_name, 'running', 'failed', %(attempt)s, %(worker_id)s,
        %(error)s::jsonb || jsonb_build_object('traceback', %(traceback)s::text, 'retry_at', failed.next_retry_at)
 FROM failed JOIN released ON true
+RETURNING id;
+
+-- name: snooze_step
+-- A step said "not yet" (engine.Snooze): its attempt took no effect, so the step goes
+-- back to pending, due after `seconds`, its retry count untouched (the next claim starts
+-- it as it starts any pending step: the attempt count goes on). The lease is released
+-- and the workflow falls due with the step (a cancel request at once). The event says
+-- until when, in its `error` field as {type: Snoozed, message, until}. Fenced like
+-- complete_steps.
+WITH owner AS (
+    SELECT id FROM workflows WHERE id = %(id)s AND lease_token = %(lease_token)s FOR UPDATE
+),
+snoozed AS (
+    UPDATE workflow_steps s
+    SET state = 'pending', next_retry_at = now() + %(seconds)s * interval '1 second', updated_at = now()
+    FROM owner
+    WHERE s.workflow_id = owner.id AND s.step_index = %(step_index)s
+      AND s.state = 'running' AND s.attempt = %(attempt)s
+    RETURNING s.workflow_id, s.step_name, s.next_retry_at
+),
+released AS (
+    UPDATE workflows w
+    SET {{release_lease}},
+        next_retry_at = CASE WHEN w.cancel_requested THEN now() ELSE snoozed.next_retry_at END,
+        updated_at = now()
+    FROM snoozed
+    WHERE w.id = snoozed.workflow_id
+    RETURNING w.id
+)
+INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state, attempt, worker_id, error)
+SELECT %(id)s, %(step_index)s, snoozed.step_name, 'running', 'pending', %(attempt)s, %(worker_id)s,
+       jsonb_build_object('type', 'Snoozed', 'message', %(reason)s::text, 'until', snoozed.next_retry_at)
+FROM snoozed JOIN released ON true
 RETURNING id;
 
 -- name: fail_workflow

@@ -68,8 +68,12 @@ WHERE completed_at > now() - interval '1 hour';
 -- backoff, minutes at most. Only a row edited by hand gets here; an operator repairs it
 -- (UPDATE workflows SET next_retry_at = now() ...) or cancels it. Stats and the
 -- workflowd_stuck_workflows gauge report them.
-SELECT count(*) FROM workflows
-WHERE state IN ('running', 'compensating') AND next_retry_at > now() + interval '1 hour';
+-- A snoozed step (pending at the current index of a running workflow) waits as long as
+-- it asked to: not stuck.
+SELECT count(*) FROM workflows w
+WHERE w.state IN ('running', 'compensating') AND w.next_retry_at > now() + interval '1 hour'
+  AND NOT EXISTS (SELECT 1 FROM workflow_steps s WHERE s.workflow_id = w.id
+                  AND s.step_index = w.current_step_index AND s.state = 'pending');
 
 -- name: queue_depth
 -- Runnable workflows by type and state, for the workflowd_queue_depth gauge.

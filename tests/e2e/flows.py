@@ -20,7 +20,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 
-from engine import NotExecuted, PermanentError, Step, Workflow, WorkflowContext
+from engine import NotExecuted, PermanentError, Snooze, Step, Workflow, WorkflowContext
 
 _pool: AsyncConnectionPool | None = None
 
@@ -354,4 +354,40 @@ payout_in_three = Workflow(
         Step("send", send_payment, is_idempotent=False),
         Step("confirm", recorded),
     ],
+)
+
+
+# Snooze: a step that is "not yet" `snoozes` times (`every` seconds apart), then done.
+# Each attempt is recorded, so a test counts them; no retries at all are allowed, so a
+# snooze that spent one would fail the workflow.
+async def waits(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
+    await record_effect(ctx)
+    if ctx.attempt <= int(input.get("snoozes", 1)):
+        raise Snooze(float(input.get("every", 0.2)), f"not settled yet (check {ctx.attempt})")
+    return {"settled_at_attempt": ctx.attempt}
+
+
+def waits_by_returning(input: dict[str, Any], ctx: WorkflowContext) -> Any:
+    record_effect_from_a_thread(ctx)
+    if ctx.attempt <= int(input.get("snoozes", 1)):
+        return Snooze(float(input.get("every", 0.2)))
+    return {"settled_at_attempt": ctx.attempt}
+
+
+async def books_then_waits(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
+    assert ctx.connection is not None  # transactional: its writes roll back with a snooze
+    await ctx.connection.execute(
+        "INSERT INTO test_ledger (workflow_id, amount) VALUES (%s, %s)", (ctx.workflow_id, ctx.attempt)
+    )
+    return await waits(input, ctx)
+
+
+snoozing = Workflow(
+    type="snoozing",
+    max_retries=0,
+    steps=[Step("before", recorded), Step("wait", waits, is_idempotent=False), Step("after", recorded)],
+)
+snoozing_plain = Workflow(type="snoozing_plain", max_retries=0, steps=[Step("wait", waits_by_returning)])
+snoozing_ledger = Workflow(
+    type="snoozing_ledger", max_retries=0, steps=[Step("book", books_then_waits, transactional=True)]
 )

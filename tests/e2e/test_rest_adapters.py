@@ -122,6 +122,7 @@ def test_a_daemon_trades_and_grants_over_rest_with_retries(
     notifier_url, notifier_behaviour, delivered = notifier
     exchange_behaviour.failures["trades"] = [503]
     notifier_behaviour.failures["notifications"] = [429]
+    book.checks_to_settle = 2  # pending at the first check: the step snoozes, then confirms
     daemons.start(
         adapters="http", chain_rpc_url=chain_service[0], chain_private_key="0x" + "2b" * 32,
         ai_base_url=ai_service[0], ai_api_key="sk", exchange_url=exchange_url, exchange_api_key="ex",
@@ -137,6 +138,13 @@ def test_a_daemon_trades_and_grants_over_rest_with_retries(
     assert trade.output["amountIn"] == TOKEN_AMOUNT
     assert Decimal(trade.output["amountOut"]) == Decimal(TOKEN_AMOUNT) * PRICE
     assert len(book.trades) == 1, "the retry after a 503 made no second trade"
+    confirm = db.execute(
+        "SELECT attempt, retry_count FROM workflow_steps WHERE step_name = 'confirm_trade'"
+    ).fetchone()
+    assert confirm == (2, 0)  # a snooze, not a retry
+    snoozed = db.execute("SELECT error->>'message' FROM workflow_events WHERE to_state = 'pending' "
+                         "AND step_name = 'confirm_trade'").fetchall()  # fmt: skip
+    assert snoozed == [(f"trade {next(iter(book.trades))} is not settled yet",)]
     keys = exchange_behaviour.keys("trades")
     assert len(keys) == 2
     assert len(set(keys)) == 1

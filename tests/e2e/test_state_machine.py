@@ -47,11 +47,13 @@ def test_a_tour_of_the_life_cycles_records_every_arrow_of_the_tables_and_nothing
     daemons: Daemons, db: psycopg.Connection[Any], db_url: str
 ) -> None:
     daemons.start()
-    # Straight through; a retry after a failed attempt; a saga that fails and compensates.
+    # Straight through; a retry after a failed attempt; a saga that fails and compensates;
     insert_workflows(db, "three_steps", 1)
     insert_workflows(db, "retrying", 1, fail_times=1)
     insert_workflows(db, "saga", 1, fail_at="ship")
-    wait_until(lambda: all_finished(db, 2) and all_finished(db, 1, "compensated"), 30, "the first three")
+    # A step that snoozes once (running -> pending) before it completes.
+    insert_workflows(db, "snoozing", 1, snoozes=1, every=0.1)
+    wait_until(lambda: all_finished(db, 3) and all_finished(db, 1, "compensated"), 30, "the first four")
 
     async def operators() -> None:
         async with WorkflowService.connect(db_url) as service:

@@ -13,8 +13,16 @@ from typing import Any
 
 import pytest
 
-from engine import NotExecuted, PermanentError, Step, Workflow, WorkflowContext
-from engine.runner import StepFailed, StepSucceeded, run_step, with_workflow_output
+from engine import NotExecuted, PermanentError, Snooze, Step, Workflow, WorkflowContext
+from engine.errors import SNOOZE_SECONDS_MAX
+from engine.runner import (
+    StepFailed,
+    StepSnoozed,
+    StepSucceeded,
+    run_compensation,
+    run_step,
+    with_workflow_output,
+)
 
 
 def context(attempt: int = 1) -> WorkflowContext:
@@ -273,3 +281,35 @@ async def test_an_exact_definition_reads_the_output_back_with_decimals() -> None
     assert outcome == StepSucceeded(
         {"amount": Decimal("0.300000000000000001")}, '{"amount":0.300000000000000001}'
     )
+
+
+async def test_a_snooze_raised_or_returned_is_a_snooze_even_for_a_step_that_must_not_run_twice() -> None:
+    async def raises(input: Any, ctx: WorkflowContext) -> None:
+        raise Snooze(2.5, "no confirmations yet")
+
+    def returns(input: Any, ctx: WorkflowContext) -> Snooze:
+        return Snooze(1)
+
+    raised = await run_step(Step("s", raises, is_idempotent=False), {}, context())
+    returned = await run_step(Step("s", returns), {}, context())
+    assert raised == StepSnoozed(2.5, "no confirmations yet")
+    assert returned == StepSnoozed(1.0, "not yet: check again in 1 s")
+
+
+async def test_a_compensation_that_snoozes_is_retried_as_a_failure() -> None:
+    async def undo(input: Any, output: Any, ctx: WorkflowContext) -> None:
+        raise Snooze(5)
+
+    outcome = await run_compensation(Step("s", recorded_noop, compensate=undo), {}, None, context())
+    assert isinstance(outcome, StepFailed)
+    assert (outcome.retryable, outcome.error["type"]) == (True, "Snooze")
+
+
+async def recorded_noop(input: Any, ctx: WorkflowContext) -> None:
+    return None
+
+
+@pytest.mark.parametrize("seconds", [0, -1, float("nan"), float("inf"), SNOOZE_SECONDS_MAX + 1])
+def test_a_snooze_lasts_a_positive_bounded_time(seconds: float) -> None:
+    with pytest.raises(ValueError, match="a snooze lasts more than 0 and at most"):
+        Snooze(seconds)
