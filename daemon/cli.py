@@ -22,7 +22,13 @@ from psycopg import AsyncConnection
 from pydantic import ValidationError
 
 from daemon.catalog import load_registry
-from daemon.commands import add_operator_commands, as_typed, idempotency_key, storable_text
+from daemon.commands import (
+    add_operator_commands,
+    add_schedule_commands,
+    as_typed,
+    idempotency_key,
+    storable_text,
+)
 from daemon.dev import run_dev
 from daemon.local_postgres import PostgresBinariesNotFoundError
 from daemon.logs import configure_logging
@@ -299,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     pruning.set_defaults(handler=cmd_prune)
 
     add_operator_commands(commands)
+    add_schedule_commands(commands, _json_object)
     return parser
 
 

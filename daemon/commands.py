@@ -16,7 +16,8 @@ from pydantic import BaseModel
 
 from engine import UnstorableValueError, WorkflowService, WorkflowState
 from engine.idempotency import check_storable_text
-from engine.records import StepRecord, TimelineEvent, WorkflowRecord
+from engine.records import ScheduleRecord, StepRecord, TimelineEvent, WorkflowRecord
+from engine.schedules import MISSED_TICKS, Schedule
 from engine.service import (
     LIST_LIMIT_DEFAULT,
     LIST_LIMIT_MAX,
@@ -221,6 +222,87 @@ async def cmd_search(args: argparse.Namespace, service: WorkflowService) -> str:
     if args.json:
         return to_json(found)
     return await workflows_table(found, service) if found else f"no workflow matches {args.query!r}"
+
+
+def schedules_table(schedules: Sequence[ScheduleRecord]) -> str:
+    rows = [
+        (s.name, s.cron, s.timezone, s.type, "yes" if s.enabled else "paused", s.next_fire_at,
+         s.last_fired_at, "code" if s.declared else "run time")
+        for s in schedules
+    ]  # fmt: skip
+    return render_table(
+        ("name", "cron", "zone", "type", "enabled", "next tick", "last fired", "declared in"), rows
+    )
+
+
+async def cmd_schedule_add(args: argparse.Namespace, service: WorkflowService) -> str:
+    schedule = Schedule(
+        name=args.name, cron=args.cron, type=args.type, input=args.input, user_id=args.user,
+        timezone=args.tz, missed=args.missed,
+    )  # fmt: skip
+    record = await service.add_schedule(schedule, require_served=not args.allow_unserved)
+    return (
+        to_json(record)
+        if args.json
+        else f"schedule {record.name}: next tick {record.next_fire_at.isoformat()}"
+    )
+
+
+async def cmd_schedule_list(args: argparse.Namespace, service: WorkflowService) -> str:
+    schedules = await service.list_schedules()
+    if args.json:
+        return to_json(schedules)
+    return schedules_table(schedules) if schedules else "no schedules"
+
+
+async def cmd_schedule_pause(args: argparse.Namespace, service: WorkflowService) -> str:
+    record = await service.pause_schedule(args.name)
+    return to_json(record) if args.json else f"schedule {record.name} is paused"
+
+
+async def cmd_schedule_resume(args: argparse.Namespace, service: WorkflowService) -> str:
+    record = await service.resume_schedule(args.name)
+    return (
+        to_json(record)
+        if args.json
+        else f"schedule {record.name} resumed: next tick {record.next_fire_at.isoformat()}"
+    )
+
+
+async def cmd_schedule_remove(args: argparse.Namespace, service: WorkflowService) -> str:
+    await service.remove_schedule(args.name)
+    return to_json({"removed": args.name}) if args.json else f"schedule {args.name} removed"
+
+
+def add_schedule_commands(commands: Any, json_object: Callable[[str], dict[str, Any]]) -> None:
+    """`workflowd schedule add|list|pause|resume|remove`."""
+    schedule = commands.add_parser("schedule", help="cron schedules: add, list, pause, resume, remove")
+    actions = schedule.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, handler: Any, help: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = actions.add_parser(name, help=help)
+        parser.add_argument("--json", action="store_true", help="print JSON")
+        parser.set_defaults(service_handler=handler)
+        return parser
+
+    add = action("add", cmd_schedule_add, "add a schedule, or change the one of that name")
+    add.add_argument("name", metavar="NAME", type=storable_text, help="the schedule's name")
+    add.add_argument("--cron", required=True, metavar="EXPR",
+                     help="five fields (minute hour day month weekday), or six, seconds last")  # fmt: skip
+    add.add_argument("--type", required=True, type=storable_text, help="the workflow type each tick starts")
+    add.add_argument("--input", type=json_object, default={}, help="the input, a JSON object")
+    add.add_argument("--user", type=storable_text, default=None, help="the user the workflows run for")
+    add.add_argument("--tz", default="UTC", metavar="ZONE", help="the time zone the expression is read in")
+    add.add_argument("--missed", choices=MISSED_TICKS, default="latest",
+                     help="after an outage: the newest missed tick once (latest), or each (all)")  # fmt: skip
+    add.add_argument("--allow-unserved", action="store_true", help="even if no live worker serves the type")
+    action("list", cmd_schedule_list, "every schedule, its next tick and its last")
+    for name, handler, help in (
+        ("pause", cmd_schedule_pause, "fire no more ticks until resumed"),
+        ("resume", cmd_schedule_resume, "fire again from the next tick after now"),
+        ("remove", cmd_schedule_remove, "delete a schedule (its workflows stay)"),
+    ):
+        action(name, handler, help).add_argument("name", metavar="NAME", help="the schedule's name")
 
 
 def workflow_state(text: str) -> WorkflowState:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Iterator
 from decimal import Decimal
 from enum import Enum
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 from uuid import UUID
 
 import h11
@@ -41,6 +41,9 @@ from engine import (
     InputValidationError,
     InvalidStartTimeError,
     InvalidWorkflowIdError,
+    Schedule,
+    ScheduleError,
+    ScheduleNotFoundError,
     UnservedTypeError,
     UnstorableValueError,
     WorkflowEngineError,
@@ -50,6 +53,7 @@ from engine import (
 )
 from engine.records import (
     ExecutionSummary,
+    ScheduleRecord,
     StepRecord,
     TimelineEvent,
     WorkflowPage,
@@ -159,6 +163,14 @@ ADMIN_SECURITY = Depends(
 def install_error_handlers(app: FastAPI) -> None:
     """Engine errors become JSON answers with the right status."""
 
+    @app.exception_handler(ScheduleNotFoundError)
+    async def no_schedule(request: Request, error: ScheduleNotFoundError) -> JSONResponse:
+        return problem(status.HTTP_404_NOT_FOUND, str(error))
+
+    @app.exception_handler(ScheduleError)
+    async def bad_schedule(request: Request, error: ScheduleError) -> JSONResponse:
+        return problem(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error))
+
     @app.exception_handler(WorkflowNotFoundError)
     async def not_found(request: Request, error: WorkflowNotFoundError) -> JSONResponse:
         return problem(status.HTTP_404_NOT_FOUND, str(error))
@@ -231,6 +243,7 @@ def create_app(
     install_error_handlers(app)
     add_health_routes(app, readiness, daemon, metrics, replica)
     add_admin_routes(app, service)
+    add_schedule_routes(app, service)
     return app
 
 
@@ -497,3 +510,69 @@ def http_server(
         http=protocol,
     )
     return EmbeddedServer(config)
+
+
+class ScheduleRequest(BaseModel):
+    """The body of POST /admin/schedules (see `workflowd schedule add`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    cron: str = Field(min_length=1, max_length=200, description="five fields, or six with seconds last")
+    type: str = Field(min_length=1, max_length=128)
+    input: dict[str, JsonValue] = Field(default_factory=dict)
+    user_id: str | None = Field(default=None, max_length=256)
+    timezone: str = Field(default="UTC", max_length=64, description="an IANA time zone")
+    missed: Literal["latest", "all"] = "latest"
+    allow_unserved: bool = False
+
+
+def add_schedule_routes(app: FastAPI, service: WorkflowService) -> None:
+    """/admin/schedules: cron schedules, as `workflowd schedule` manages them."""
+    prefix = "/admin/schedules"
+    tags: list[str | Enum] = ["schedules"]
+    auth = ADMIN_SECURITY
+    missing: dict[int | str, dict[str, Any]] = {
+        404: {"model": Problem, "description": "no schedule of that name"}
+    }
+
+    def logged(command: str, actor: str, name: str) -> None:
+        LOG.info("admin_command", command=command, actor=actor, schedule=name, outcome="done")
+
+    @app.get(prefix, dependencies=[auth], tags=tags, responses=ERRORS)
+    async def list_schedules() -> list[ScheduleRecord]:
+        """Every schedule, with its next tick and its last."""
+        return await service.list_schedules()
+
+    @app.post(prefix, dependencies=[auth], tags=tags, status_code=201, responses=ERRORS)
+    async def add_schedule(body: ScheduleRequest, actor: OperatorActor) -> ScheduleRecord:
+        """Add a schedule, or change the one of that name (422: a bad expression, zone, input
+        or type)."""
+        schedule = Schedule(name=body.name, cron=body.cron, type=body.type, input=body.input,
+                            user_id=body.user_id, timezone=body.timezone, missed=body.missed)  # fmt: skip
+        record = await service.add_schedule(schedule, require_served=not body.allow_unserved)
+        logged("schedule_add", actor, record.name)
+        return record
+
+    @app.post(prefix + "/{name}/pause", dependencies=[auth], tags=tags, responses=ERRORS | missing)
+    async def pause_schedule(name: str, actor: OperatorActor) -> ScheduleRecord:
+        """Fire no more ticks until resumed."""
+        record = await service.pause_schedule(name)
+        logged("schedule_pause", actor, name)
+        return record
+
+    @app.post(prefix + "/{name}/resume", dependencies=[auth], tags=tags, responses=ERRORS | missing)
+    async def resume_schedule(name: str, actor: OperatorActor) -> ScheduleRecord:
+        """Fire again from the next tick after now."""
+        record = await service.resume_schedule(name)
+        logged("schedule_resume", actor, name)
+        return record
+
+    @app.delete(
+        prefix + "/{name}", dependencies=[auth], tags=tags, status_code=204, responses=ERRORS | missing
+    )
+    async def remove_schedule(name: str, actor: OperatorActor) -> Response:
+        """Delete a schedule; the workflows it started stay."""
+        await service.remove_schedule(name)
+        logged("schedule_remove", actor, name)
+        return Response(status_code=204)

@@ -19,6 +19,7 @@ from daemon.health import Readiness, ReplicaLag
 from daemon.http import EmbeddedServer, create_app, http_server
 from daemon.metrics import Metrics
 from daemon.pruner import prune_periodically
+from daemon.scheduler import fire_periodically
 from daemon.settings import ConfigurationError, Settings, with_session_limits
 from daemon.worker import Worker, WorkerConfig
 from engine.migrate import Migration, migrate, pending_migrations
@@ -296,9 +297,12 @@ async def serve(
         if not await wait_for_database(conninfo, worker, apply_migrations=settings.migrate):
             return
         await pools.worker.open(wait=True, timeout=POOL_OPEN_TIMEOUT_SECONDS)
-        retention = prune_periodically(
-            pools.worker, settings.retention_policy(), settings.retention_interval, metrics
-        )
+        periodic = [
+            prune_periodically(
+                pools.worker, settings.retention_policy(), settings.retention_interval, metrics
+            ),
+            fire_periodically(pools.worker, registry, worker.id, settings.schedule_interval),
+        ]
         await _run_worker(
             worker,
             metrics,
@@ -306,7 +310,7 @@ async def serve(
             service=service,
             admin_token=admin_token,
             companion=companion,
-            retention=retention,
+            periodic=periodic,
         )
     finally:
         server.should_exit = True
@@ -324,11 +328,11 @@ async def _run_worker(
     service: WorkflowService,
     admin_token: str | None,
     companion: Companion | None,
-    retention: Coroutine[Any, Any, None],
+    periodic: list[Coroutine[Any, Any, None]],
 ) -> None:
-    """The worker, the queue-depth reporter, retention and the companion, until the
-    worker stops."""
-    side = [asyncio.create_task(metrics.queue_depth.run(conninfo)), asyncio.create_task(retention)]
+    """The worker, the queue-depth reporter, the periodic tasks (retention, schedules)
+    and the companion, until the worker stops."""
+    side = [asyncio.create_task(task) for task in (metrics.queue_depth.run(conninfo), *periodic)]
     worker_task = asyncio.create_task(worker.run())
     systemd.notify("READY=1\nSTATUS=serving")
     if companion:

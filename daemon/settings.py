@@ -48,6 +48,7 @@ HTTP_HEAD_TIMEOUT_SECONDS_DEFAULT = 10.0
 RETENTION_DAYS_DEFAULT = 30.0
 FAILED_RETENTION_DAYS_DEFAULT = 90.0
 RETENTION_INTERVAL_SECONDS_DEFAULT = 60.0
+SCHEDULE_INTERVAL_SECONDS_DEFAULT = 1.0
 # The password of a URL's user:password@, or of a connection string's password=...
 PASSWORD = re.compile(r"(?<=://)([^/@:]*):[^/@]*@|(?<=password=)('[^']*'|\S+)")
 
@@ -150,6 +151,8 @@ class Settings(BaseSettings):
     retention_days: float = Field(RETENTION_DAYS_DEFAULT, ge=0)
     failed_retention_days: float = Field(FAILED_RETENTION_DAYS_DEFAULT, ge=0)
     retention_interval: float = Field(RETENTION_INTERVAL_SECONDS_DEFAULT, gt=0)
+    # How often each daemon looks for due cron schedules (one fires each tick).
+    schedule_interval: float = Field(SCHEDULE_INTERVAL_SECONDS_DEFAULT, gt=0)
     # Log lines as JSON (the default off a terminal) or for humans (on a terminal).
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -36,6 +36,7 @@ from engine.records import (
 )
 from engine.registry import Registry
 from engine.retry import RetryPolicy, next_retry_time, should_retry
+from engine.schedules import Schedule, ScheduleError, ScheduleNotFoundError
 from engine.service import WorkflowService
 from engine.states import StepState, WorkflowState
 
@@ -52,6 +53,9 @@ __all__ = [
     "PermanentError",
     "Registry",
     "RetryPolicy",
+    "Schedule",
+    "ScheduleError",
+    "ScheduleNotFoundError",
     "Snooze",
     "StartResult",
     "Step",

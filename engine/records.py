@@ -185,3 +185,21 @@ class WorkflowStats(_Record):
     # Running or compensating workflows due or leased more than an hour ahead: no daemon
     # claims them as they stand (see the count_stuck_workflows query).
     stuck_workflows: int = 0
+
+
+class ScheduleRecord(_Record):
+    """A cron schedule (`workflow_schedules`), as the API and the CLI show it."""
+
+    name: str
+    cron: str
+    timezone: str
+    type: str
+    input: dict[str, Any]
+    user_id: str | None
+    missed: str
+    enabled: bool
+    declared: bool
+    next_fire_at: datetime
+    last_fired_at: datetime | None
+    last_workflow_id: UUID | None
+    last_fired_by: str | None

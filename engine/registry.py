@@ -12,6 +12,7 @@ from types import ModuleType
 
 from engine.definitions import Workflow
 from engine.errors import DefinitionError
+from engine.schedules import Schedule
 
 
 class WorkflowModuleNotFoundError(DefinitionError):
@@ -31,6 +32,9 @@ class Registry:
 
     def __init__(self, workflows: Iterable[Workflow] = ()) -> None:
         self._workflows: dict[str, dict[int, Workflow]] = {}
+        # The cron schedules declared beside the definitions, by name (a daemon upserts
+        # them at its start).
+        self.schedules: dict[str, Schedule] = {}
         for workflow in workflows:
             self.register(workflow)
 
@@ -78,9 +82,13 @@ class Registry:
 
     def load_module(self, entry: str) -> list[Workflow]:
         """Import a module, given by name (from sys.path) or as a file path (see
-        `is_module_path`), and register every `Workflow` at its top level. Loading it
-        again registers nothing new: it is imported once, its definitions stay the same."""
+        `is_module_path`), and register every `Workflow` (and `Schedule`) at its top level.
+        Loading it again registers nothing new: it is imported once, its definitions stay
+        the same."""
         module = _load_file(entry) if is_module_path(entry) else _import_by_name(entry)
+        for schedule in (value for value in vars(module).values() if isinstance(value, Schedule)):
+            if self.schedules.setdefault(schedule.name, schedule) != schedule:
+                raise DefinitionError(f"two different schedules are named {schedule.name!r} ({entry})")
         found = [value for value in vars(module).values() if isinstance(value, Workflow)]
         return [self.register(workflow) for workflow in found]
 

@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -29,6 +30,7 @@ from engine.idempotency import canonical_json, check_storable_text, start_identi
 from engine.primary import require_primary
 from engine.records import (
     ExecutionSummary,
+    ScheduleRecord,
     StartResult,
     StepRecord,
     TimelineEvent,
@@ -39,6 +41,7 @@ from engine.records import (
     WorkflowStats,
 )
 from engine.registry import Registry
+from engine.schedules import Schedule, ScheduleNotFoundError, next_tick
 from engine.states import FINISHED_WORKFLOW_STATES, WORKFLOW_TRANSITIONS, WorkflowState
 from engine.store import Store
 from engine.summary import completed_steps, summarize
@@ -390,6 +393,58 @@ class WorkflowService:
             unserved_types=list(await self.reads.unserved_work(stale_seconds=worker_stale_seconds)),
             stuck_workflows=await self.reads.count_stuck_workflows(),
         )
+
+    # Cron schedules (engine/schedules.py).
+
+    async def add_schedule(self, schedule: Schedule, *, require_served: bool = False) -> ScheduleRecord:
+        """Add a schedule, or change the one of that name (its next tick stays unless its
+        cron expression or time zone changed). Its input is checked as a start's is."""
+        return await self._put_schedule(schedule, declared=False, require_served=require_served)
+
+    async def declare_schedules(self, schedules: Sequence[Schedule]) -> list[ScheduleRecord]:
+        """The schedules declared in code, upserted (a daemon's start)."""
+        return [await self._put_schedule(schedule, declared=True) for schedule in schedules]
+
+    async def _put_schedule(
+        self, schedule: Schedule, *, declared: bool, require_served: bool = False
+    ) -> ScheduleRecord:
+        check_text(type=schedule.type, user_id=schedule.user_id)
+        canonical_json(schedule.input)
+        definition = self.registry.get(schedule.type)
+        if definition is not None:
+            definition.validate_input(schedule.input)
+        elif require_served:
+            await self._check_served(schedule.type)
+        first = next_tick(schedule.cron, schedule.timezone, await self.store.database_now())
+        row = await self.store.put_schedule(
+            {**asdict(schedule), "input": dict(schedule.input), "declared": declared, "next_fire_at": first}
+        )
+        return ScheduleRecord.model_validate(row)
+
+    async def list_schedules(self) -> list[ScheduleRecord]:
+        return [ScheduleRecord.model_validate(row) for row in await self.reads.list_schedules()]
+
+    async def pause_schedule(self, name: str) -> ScheduleRecord:
+        """Fire no more ticks until resumed."""
+        return await self._enable(name, enabled=False, next_fire_at=None)
+
+    async def resume_schedule(self, name: str) -> ScheduleRecord:
+        """Fire again, from the next tick after now (not the ticks missed while paused)."""
+        found = await self.store.get_schedule(name)
+        if found is None:
+            raise ScheduleNotFoundError(name)
+        first = next_tick(found["cron"], found["timezone"], await self.store.database_now())
+        return await self._enable(name, enabled=True, next_fire_at=first)
+
+    async def _enable(self, name: str, *, enabled: bool, next_fire_at: datetime | None) -> ScheduleRecord:
+        row = await self.store.set_schedule_enabled(name, enabled=enabled, next_fire_at=next_fire_at)
+        if row is None:
+            raise ScheduleNotFoundError(name)
+        return ScheduleRecord.model_validate(row)
+
+    async def remove_schedule(self, name: str) -> None:
+        if not await self.store.remove_schedule(name):
+            raise ScheduleNotFoundError(name)
 
     async def migrate_version(self, workflow_type: str, from_version: int, to_version: int) -> list[UUID]:
         """Move the workflows of `workflow_type` still to run from one version of its

@@ -225,6 +225,11 @@ class Store:
             await cursor.execute(query(name), params)
             return await cursor.fetchone()
 
+    async def _execute(self, name: str, params: Mapping[str, Any]) -> None:
+        """A statement that returns no rows."""
+        async with self.connection() as conn:
+            await conn.execute(query(name), params)
+
     async def _all(self, name: str, params: Mapping[str, Any]) -> list[Row]:
         async with self.connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
             await cursor.execute(query(name), params)
@@ -308,6 +313,45 @@ class Store:
     async def get_steps_of(self, workflow_ids: Sequence[UUID]) -> list[Row]:
         """The step rows of several workflows, by workflow, in order."""
         return await self._all("get_steps_of", {"ids": list(workflow_ids)})
+
+    # Schedules.
+
+    async def database_now(self) -> datetime:
+        """The database's clock, which decides when schedules fire."""
+        value: datetime = await self._scalar("database_now", {})
+        return value
+
+    async def due_schedules(self, *, limit: int) -> list[Row]:
+        """In a transaction: the schedules due now, locked (see the query)."""
+        return await self._all("due_schedules", {"limit": limit})
+
+    async def schedule_fired(
+        self, *, name: str, next_fire_at: datetime, fired_at: datetime | None, workflow_id: UUID | None,
+        worker_id: str,
+    ) -> None:  # fmt: skip
+        params = {"name": name, "next_fire_at": next_fire_at, "fired_at": fired_at,
+                  "workflow_id": workflow_id, "worker_id": worker_id}  # fmt: skip
+        await self._execute("schedule_fired", params)
+
+    async def put_schedule(self, params: Mapping[str, Any]) -> Row:
+        row = await self._one("put_schedule", {**params, "input": stored_json(params["input"])})
+        assert row is not None  # an upsert returns its row
+        return row
+
+    async def list_schedules(self) -> list[Row]:
+        return await self._all("list_schedules", {})
+
+    async def get_schedule(self, name: str) -> Row | None:
+        return await self._one("get_schedule", {"name": name})
+
+    async def set_schedule_enabled(
+        self, name: str, *, enabled: bool, next_fire_at: datetime | None
+    ) -> Row | None:
+        params = {"name": name, "enabled": enabled, "next_fire_at": next_fire_at}
+        return await self._one("set_schedule_enabled", params)
+
+    async def remove_schedule(self, name: str) -> bool:
+        return await self._one("remove_schedule", {"name": name}) is not None
 
     async def try_retention_lock(self, lock_id: int) -> bool:
         """In a transaction: whether this one may prune now (no other process does)."""

@@ -109,21 +109,26 @@ def test_install_and_make_lines_name_real_extras_and_targets() -> None:
 
 
 def test_the_cli_synopsis_names_real_subcommands_and_options() -> None:
-    commands: dict[str, argparse.ArgumentParser] = {
-        name: parser
-        for action in build_parser()._actions
-        if isinstance(action, argparse._SubParsersAction)
-        for name, parser in action.choices.items()
-    }
     (synopsis,) = readme_blocks("usage")
     for line in synopsis.lines():
         for alternative in line.split("#")[0].split("|"):
             words = alternative.split()
-            name = words[1] if words[0] == "workflowd" else words[0]
-            assert name in commands, line
-            known = {option for action in commands[name]._actions for option in action.option_strings}
+            parser = command_parser(words[1:] if words[0] == "workflowd" else words)
+            assert parser is not None, line
+            known = {option for action in parser._actions for option in action.option_strings}
             for option in re.findall(r"--[\w-]+", alternative):
-                assert option in known, f"{option} of {name}: {line}"
+                assert option in known, f"{option} of {parser.prog}: {line}"
+
+
+def command_parser(words: list[str]) -> argparse.ArgumentParser | None:
+    """The parser of the (sub)command `words` begin with (`schedule add NAME ...`)."""
+    parser, found = build_parser(), False
+    for word in words:
+        choices = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+        if not choices or word not in choices[0].choices:
+            break
+        parser, found = choices[0].choices[word], True
+    return parser if found else None
 
 
 @pytest.fixture
@@ -318,6 +323,10 @@ def test_the_definition_module_is_served_as_written(daemons: Daemons, db: psycop
     )
     (output,) = db.execute("SELECT output FROM workflows").fetchone()  # type: ignore[misc]
     assert output == {"paid": 2.5, "to": "ES91"}
+    wait_until(
+        lambda: db.execute("SELECT name, cron, timezone, declared FROM workflow_schedules").fetchall()
+        == [("nightly-payout", "0 3 * * *", "Europe/Paris", True)], 10, "the module's schedule to be declared",
+    )  # fmt: skip
 
 
 async def test_the_archive_sql_keeps_what_retention_deletes(db_url: str, db: psycopg.Connection[Any]) -> None:
