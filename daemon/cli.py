@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from daemon.catalog import load_registry
 from daemon.commands import (
+    add_event_command,
     add_operator_commands,
     add_schedule_commands,
     as_typed,
@@ -198,6 +199,15 @@ async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 def _json_object(text: str) -> dict[str, Any]:
     """The --input: a JSON object the engine can key and store; refused naming what was typed."""
+    value = _json_value(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{as_typed(text)}: the input must be a JSON object")
+    return value
+
+
+def _json_value(text: str) -> Any:
+    """Any JSON value the engine can store (numbers keep every digit); refused naming what
+    was typed."""
     typed = as_typed(text)
     try:
         value = json.loads(text, parse_float=Decimal)  # an amount keeps every digit
@@ -210,8 +220,6 @@ def _json_object(text: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(f"{typed} cannot be stored: {error}") from None
     except RecursionError:
         raise argparse.ArgumentTypeError(f"{typed} nests too deeply to be stored") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"{typed}: the input must be a JSON object")
     return value
 
 
@@ -305,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     pruning.set_defaults(handler=cmd_prune)
 
     add_operator_commands(commands)
+    add_event_command(commands, _json_value)
     add_schedule_commands(commands, _json_object)
     return parser
 

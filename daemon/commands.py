@@ -274,6 +274,33 @@ async def cmd_schedule_remove(args: argparse.Namespace, service: WorkflowService
     return to_json({"removed": args.name}) if args.json else f"schedule {args.name} removed"
 
 
+async def cmd_send_event(args: argparse.Namespace, service: WorkflowService) -> str:
+    delivered = await service.send_event(args.id, args.name, args.payload, event_id=args.event_id)
+    if args.json:
+        return to_json({"delivered": delivered})
+    return (
+        f"event {args.name} sent to workflow {args.id}"
+        if delivered
+        else (f"event {args.name} was sent to workflow {args.id} before (same event id): nothing new")
+    )
+
+
+def add_event_command(commands: Any, json_value: Callable[[str], Any]) -> None:
+    """`workflowd send-event ID NAME --payload JSON [--event-id K]`."""
+    send = commands.add_parser("send-event", help="send an event to a workflow, for a step that waits for it")
+    send.add_argument("--json", action="store_true", help="print JSON")
+    send.add_argument("id", metavar="ID", help="the workflow id")
+    send.add_argument("name", metavar="NAME", type=storable_text, help="the event's name")
+    send.add_argument(
+        "--payload", type=json_value, default=None, help="the event's payload, JSON (the step's output)"
+    )
+    send.add_argument(
+        "--event-id", type=storable_text, default=None,
+        help="your id of the event: sent again, it is a no-op (default: name and payload)",
+    )  # fmt: skip
+    send.set_defaults(service_handler=cmd_send_event)
+
+
 def add_schedule_commands(commands: Any, json_object: Callable[[str], dict[str, Any]]) -> None:
     """`workflowd schedule add|list|pause|resume|remove`."""
     schedule = commands.add_parser("schedule", help="cron schedules: add, list, pause, resume, remove")

@@ -26,6 +26,7 @@ from daemon.group_commit import GroupCommit
 from daemon.metrics import Metrics
 from engine.attempts import ClaimedWorkflow
 from engine.definitions import Step, Workflow, WorkflowContext
+from engine.errors import SNOOZE_SECONDS_MAX
 from engine.idempotency import compensation_key, step_key
 from engine.primary import READ_ONLY_ERRORS
 from engine.retry import RetryPolicy
@@ -101,6 +102,14 @@ class _AttemptFailed(Exception):
         self.outcome = outcome
 
 
+class _WaitFailed(Exception):
+    """Leaves the waiting transaction of a step that waits for an event, rolling it back."""
+
+    def __init__(self, outcome: StepFailed) -> None:
+        super().__init__(outcome.error.get("message"))
+        self.outcome = outcome
+
+
 @dataclass(frozen=True)
 class DriverConfig:
     worker_id: str
@@ -149,6 +158,9 @@ class Driver:
         try:
             go_on = True
             while go_on:
+                if assignment.step.wait_for_event is not None and not assignment.compensating:
+                    go_on = await self._wait_for_event(assignment)
+                    continue
                 if assignment.step.transactional:
                     go_on = await self._run_transactional(assignment)
                     continue
@@ -405,6 +417,76 @@ class Driver:
             # server (psycopg passes our exception on after its ROLLBACK fails, where it
             # would pass psycopg.Rollback on, which nothing here expects).
             return failed.outcome
+
+    # Steps that wait for an event.
+
+    async def _wait_for_event(self, assignment: Assignment) -> bool:
+        """A step declared with wait_for_event: take its event and complete the step with
+        the event's payload, or park the workflow until an event comes (or the wait's
+        timeout), in one transaction that holds the workflow's row (see lock_for_wait)."""
+        try:
+            async with self.pool.connection() as conn:
+                outcome = await self._waiting_transaction(conn, assignment)
+        except DATABASE_ERRORS as error:
+            return await self._settle_interrupted(assignment, error)
+        if isinstance(outcome, StepFailed):
+            await self._record_failure(assignment, outcome)
+            return False
+        return outcome
+
+    async def _waiting_transaction(
+        self, conn: psycopg.AsyncConnection[Any], assignment: Assignment
+    ) -> bool | StepFailed:
+        """True or False (go on or not) when the step completed or parked; the failure
+        when it cannot (its wait timed out), to be recorded outside the transaction."""
+        try:
+            async with conn.transaction():
+                return await self._wait_in(Store(conn), assignment)
+        except _WaitFailed as failed:  # rolled back: no event consumed
+            return failed.outcome
+
+    async def _wait_in(self, store: Store, assignment: Assignment) -> bool:
+        step, name = assignment.step, str(assignment.step.wait_for_event)
+        workflow_id, step_index = assignment.workflow_id, assignment.step_index
+        lock = await store.lock_for_wait(
+            workflow_id=workflow_id, lease_token=assignment.lease_token, step_index=step_index,
+            wait_seconds=step.timeout,
+        )  # fmt: skip
+        if lock is None:
+            raise LeaseLostError
+        payload = await store.take_event(workflow_id=workflow_id, step_index=step_index, name=name)
+        if payload is not None:
+            return await self._complete_with_event(store, assignment, payload)
+        if lock["timed_out"]:
+            message = f"no event {name!r} came within {step.timeout:g} s"
+            raise _WaitFailed(
+                failure(step.name, assignment.attempt, "EventTimeout", message, retryable=False)
+            )
+        left = lock["seconds_left"] or SNOOZE_SECONDS_MAX
+        parked = await store.snooze_step(
+            workflow_id=workflow_id, lease_token=assignment.lease_token, step_index=step_index,
+            attempt=assignment.attempt, worker_id=self.id, seconds=min(max(left, 0.001), SNOOZE_SECONDS_MAX),
+            reason=f"waiting for event {name!r}",
+        )  # fmt: skip
+        if not parked:
+            raise LeaseLostError
+        self._log(assignment).info("waiting_for_event", awaited=name)
+        return False
+
+    async def _complete_with_event(self, store: Store, assignment: Assignment, payload: str) -> bool:
+        """The step's output is the event's payload, read as the definition reads JSON."""
+        definition = assignment.definition
+        event = StepSucceeded(definition.read_json(payload), payload)
+        outcome: StepSucceeded | StepFailed = event
+        if assignment.step_index == len(definition.steps) - 1:
+            outcome = with_workflow_output(
+                definition, event, input=assignment.input, outputs=assignment.outputs,
+                step=assignment.step, attempt=assignment.attempt,
+            )  # fmt: skip
+        if isinstance(outcome, StepFailed):
+            raise _WaitFailed(outcome)  # the event is not consumed after all
+        result = await self._completion(assignment, outcome, transaction=store)()
+        return self._advance(assignment, outcome, result)
 
     async def _settle_interrupted(self, assignment: Assignment, error: Exception) -> bool:
         # The connection broke mid-transaction: nothing of it committed, unless the break

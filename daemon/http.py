@@ -36,6 +36,7 @@ from daemon.http_guard import RequestGuard, problem
 from daemon.metrics import Metrics
 from daemon.settings import HTTP_HEAD_TIMEOUT_SECONDS_DEFAULT
 from engine import (
+    EventRefusedError,
     IdempotencyKeyConflictError,
     IllegalTransitionError,
     InputValidationError,
@@ -113,11 +114,16 @@ class StartRequest(BaseModel):
     )
 
 
-async def exact_input(request: Request) -> dict[str, Any]:
-    """The `input` of a validated start request with its numbers as sent: a fraction read
-    as a binary float would lose digits of an amount (1.000000000000000001)."""
+async def exact_body(request: Request) -> dict[str, Any]:
+    """A validated request's JSON body with its numbers as sent: a fraction read as a
+    binary float would lose digits of an amount (1.000000000000000001)."""
     body: dict[str, Any] = json.loads(await request.body(), parse_float=Decimal)
-    return dict(body["input"])
+    return body
+
+
+async def exact_input(request: Request) -> dict[str, Any]:
+    """The `input` of a validated start request, its numbers as sent."""
+    return dict((await exact_body(request))["input"])
 
 
 class WorkflowDetail(WorkflowRecord):
@@ -178,6 +184,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InvalidWorkflowIdError)
     async def malformed_id(request: Request, error: InvalidWorkflowIdError) -> JSONResponse:
         return problem(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error))
+
+    @app.exception_handler(EventRefusedError)
+    async def event_refused(request: Request, error: EventRefusedError) -> JSONResponse:
+        return problem(status.HTTP_409_CONFLICT, str(error))
 
     @app.exception_handler(IllegalTransitionError)
     async def conflict(request: Request, error: IllegalTransitionError) -> JSONResponse:
@@ -441,6 +451,36 @@ def add_admin_routes(app: FastAPI, service: WorkflowService) -> None:
         return await audited(
             "compensate", actor, workflow_id, service.compensate_workflow(workflow_id, actor=actor)
         )
+
+    @app.post(
+        f"{prefix}/{{workflow_id}}/events", dependencies=[auth], tags=tags, status_code=202,
+        responses=COMMAND_ERRORS,
+    )  # fmt: skip
+    async def send_event(
+        workflow_id: UUID, body: EventRequest, request: Request, actor: OperatorActor
+    ) -> EventSent:
+        """Send an event to a workflow, for a step that waits for it (now, or when the
+        workflow gets there): its payload becomes the step's output. `delivered` is false
+        for a duplicate (the same `id`; by default the same name and payload). 404: no such
+        workflow; 409: a finished one."""
+        payload = (await exact_body(request)).get("payload")
+        delivered = await service.send_event(workflow_id, body.name, payload, event_id=body.id)
+        audit("send_event", actor, workflow_id, "delivered" if delivered else "duplicate", event_name=body.name)
+        return EventSent(delivered=delivered)
+
+
+class EventRequest(BaseModel):
+    """The body of POST /admin/workflows/{id}/events."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    payload: JsonValue = None
+    id: str | None = Field(default=None, min_length=1, max_length=512, description="the sender's event id")
+
+
+class EventSent(BaseModel):
+    delivered: bool
 
 
 class EmbeddedServer(uvicorn.Server):

@@ -8,6 +8,7 @@ Import the definition API and the service from here:
 from engine.definitions import Step, Workflow, WorkflowContext
 from engine.errors import (
     DefinitionError,
+    EventRefusedError,
     IdempotencyKeyConflictError,
     IllegalTransitionError,
     InputValidationError,
@@ -42,6 +43,7 @@ from engine.states import StepState, WorkflowState
 
 __all__ = [
     "DefinitionError",
+    "EventRefusedError",
     "ExecutionSummary",
     "IdempotencyKeyConflictError",
     "IllegalTransitionError",

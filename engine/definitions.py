@@ -80,21 +80,36 @@ class Step:
     `transactional` step must be `async def`; it gets the completing transaction in
     `ctx.connection`, so its database writes commit exactly once with the step (its
     compensate function, too, runs in the transaction that records the compensation).
+
+    A step with `wait_for_event` and no execute function waits, parked (no lease, no
+    worker slot), until an event of that name is sent to its workflow
+    (`workflow_send_event`); the event's payload is its output. Its `timeout`, counted
+    from when the wait began, fails it (`EventTimeout`) if no event came; without one it
+    waits for ever.
     """
 
     name: str
-    execute: ExecuteFn
+    execute: ExecuteFn | None = None
     compensate: CompensateFn | None = None
     is_idempotent: bool = True
     max_retries: int | None = None
     timeout: float | None = None
     config: Mapping[str, Any] = field(default_factory=dict)
     transactional: bool = False
+    wait_for_event: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
             raise DefinitionError("a step needs a name")
-        if not callable(self.execute):
+        if (self.execute is None) == (self.wait_for_event is None):
+            raise DefinitionError(
+                f"step {self.name!r}: give it an execute function or wait_for_event, one of them"
+            )
+        if self.wait_for_event is not None and (not self.wait_for_event or self.transactional):
+            raise DefinitionError(
+                f"step {self.name!r}: wait_for_event names an event, and a wait is not transactional"
+            )
+        if self.execute is not None and not callable(self.execute):
             raise DefinitionError(f"step {self.name!r}: execute must be callable")
         if self.compensate is not None and not callable(self.compensate):
             raise DefinitionError(f"step {self.name!r}: compensate must be callable")

@@ -92,6 +92,10 @@ class InvalidStartTimeError(WorkflowEngineError, ValueError):
     both a time and a delay."""
 
 
+class EventRefusedError(WorkflowEngineError):
+    """An event sent to a workflow that is finished: nothing will wait for it."""
+
+
 class UnservedTypeError(WorkflowEngineError):
     """A start of a type that no definition in reach defines and no live worker serves:
     it would wait forever, so the CLI and the HTTP API refuse it unless told otherwise."""

@@ -83,7 +83,7 @@ def with_workflow_output(
     outputs: Mapping[str, Any],
     step: Step,
     attempt: int,
-) -> StepOutcome:
+) -> StepSucceeded | StepFailed:
     """The last step's outcome carrying the workflow's final output, as `workflow.output`
     shapes it from the input and every step's output; a shaping that raises or returns
     what JSON cannot hold fails the attempt for good (a deploy fixes it; `retry` resumes)."""
@@ -165,6 +165,7 @@ async def run_step(
     raises, even SystemExit, becomes a failed attempt. `read_json` reads the stored
     output back as later steps will see it (Workflow.read_json).
     """
+    assert step.execute is not None  # a step that waits for an event has none: the driver waits
     at_most_once = not step.is_idempotent
     timeout = step.timeout or default_timeout
     return await _attempt(

@@ -12,11 +12,13 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from engine.definitions import MAX_RETRIES_DEFAULT
 from engine.errors import (
     OUTCOME_UNKNOWN,
+    EventRefusedError,
     IdempotencyKeyConflictError,
     IllegalTransitionError,
     InvalidStartTimeError,
@@ -393,6 +395,26 @@ class WorkflowService:
             unserved_types=list(await self.reads.unserved_work(stale_seconds=worker_stale_seconds)),
             stuck_workflows=await self.reads.count_stuck_workflows(),
         )
+
+    async def send_event(
+        self, workflow_id: UUID | str, name: str, payload: Any = None, *, event_id: str | None = None
+    ) -> bool:
+        """Send the event `name` to a workflow, for a step that waits for it (now or when
+        the workflow gets there); its payload becomes that step's output. True when it
+        is new, False for a duplicate (the same `event_id`; by default the same name and
+        payload). `WorkflowNotFoundError` for no such workflow, `EventRefusedError` for a
+        finished one."""
+        key = parse_workflow_id(workflow_id)
+        check_text(name=name, event_id=event_id)
+        if not name:
+            raise EventRefusedError("an event needs a name")
+        canonical_json(payload)
+        try:
+            return await self.store.send_event(workflow_id=key, name=name, payload=payload, event_id=event_id)
+        except psycopg.errors.NoDataFound:
+            raise WorkflowNotFoundError(key) from None
+        except psycopg.errors.ObjectNotInPrerequisiteState as error:
+            raise EventRefusedError(error.diag.message_primary or str(error)) from None
 
     # Cron schedules (engine/schedules.py).
 

@@ -314,6 +314,30 @@ class Store:
         """The step rows of several workflows, by workflow, in order."""
         return await self._all("get_steps_of", {"ids": list(workflow_ids)})
 
+    # External events.
+
+    async def lock_for_wait(
+        self, *, workflow_id: UUID, lease_token: UUID, step_index: int, wait_seconds: float | None
+    ) -> Row | None:
+        """In the waiting transaction: lock the leased workflow (None: the lease is gone)."""
+        params = {
+            "id": workflow_id,
+            "lease_token": lease_token,
+            "step_index": step_index,
+            "timeout": wait_seconds,
+        }
+        return await self._one("lock_for_wait", params)
+
+    async def take_event(self, *, workflow_id: UUID, step_index: int, name: str) -> str | None:
+        """Consume the oldest unconsumed event `name` of the workflow; its payload's JSON."""
+        row = await self._one("take_event", {"id": workflow_id, "step_index": step_index, "name": name})
+        return None if row is None else str(row["payload_text"])
+
+    async def send_event(self, *, workflow_id: UUID, name: str, payload: Any, event_id: str | None) -> bool:
+        """workflow_send_event: True when the event is new."""
+        params = {"id": workflow_id, "name": name, "payload": stored_json(payload), "event_id": event_id}
+        return bool(await self._scalar("send_event", params))
+
     # Schedules.
 
     async def database_now(self) -> datetime:

@@ -391,3 +391,29 @@ snoozing_plain = Workflow(type="snoozing_plain", max_retries=0, steps=[Step("wai
 snoozing_ledger = Workflow(
     type="snoozing_ledger", max_retries=0, steps=[Step("book", books_then_waits, transactional=True)]
 )
+
+
+# External events: a step that waits for "approved" (its payload is the step's output),
+# between a step with an undo and one after; briefly, it times out and is compensated.
+async def approved_by(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
+    await record_effect(ctx)
+    return {"step": ctx.step_name, "approval": ctx.outputs["approval"], "seen": sorted(ctx.outputs)}
+
+
+awaiting_approval = Workflow(
+    type="awaiting_approval",
+    requires_compensation=True,
+    steps=[
+        Step("reserve", saga_step, compensate=undo),
+        Step("approval", wait_for_event="approved", timeout=60),
+        Step("after", approved_by),
+    ],
+)
+awaiting_briefly = Workflow(
+    type="awaiting_briefly",
+    requires_compensation=True,
+    steps=[
+        Step("reserve", saga_step, compensate=undo),
+        Step("approval", wait_for_event="approved", timeout=1.5),
+    ],
+)

@@ -492,3 +492,15 @@ def test_a_module_file_named_like_another_loaded_module_is_refused(tmp_path: Pat
     with pytest.raises(DefinitionError, match=refused):
         Registry().load_module(str(shadow))
     assert sys.modules["json"].__file__ != str(shadow)
+
+
+def test_a_step_has_an_execute_function_or_waits_for_an_event_not_both_nor_neither() -> None:
+    async def run(input: Any, ctx: WorkflowContext) -> None:
+        return None
+
+    waiting = Step("approval", wait_for_event="approved", timeout=60)
+    assert (waiting.execute, waiting.wait_for_event) == (None, "approved")
+    for bad in ({}, {"execute": run, "wait_for_event": "approved"}, {"wait_for_event": ""},
+                {"wait_for_event": "approved", "transactional": True}):  # fmt: skip
+        with pytest.raises(DefinitionError, match="step 'approval'"):
+            Step("approval", **bad)
