@@ -465,7 +465,8 @@ def add_admin_routes(app: FastAPI, service: WorkflowService) -> None:
         workflow; 409: a finished one."""
         payload = (await exact_body(request)).get("payload")
         delivered = await service.send_event(workflow_id, body.name, payload, event_id=body.id)
-        audit("send_event", actor, workflow_id, "delivered" if delivered else "duplicate", event_name=body.name)
+        outcome = "delivered" if delivered else "duplicate"
+        audit("send_event", actor, workflow_id, outcome, event_name=body.name)
         return EventSent(delivered=delivered)
 
 
