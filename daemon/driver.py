@@ -94,19 +94,11 @@ class LeaseLostError(Exception):
 
 
 class _AttemptFailed(Exception):
-    """Leaves a transactional step's transaction, rolling its writes back (a failed or a
-    snoozed attempt)."""
+    """Leaves a transactional step's transaction, or the waiting transaction of a step
+    that waits for an event, rolling its writes back (a failed or a snoozed attempt)."""
 
     def __init__(self, outcome: StepFailed | StepSnoozed) -> None:
         super().__init__(outcome.error.get("message") if isinstance(outcome, StepFailed) else outcome.reason)
-        self.outcome = outcome
-
-
-class _WaitFailed(Exception):
-    """Leaves the waiting transaction of a step that waits for an event, rolling it back."""
-
-    def __init__(self, outcome: StepFailed) -> None:
-        super().__init__(outcome.error.get("message"))
         self.outcome = outcome
 
 
@@ -429,20 +421,20 @@ class Driver:
                 outcome = await self._waiting_transaction(conn, assignment)
         except DATABASE_ERRORS as error:
             return await self._settle_interrupted(assignment, error)
-        if isinstance(outcome, StepFailed):
-            await self._record_failure(assignment, outcome)
+        if not isinstance(outcome, bool):
+            await self._record_not_done(assignment, outcome)
             return False
         return outcome
 
     async def _waiting_transaction(
         self, conn: psycopg.AsyncConnection[Any], assignment: Assignment
-    ) -> bool | StepFailed:
+    ) -> bool | StepFailed | StepSnoozed:
         """True or False (go on or not) when the step completed or parked; the failure
         when it cannot (its wait timed out), to be recorded outside the transaction."""
         try:
             async with conn.transaction():
                 return await self._wait_in(Store(conn), assignment)
-        except _WaitFailed as failed:  # rolled back: no event consumed
+        except _AttemptFailed as failed:  # rolled back: no event consumed
             return failed.outcome
 
     async def _wait_in(self, store: Store, assignment: Assignment) -> bool:
@@ -459,7 +451,7 @@ class Driver:
             return await self._complete_with_event(store, assignment, payload)
         if lock["timed_out"]:
             message = f"no event {name!r} came within {step.timeout:g} s"
-            raise _WaitFailed(
+            raise _AttemptFailed(
                 failure(step.name, assignment.attempt, "EventTimeout", message, retryable=False)
             )
         left = lock["seconds_left"] or SNOOZE_SECONDS_MAX
@@ -484,7 +476,7 @@ class Driver:
                 step=assignment.step, attempt=assignment.attempt,
             )  # fmt: skip
         if isinstance(outcome, StepFailed):
-            raise _WaitFailed(outcome)  # the event is not consumed after all
+            raise _AttemptFailed(outcome)  # the event is not consumed after all
         result = await self._completion(assignment, outcome, transaction=store)()
         return self._advance(assignment, outcome, result)
 
