@@ -15,7 +15,7 @@ from uuid import UUID
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from engine.definitions import MAX_RETRIES_DEFAULT
+from engine.definitions import MAX_RETRIES_DEFAULT, Workflow
 from engine.errors import (
     OUTCOME_UNKNOWN,
     EventRefusedError,
@@ -191,12 +191,7 @@ class WorkflowService:
         check_text(type=type, user_id=user_id, wallet_address=wallet_address)
         check_idempotency_key(idempotency_key)
         check_start_time(start_at, delay_seconds)
-        canonical_json(input)  # refuses what is not JSON before it reaches the database
-        definition = self.registry.get(type)
-        if definition is not None:
-            definition.validate_input(input)
-        elif require_served:
-            await self._check_served(type)
+        definition = await self._startable(type, input, require_served=require_served)
         row = await self.store.insert_workflow(
             type=type,
             # The newest version this side knows; an unknown type gets it at its first claim.
@@ -365,6 +360,20 @@ class WorkflowService:
             WORKFLOW_TRANSITIONS.check(workflow.state, WorkflowState.COMPENSATING)
         return workflow
 
+    async def _startable(
+        self, workflow_type: str, input: Mapping[str, Any], *, require_served: bool
+    ) -> Workflow | None:
+        """The definition a start of `workflow_type` with `input` runs, its input checked
+        (a start's, a schedule's); None for a type defined elsewhere, which with
+        `require_served` a live worker must serve."""
+        canonical_json(input)  # refuses what is not JSON before it reaches the database
+        definition = self.registry.get(workflow_type)
+        if definition is not None:
+            definition.validate_input(input)
+        elif require_served:
+            await self._check_served(workflow_type)
+        return definition
+
     async def _check_served(self, workflow_type: str) -> None:
         """Raise UnservedTypeError unless a live worker serves `workflow_type`."""
         workers = await self.reads.live_workers(stale_seconds=WORKER_STALE_SECONDS_DEFAULT)
@@ -431,12 +440,7 @@ class WorkflowService:
         self, schedule: Schedule, *, declared: bool, require_served: bool = False
     ) -> ScheduleRecord:
         check_text(type=schedule.type, user_id=schedule.user_id)
-        canonical_json(schedule.input)
-        definition = self.registry.get(schedule.type)
-        if definition is not None:
-            definition.validate_input(schedule.input)
-        elif require_served:
-            await self._check_served(schedule.type)
+        await self._startable(schedule.type, schedule.input, require_served=require_served)
         first = next_tick(schedule.cron, schedule.timezone, await self.store.database_now())
         row = await self.store.put_schedule(
             {**asdict(schedule), "input": dict(schedule.input), "declared": declared, "next_fire_at": first}
