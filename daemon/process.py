@@ -18,8 +18,7 @@ from daemon import systemd
 from daemon.health import Readiness, ReplicaLag
 from daemon.http import EmbeddedServer, create_app, http_server
 from daemon.metrics import Metrics
-from daemon.pruner import prune_periodically
-from daemon.scheduler import fire_periodically
+from daemon.periodic import fire_periodically, prune_periodically
 from daemon.settings import ConfigurationError, Settings, with_session_limits
 from daemon.worker import Worker, WorkerConfig
 from engine.migrate import Migration, migrate, pending_migrations

@@ -432,9 +432,9 @@ class WorkflowService:
         cron expression or time zone changed). Its input is checked as a start's is."""
         return await self._put_schedule(schedule, declared=False, require_served=require_served)
 
-    async def declare_schedules(self, schedules: Sequence[Schedule]) -> list[ScheduleRecord]:
-        """The schedules declared in code, upserted (a daemon's start)."""
-        return [await self._put_schedule(schedule, declared=True) for schedule in schedules]
+    async def declare_schedule(self, schedule: Schedule) -> ScheduleRecord:
+        """A schedule declared in code, upserted (a daemon's start)."""
+        return await self._put_schedule(schedule, declared=True)
 
     async def _put_schedule(
         self, schedule: Schedule, *, declared: bool, require_served: bool = False
