@@ -37,7 +37,7 @@ from daemon.process import run_daemon
 from daemon.settings import (
     ConfigurationError,
     Settings,
-    describe_database,
+    unreachable,
     with_session_limits,
     without_password,
 )
@@ -69,11 +69,7 @@ async def connect(settings: Settings) -> AsyncIterator[AsyncConnection[Any]]:
     try:
         conn = await connect_to_primary(conninfo, autocommit=True)
     except psycopg.OperationalError as error:
-        reason = " ".join(line.strip() for line in str(error).splitlines()) or type(error).__name__
-        source = "DATABASE_URL" if settings.database_url else "DB_HOST, DB_PORT, DB_USERNAME, DB_DATABASE"
-        raise DatabaseUnavailableError(
-            f"cannot reach the database at {describe_database(conninfo)} (from {source}): {reason}"
-        ) from None
+        raise DatabaseUnavailableError(unreachable(settings, conninfo, error)) from None
     async with conn:
         yield conn
 

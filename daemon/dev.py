@@ -28,7 +28,7 @@ from pydantic import SecretStr
 from daemon.local_postgres import SUPERUSER, LocalPostgres, port_is_free
 from daemon.logs import configure_logging
 from daemon.process import run_daemon
-from daemon.settings import ConfigurationError, Settings, describe_database
+from daemon.settings import ConfigurationError, Settings, describe_database, unreachable
 from engine import Registry, WorkflowService
 from engine.builtin import builtin_workflows, sandbox_adapters
 
@@ -193,10 +193,7 @@ def dev_database(settings: Settings, force: bool) -> Iterator[str]:
                 "WHERE datname = current_database()"
             ).fetchone() or (None,)
     except psycopg.OperationalError as error:
-        reason = " ".join(str(error).split())
-        raise ConfigurationError(
-            f"cannot reach the database at {describe_database(conninfo)}: {reason}"
-        ) from None
+        raise ConfigurationError(unreachable(settings, conninfo, error)) from None
     if comment != DEV_MARKER and not force:
         raise ConfigurationError(
             f"workflowd dev runs sandboxes that complete workflows against fake services, and "

@@ -263,6 +263,13 @@ def without_password(text: str) -> str:
     return PASSWORD.sub(lambda found: f"{found[1]}:***@" if found[1] is not None else "***", text)
 
 
+def unreachable(settings: Settings, conninfo: str, error: Exception) -> str:
+    """The one line for a database that did not answer: where, from which settings, why."""
+    reason = " ".join(str(error).split()) or type(error).__name__
+    source = "DATABASE_URL" if settings.database_url else "DB_HOST, DB_PORT, DB_USERNAME, DB_DATABASE"
+    return f"cannot reach the database at {describe_database(conninfo)} (from {source}): {reason}"
+
+
 def describe_database(conninfo: str) -> str:
     """user@host:port/dbname of a connection string, without its password, for messages."""
     try:
