@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -49,10 +50,12 @@ def project() -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def start_dev(folder: Path, port: int, *args: str, **settings: str) -> subprocess.Popen[str]:
+@contextmanager
+def running_dev(folder: Path, port: int, *args: str, **settings: str) -> Iterator[subprocess.Popen[str]]:
+    """`workflowd dev` in `folder`, killed at the end if the test did not stop it."""
     env = {name: value for name, value in os.environ.items() if name not in UNSET}
     env |= {"PORT": str(port), "PYTHONPATH": str(ROOT), **settings}
-    return subprocess.Popen(
+    process = subprocess.Popen(
         [sys.executable, "-m", "daemon", "dev", *args],
         cwd=folder,
         env=env,
@@ -60,6 +63,23 @@ def start_dev(folder: Path, port: int, *args: str, **settings: str) -> subproces
         stderr=subprocess.STDOUT,
         text=True,
     )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout:
+            process.stdout.close()
+
+
+def stop_dev(process: subprocess.Popen[str]) -> str:
+    """Ctrl-C; what it printed until it exited, which it must do cleanly."""
+    process.send_signal(signal.SIGINT)
+    assert process.stdout is not None
+    rest = process.stdout.read()  # what readline() buffered, then the rest until exit
+    assert process.wait(timeout=30) == 0, rest
+    return rest
 
 
 def read_until(process: subprocess.Popen[str], marker: str, timeout: float) -> str:
@@ -78,8 +98,7 @@ def read_until(process: subprocess.Popen[str], marker: str, timeout: float) -> s
 
 def run_once(folder: Path, expected_total: int) -> str:
     port = free_port()
-    process = start_dev(folder, port)
-    try:
+    with running_dev(folder, port) as process:
         shown = read_until(process, "summary", 120)
         token = re.search(r"token: ([\w-]+)\)", shown)
         assert token is not None, shown
@@ -95,17 +114,7 @@ def run_once(folder: Path, expected_total: int) -> str:
             f"{url}/admin/workflows/stats/overview", headers={"Authorization": f"Bearer {token[1]}"}
         ).json()
         assert sum(stats["by_state"].values()) == expected_total
-        process.send_signal(signal.SIGINT)
-        assert process.stdout is not None
-        rest = process.stdout.read()  # what readline() buffered, then the rest until exit
-        assert process.wait(timeout=30) == 0, shown + rest
-        return shown + rest
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        if process.stdout:
-            process.stdout.close()
+        return shown + stop_dev(process)
 
 
 def workflowd(database_url: str, *args: str) -> str:
@@ -206,8 +215,7 @@ def test_dev_refuses_a_database_it_did_not_make_unless_forced(
         "file": ({"WORKFLOWD_ADMIN_TOKEN_FILE": str(token_file)}, f"$(cat {token_file})"),
     }[token_source]
     port = free_port()
-    process = start_dev(project, port, "--force", DATABASE_URL=db_url, **given)
-    try:
+    with running_dev(project, port, "--force", DATABASE_URL=db_url, **given) as process:
         shown = read_until(process, "summary", 120)
         assert "database   the DATABASE_URL you set" in shown
         assert f"(token: {pointer})" in shown
@@ -216,13 +224,4 @@ def test_dev_refuses_a_database_it_did_not_make_unless_forced(
             headers={"Authorization": f"Bearer {secret}"},
         )
         assert sum(stats.json()["by_state"].values()) == SAMPLE_SIZE
-        process.send_signal(signal.SIGINT)
-        assert process.stdout is not None
-        assert secret not in shown + process.stdout.read()
-        assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        if process.stdout:
-            process.stdout.close()
+        assert secret not in shown + stop_dev(process)
