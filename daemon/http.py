@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Iterator
 from decimal import Decimal
 from enum import Enum
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Protocol
 from uuid import UUID
 
 import h11
@@ -61,6 +61,7 @@ from engine.records import (
     WorkflowRecord,
     WorkflowStats,
 )
+from engine.schedules import MissedTicks
 from engine.service import (
     IDEMPOTENCY_KEY_MAX_LENGTH,
     LIST_LIMIT_DEFAULT,
@@ -564,7 +565,7 @@ class ScheduleRequest(BaseModel):
     input: dict[str, JsonValue] = Field(default_factory=dict)
     user_id: str | None = Field(default=None, max_length=256)
     timezone: str = Field(default="UTC", max_length=64, description="an IANA time zone")
-    missed: Literal["latest", "all"] = "latest"
+    missed: MissedTicks = "latest"
     allow_unserved: bool = False
 
 

@@ -225,10 +225,11 @@ class Store:
             await cursor.execute(query(name), params)
             return await cursor.fetchone()
 
-    async def _execute(self, name: str, params: Mapping[str, Any]) -> None:
-        """A statement that returns no rows."""
-        async with self.connection() as conn:
-            await conn.execute(query(name), params)
+    async def _execute(self, name: str, params: Mapping[str, Any]) -> int:
+        """A statement that returns no rows; how many it changed."""
+        async with self.connection() as conn, conn.cursor() as cursor:
+            await cursor.execute(query(name), params)
+            return cursor.rowcount
 
     async def _all(self, name: str, params: Mapping[str, Any]) -> list[Row]:
         async with self.connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
@@ -391,9 +392,7 @@ class Store:
         return {row["state"]: row["count"] for row in rows}
 
     async def prune_workers(self, *, age_seconds: float) -> int:
-        async with self.connection() as conn, conn.cursor() as cursor:
-            await cursor.execute(query("prune_workers"), {"age_seconds": age_seconds})
-            return cursor.rowcount
+        return await self._execute("prune_workers", {"age_seconds": age_seconds})
 
     async def list_workflows(
         self,
