@@ -68,6 +68,7 @@ from engine.service import (
     LIST_LIMIT_MAX,
     LIST_PAGE_MAX,
     SEARCH_QUERY_MAX_LENGTH,
+    START_DELAY_MAX_SECONDS,
 )
 
 LOG = structlog.get_logger("workflowd")
@@ -106,7 +107,11 @@ class StartRequest(BaseModel):
         default=None, description="when it may start (RFC 3339, with a time zone); not before"
     )
     delay_seconds: float | None = Field(
-        default=None, ge=0, allow_inf_nan=False, description="start it this many seconds from now, not before"
+        default=None,
+        ge=0,
+        le=START_DELAY_MAX_SECONDS,
+        allow_inf_nan=False,
+        description="start it this many seconds from now, not before",
     )
     allow_unserved: bool = Field(
         default=False,

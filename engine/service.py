@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -63,14 +62,21 @@ IDEMPOTENCY_KEY_MAX_LENGTH = 512
 SEARCH_QUERY_MAX_LENGTH = IDEMPOTENCY_KEY_MAX_LENGTH
 
 
+# The longest delay of a start: a century, far inside PostgreSQL's dates (a delay of
+# 1e136 seconds would overflow them).
+START_DELAY_MAX_SECONDS = 100 * 365.25 * 86_400
+
+
 def check_start_time(start_at: datetime | None, delay_seconds: float | None) -> None:
     """A delayed start names a moment (with its time zone) or a delay, not both."""
     if start_at is not None and delay_seconds is not None:
         raise InvalidStartTimeError("give a start time or a delay, not both")
     if start_at is not None and start_at.utcoffset() is None:
         raise InvalidStartTimeError(f"start time {start_at.isoformat()} has no time zone (e.g. +00:00)")
-    if delay_seconds is not None and not 0 <= delay_seconds < math.inf:
-        raise InvalidStartTimeError(f"a delay is 0 or more seconds, not {delay_seconds}")
+    if delay_seconds is not None and not 0 <= delay_seconds <= START_DELAY_MAX_SECONDS:
+        raise InvalidStartTimeError(
+            f"a delay is 0 to {START_DELAY_MAX_SECONDS:.0f} seconds (a century), not {delay_seconds}"
+        )
 
 
 def check_text(**fields: str | None) -> None:

@@ -97,7 +97,7 @@ def check_duplicates_and_bad_times(api: httpx.Client, db: psycopg.Connection[Any
     assert again.json()["next_retry_at"] == first.json()["next_retry_at"]
     assert datetime.fromisoformat(first.json()["next_retry_at"]) == datetime.fromisoformat(later)
     for bad in ({"start_at": "2026-12-01T09:00:00"}, {"delay_seconds": -1}, {"start_at": later, "delay_seconds": 1},
-                {"start_at": "tomorrow"}):  # fmt: skip
+                {"start_at": "tomorrow"}, {"delay_seconds": 3.0457e136}):  # fmt: skip
         refused = api.post("/admin/workflows", json={"type": "three_steps", "input": {"n": 2}} | bad)
         assert refused.status_code == 422, bad
     both = api.post("/admin/workflows", json={"type": "three_steps", "start_at": later, "delay_seconds": 1})

@@ -107,6 +107,7 @@ CASES = [
     bad("start --at", [*START, "--at", "tomorrow"], "argument --at: 'tomorrow' is not a time with a time zone, such as 2026-12-01T09:00:00+00:00"),
     bad("start --at", [*START, "--at", "2026-12-01T09:00:00"], "'2026-12-01T09:00:00' is not a time with a time zone"),
     bad("start --delay", [*START, "--delay", "-3"], "argument --delay: '-3' is not a number of seconds (0 or more)"),
+    bad("start --delay", [*START, "--delay", "1e300"], "a delay is 0 to 3155760000 seconds (a century), not 1e+300"),
     bad("start --delay", [*START, "--delay", "5", "--at", "2026-12-01T09:00:00Z"], "argument --at: not allowed with argument --delay"),
     bad("migrate-version TYPE", ["migrate-version", "no_such_type", "--from", "1", "--to", "2"], "no version 1 of 'no_such_type'"),
     bad("migrate-version TYPE", ["migrate-version", LATIN1, "--from", "1", "--to", "2"], f"argument TYPE: {LATIN1_SHOWN}"),
