@@ -21,7 +21,7 @@ from typing import Any
 
 import psycopg
 
-from bench import cases, peers
+from bench import cases, peers, retention
 from bench.daemon import burst_after_idle, pickup_latency, throughput
 from daemon.local_postgres import LocalPostgres
 
@@ -78,6 +78,12 @@ def arguments() -> argparse.Namespace:
     parser.add_argument(
         "--due", type=int, default=100_000, help="due workflows drained beside the finished ones"
     )
+    parser.add_argument(
+        "--pruned", type=int, default=1_000_000, help="finished workflows pruned beside idle daemons"
+    )
+    parser.add_argument(
+        "--stats-rows", type=int, default=10_000_000, help="workflows in the table the stats call reads"
+    )
     parser.add_argument("--no-peers", action="store_true", help="skip PgQueuer, Procrastinate and DBOS")
     parser.add_argument("--out", type=Path, default=Path("bench/results/latest.json"))
     return parser.parse_args()
@@ -131,6 +137,8 @@ def main() -> None:
         report.figures["large_over_empty"] = large["large_over_empty"]
         report.figures["claim_cost"] = cases.claim_cost(cluster, args.finished)
         report.figures["memory"] = cases.resident_memory(cluster, concurrency=100)
+        report.figures["prune"] = retention.prune_under_load(cluster, args.pruned, args.concurrency)
+        report.figures["stats"] = retention.stats_cost(cluster, args.stats_rows)
     print(f"{report.figures['machine']}; {args.repeats} runs a case\n")
     report.print(limit)
     print_primary_cost(report.figures)
@@ -271,6 +279,25 @@ def print_comparisons(figures: dict[str, Any]) -> None:
         f"{claim['finished_rows']:,} finished workflows ({claim['change_percent']:+} %)"
     )
     print(f"resident memory of one daemon at concurrency 100: {figures['memory']['peak_rss_mb']} MB peak")
+    print_time(figures)
+
+
+def print_time(figures: dict[str, Any]) -> None:
+    """Retention and stats on large tables."""
+    prune, stats = figures["prune"], figures["stats"]
+    print(
+        f"prune of {prune['finished']:,} finished workflows (with steps and timeline): {prune['prune_seconds']} s, "
+        f"{prune['pruned_per_s']:,} workflows/s"
+    )
+    for label in ("idle", "pruning"):
+        print(
+            f"pickup latency of single inserts, 2 daemons, {label}: p50 {prune[f'{label}_p50_ms']} ms, "
+            f"p99 {prune[f'{label}_p99_ms']} ms, max {prune[f'{label}_max_ms']} ms ({prune[f'{label}_pickups']} inserts)"
+        )
+    print(
+        f"stats on {stats['rows']:,} workflows: {stats['stats_ms']} ms a call; the full count it replaced "
+        f"{stats['full_count_ms']} ms; the recount one daemon makes a minute {stats['recount_ms']} ms"
+    )
 
 
 if __name__ == "__main__":

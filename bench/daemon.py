@@ -49,7 +49,9 @@ def fresh_database(cluster: LocalPostgres, name: str) -> str:
 
 
 @contextmanager
-def daemons(url: str, count: int, concurrency: int) -> Iterator[list[subprocess.Popen[bytes]]]:
+def daemons(
+    url: str, count: int, concurrency: int, settings: dict[str, str] | None = None
+) -> Iterator[list[subprocess.Popen[bytes]]]:
     env = {
         **os.environ,
         "DATABASE_URL": url,
@@ -58,6 +60,7 @@ def daemons(url: str, count: int, concurrency: int) -> Iterator[list[subprocess.
         "WORKFLOWD_CONCURRENCY": str(concurrency),
         "WORKFLOWD_LOG_LEVEL": "warning",
         "WORKFLOWD_BUILTINS": "false",
+        **(settings or {}),
     }
     processes = [
         subprocess.Popen(

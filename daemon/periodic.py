@@ -2,9 +2,11 @@
 WORKFLOWD_RETENTION_INTERVAL seconds, prune what has been kept long enough;
 engine/retention.py) and cron schedules (declare the schedules of the daemon's code,
 then every WORKFLOWD_SCHEDULE_INTERVAL seconds fire the due ticks;
-engine/schedule_runner.py). Every daemon runs both: the retention lock lets one prune at
-a time, and each due schedule is fired by one daemon (its row lock), each tick once (the
-cursor and the key)."""
+engine/schedule_runner.py), and the recount of finished workflows for stats (every
+minute; engine/counts.py). Every daemon runs all three: the retention lock lets one
+prune at a time, each due schedule is fired by one daemon (its row lock), each tick once
+(the cursor and the key), and one daemon a minute recounts (its lock and the count's
+age)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import structlog
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from daemon.metrics import Metrics
+from engine.counts import RECOUNT_INTERVAL_SECONDS, recount_finished
 from engine.errors import WorkflowEngineError
 from engine.registry import Registry
 from engine.retention import RetentionPolicy, prune
@@ -51,6 +54,15 @@ async def prune_periodically(
             LOG.info("pruned", **{state: count for state, count in removed.items() if count})
 
     await every(interval, prune_once, "prune_failed")
+
+
+async def recount_periodically(pool: AsyncConnectionPool) -> None:
+    store = Store(pool)
+
+    async def recount_once() -> None:
+        await recount_finished(store, older_than=RECOUNT_INTERVAL_SECONDS / 2)
+
+    await every(RECOUNT_INTERVAL_SECONDS, recount_once, "recount_failed")
 
 
 async def fire_periodically(

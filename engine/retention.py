@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from engine.counts import recount_finished
 from engine.states import WorkflowState
 from engine.store import Store
 
@@ -54,16 +55,17 @@ class RetentionPolicy:
 
 
 async def prune_batch(store: Store, policy: RetentionPolicy, batch: int) -> Counter[str] | None:
-    """One batch of each class, in one transaction; None when another process is pruning.
-    Counts by state, and `workers`; a class that fills its batch has more to go."""
+    """One batch of each finished state, in one transaction; None when another process
+    is pruning. Counts by state, and `workers`; a state that fills its batch has more."""
     async with store.transaction() as tx:
         if not await tx.try_retention_lock(RETENTION_LOCK_ID):
             return None
         removed: Counter[str] = Counter()
         for states, age in policy.classes():
-            removed.update(await tx.prune_workflows(states=states, age_seconds=age, batch=batch))
+            for state in states:
+                removed[state] = await tx.prune_workflows(state=state, age_seconds=age, batch=batch)
         removed[WORKERS] = await tx.prune_workers(age_seconds=policy.workers_seconds)
-        return removed
+        return +removed
 
 
 @dataclass
@@ -76,15 +78,18 @@ class Pruned:
 
 
 async def prune(store: Store, policy: RetentionPolicy, *, batch: int = PRUNE_BATCH_DEFAULT) -> Pruned:
-    """Batches until nothing is left to prune, or another process prunes."""
+    """Batches until nothing is left to prune, or another process prunes; then the
+    counts of stats are recounted, without the workflows that went."""
     pruned = Pruned()
     while (removed := await prune_batch(store, policy, batch)) is not None:
         pruned.removed.update(removed)
-        workflows = sum(count for name, count in removed.items() if name != WORKERS)
-        if workflows < batch:  # no class filled its batch: nothing older is left
-            return pruned
+        if all(count < batch for name, count in removed.items() if name != WORKERS):
+            break  # no state filled its batch: nothing older is left
         await asyncio.sleep(PRUNE_PAUSE_SECONDS)
-    pruned.busy = True
+    else:
+        pruned.busy = True
+    if any(count for name, count in pruned.removed.items() if name != WORKERS):
+        await recount_finished(store, older_than=0)
     return pruned
 
 

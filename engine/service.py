@@ -14,6 +14,7 @@ from uuid import UUID
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from engine.counts import ABANDONED_COUNTS_SECONDS, counts_are_abandoned, recount_finished
 from engine.definitions import MAX_RETRIES_DEFAULT, Workflow
 from engine.errors import (
     OUTCOME_UNKNOWN,
@@ -388,12 +389,14 @@ class WorkflowService:
             raise UnservedTypeError(workflow_type, sorted(served | set(self.registry.types)))
 
     async def get_stats(self, *, worker_stale_seconds: float = WORKER_STALE_SECONDS_DEFAULT) -> WorkflowStats:
-        """Counts by state and type, recent outcomes, the oldest due work, live workers,
-        the types with due work that no live worker serves, and the workflows no daemon
-        will claim as they stand (stuck: a row edited by hand)."""
+        """Counts by state and type (engine/counts.py), recent outcomes, the oldest due
+        work, live workers, the types with due work that no live worker serves, and the
+        workflows no daemon will claim as they stand (stuck: a row edited by hand)."""
+        if await counts_are_abandoned(self.reads):
+            await recount_finished(self.store, older_than=ABANDONED_COUNTS_SECONDS)
         by_state: dict[str, int] = {}
         by_type: dict[str, dict[str, int]] = {}
-        for row in await self.reads.count_by_type_and_state():
+        for row in await self.reads.count_all_by_type_and_state():
             by_state[row["state"]] = by_state.get(row["state"], 0) + row["count"]
             by_type.setdefault(row["type"], {})[row["state"]] = row["count"]
         recent = await self.reads.recent_outcomes()

@@ -382,10 +382,10 @@ class Store:
         """In a transaction: whether this one may prune now (no other process does)."""
         return bool(await self._scalar("try_retention_lock", {"lock_id": lock_id}))
 
-    async def prune_workflows(self, *, states: Sequence[str], age_seconds: float, batch: int) -> list[str]:
-        """Delete one batch of finished workflows (see the query); the state of each."""
-        params = {"states": list(states), "age_seconds": age_seconds, "batch": batch}
-        return [row["state"] for row in await self._all("prune_workflows", params)]
+    async def prune_workflows(self, *, state: str, age_seconds: float, batch: int) -> int:
+        """Delete one batch of finished workflows in `state` (see the query); how many."""
+        params = {"state": state, "age_seconds": age_seconds, "batch": batch}
+        return await self._execute("prune_workflows", params)
 
     async def count_prunable(self, *, states: Sequence[str], age_seconds: float) -> dict[str, int]:
         rows = await self._all("count_prunable", {"states": list(states), "age_seconds": age_seconds})
@@ -448,9 +448,26 @@ class Store:
         """Every recorded transition of a workflow and its steps, in order."""
         return await self._all("get_timeline", {"id": workflow_id})
 
-    async def count_by_type_and_state(self, ids: list[UUID] | None = None) -> list[Row]:
-        """How many workflows (all, or those of `ids`) each type has in each state."""
+    async def count_by_type_and_state(self, ids: list[UUID]) -> list[Row]:
+        """How many of the workflows of `ids` each type has in each state."""
         return await self._all("count_by_type_and_state", {"ids": ids})
+
+    async def count_all_by_type_and_state(self) -> list[Row]:
+        """How many workflows each type has in each state (see the query: the finished
+        ones from the last recount, engine/counts.py)."""
+        return await self._all("count_all_by_type_and_state", {})
+
+    async def try_counts_lock(self, lock_id: int) -> bool:
+        """In a transaction: whether this one may recount now (no other process does)."""
+        return bool(await self._scalar("try_counts_lock", {"lock_id": lock_id}))
+
+    async def counts_age(self) -> float | None:
+        """Seconds since the last recount of finished workflows; None before the first."""
+        age: float | None = await self._scalar("counts_age", {})
+        return age
+
+    async def recount_finished(self, *, margin_seconds: float) -> None:
+        await self._execute("recount_finished", {"margin_seconds": margin_seconds})
 
     async def recent_outcomes(self) -> Row:
         """Completions and failures of the last minute and hour; age of the oldest due workflow."""

@@ -7,6 +7,7 @@
 --   count_workflows
 --   get_timeline
 --   count_by_type_and_state
+--   count_all_by_type_and_state
 --   recent_outcomes
 --   count_stuck_workflows
 --   queue_depth
@@ -47,12 +48,33 @@ SELECT id, workflow_id, step_index, step_name, from_state, to_state, attempt, wo
 FROM workflow_events WHERE workflow_id = %(id)s ORDER BY id;
 
 -- name: count_by_type_and_state
--- All workflows, or only those of the given ids.
+-- The workflows of the given ids.
 SELECT type, state::text AS state, count(*) AS count FROM workflows
-WHERE %(ids)s::uuid[] IS NULL OR id = ANY(%(ids)s::uuid[])
+WHERE id = ANY(%(ids)s::uuid[])
+GROUP BY type, state ORDER BY type, state;
+
+-- name: count_all_by_type_and_state
+-- All workflows, without reading every finished one: the runnable ones counted live
+-- (workflows_state_type_created_idx), the finished ones from the last recount
+-- (workflow_finished_counts, sql/queries/counts.sql) plus those finished since it
+-- (workflows_finished_idx). No row for the finished states before the first recount.
+WITH kept AS (SELECT counted_through, counts FROM workflow_finished_counts)
+SELECT type, state, sum(count)::bigint AS count FROM (
+    SELECT type, state::text AS state, count(*) AS count FROM workflows
+    WHERE state IN ('pending', 'running', 'compensating')
+    GROUP BY type, state
+    UNION ALL
+    SELECT by_type.key, by_state.key, by_state.value::bigint
+    FROM kept, jsonb_each(kept.counts) by_type, jsonb_each_text(by_type.value) by_state
+    UNION ALL
+    SELECT w.type, w.state::text, count(*) FROM kept, workflows w
+    WHERE w.state IN ('completed', 'failed', 'cancelled', 'compensated') AND w.completed_at > kept.counted_through
+    GROUP BY w.type, w.state
+) counted
 GROUP BY type, state ORDER BY type, state;
 
 -- name: recent_outcomes
+-- The outcomes of the last hour, through workflows_finished_idx (one range a state).
 SELECT count(*) FILTER (WHERE state = 'completed' AND completed_at > now() - interval '1 minute') AS completed_last_minute,
        count(*) FILTER (WHERE state = 'failed' AND completed_at > now() - interval '1 minute') AS failed_last_minute,
        count(*) FILTER (WHERE state = 'completed') AS completed_last_hour,
@@ -60,7 +82,7 @@ SELECT count(*) FILTER (WHERE state = 'completed' AND completed_at > now() - int
        (SELECT extract(epoch FROM now() - min(next_retry_at))::float8 FROM workflows
          WHERE state IN ('pending', 'running', 'compensating') AND next_retry_at <= now()) AS oldest_due_age_seconds
 FROM workflows
-WHERE completed_at > now() - interval '1 hour';
+WHERE state IN ('completed', 'failed') AND completed_at > now() - interval '1 hour';
 
 -- name: count_stuck_workflows
 -- Workflows no daemon will claim as they stand: running or compensating, but due (or

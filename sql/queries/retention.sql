@@ -13,23 +13,23 @@
 SELECT pg_try_advisory_xact_lock(%(lock_id)s);
 
 -- name: prune_workflows
--- One batch: the oldest finished workflows of `states` finished more than `age_seconds`
--- ago, deleted with their steps and timeline (ON DELETE CASCADE; both tables are keyed
--- by workflow id first). It walks workflows_completed_at_idx from its oldest end and
--- stops after `batch` rows; it never touches the claim's index (finished rows are not
--- in it). SKIP LOCKED: a row an operator is retrying right now is left for next time.
+-- One batch: the oldest workflows in `state` finished more than `age_seconds` ago,
+-- deleted with their steps and timeline (ON DELETE CASCADE; both tables are keyed by
+-- workflow id first). One state at a time: it walks that state's part of
+-- workflows_finished_idx from its oldest end and stops after `batch` rows, reading no
+-- row of another state; it never touches the claim's index (finished rows are not in
+-- it). SKIP LOCKED: a row an operator is retrying right now is left for next time.
 -- The ledgers (portfolio_movements, reward_grants, ...) are business records, kept.
 WITH doomed AS (
     SELECT id FROM workflows
-    WHERE completed_at < now() - %(age_seconds)s * interval '1 second'
-      AND state = ANY(%(states)s::workflow_state[])
+    WHERE state = %(state)s::workflow_state
+      AND completed_at < now() - %(age_seconds)s * interval '1 second'
     ORDER BY completed_at
     LIMIT %(batch)s
     FOR UPDATE SKIP LOCKED
 )
 DELETE FROM workflows w USING doomed
-WHERE w.id = doomed.id
-RETURNING w.state::text AS state;
+WHERE w.id = doomed.id;
 
 -- name: count_prunable
 -- What prune_workflows would delete, by state, for a dry run.

@@ -16,7 +16,7 @@ def test_the_bench_command_runs_every_case_of_our_own_and_writes_its_figures(tmp
     # Enough workflows for the daemons' CPU to register: /proc counts it in 10 ms ticks.
     command = [
         sys.executable, "-m", "bench", "--workflows", "300", "--processes", "1", "--repeats", "1",
-        "--inserts", "5", "--finished", "2000", "--due", "50", "--no-peers", "--out", str(out),
+        "--inserts", "5", "--finished", "2000", "--due", "50", "--pruned", "2000", "--stats-rows", "5000", "--no-peers", "--out", str(out),
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
@@ -38,3 +38,9 @@ def test_the_bench_command_runs_every_case_of_our_own_and_writes_its_figures(tmp
     assert figures["memory"]["peak_rss_mb"] > 0
     assert "workflowd 3-step workflows, 1 process(es)" in result.stdout
     assert "burst after idle, stale statistics ÷ analyzed" in result.stdout
+    assert figures["prune"]["finished"] == 2000
+    assert figures["prune"]["pruned_per_s"] > 0
+    assert figures["prune"]["pruning_pickups"] >= 2
+    assert figures["stats"]["rows"] == 5000
+    assert figures["stats"]["stats_ms"] > 0
+    assert "pickup latency of single inserts, 2 daemons, pruning" in result.stdout

@@ -15,7 +15,7 @@ from engine import Step, Workflow
 from engine.idempotency import step_key
 from engine.registry import served_key
 from engine.sqlfiles import parts, queries
-from engine.states import RUNNABLE_WORKFLOW_STATES
+from engine.states import FINISHED_WORKFLOW_STATES, RUNNABLE_WORKFLOW_STATES
 from engine.store import StepDefinitions, Store
 from tests.factories import insert_workflow
 
@@ -59,6 +59,14 @@ def test_every_query_asking_for_due_work_lists_the_runnable_states(db: psycopg.C
         "SELECT pg_get_expr(indpred, indrelid) FROM pg_index WHERE indexrelid = 'workflows_due_idx'::regclass"
     ).fetchone()  # type: ignore[misc]
     assert _states(predicate) == runnable
+
+
+def test_the_counts_of_finished_workflows_list_the_finished_states() -> None:
+    # The recount and the count of what finished since must cover the same states.
+    finished = frozenset(str(state) for state in FINISHED_WORKFLOW_STATES)
+    for name in ("recount_finished", "count_all_by_type_and_state"):
+        (listed,) = re.findall(r"state IN \(([^)]*'completed'[^)]*)\)", queries()[name])
+        assert _states(listed) == finished, name
 
 
 def test_the_daemons_listen_where_the_database_wakes_them(db: psycopg.Connection[Any]) -> None:
