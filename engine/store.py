@@ -454,8 +454,14 @@ class Store:
 
     async def count_all_by_type_and_state(self) -> list[Row]:
         """How many workflows each type has in each state (see the query: the finished
-        ones from the last recount, engine/counts.py)."""
-        return await self._all("count_all_by_type_and_state", {})
+        ones from the last recount, engine/counts.py), read through indexes only."""
+        async with self.transaction() as tx:
+            await tx.pin_counting_plans()
+            return await tx._all("count_all_by_type_and_state", {})
+
+    async def pin_counting_plans(self) -> None:
+        """In a transaction: the count of stats plans through indexes (see the query)."""
+        await self._execute("pin_counting_plans", {})
 
     async def try_counts_lock(self, lock_id: int) -> bool:
         """In a transaction: whether this one may recount now (no other process does)."""

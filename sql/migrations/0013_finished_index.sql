@@ -16,10 +16,10 @@ DROP INDEX workflows_completed_at_idx;
 -- Stats count finished workflows without reading them all. A table of ten million rows
 -- takes a second to count, too long for every call of a dashboard's stats; the counts
 -- of the finished states are kept here instead, one row, recounted by one daemon every
--- minute (engine/counts.py). Stats add to it the workflows
--- finished since `counted_through` (found through workflows_finished_idx) and count the
--- runnable ones live, so each number is exact but for workflows retried or pruned since
--- the last recount.
+-- minute (engine/counts.py). Stats add to it the workflows finished since
+-- `counted_through` (found through workflows_finished_idx) and count the runnable ones
+-- live, so each number is exact but for workflows retried or pruned since the last
+-- recount.
 CREATE TABLE workflow_finished_counts (
     singleton        boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     -- Every finished workflow with completed_at up to this time is in `counts`.

@@ -2,6 +2,7 @@
 -- Queries, in this order:
 --   pin_hot_plans
 --   unpin_hot_plans
+--   pin_counting_plans
 -- Each is a named block, without parameters. pin_hot_plans is one statement
 -- (set_config, not SET), so that it can travel in a pipeline with the statement after it.
 
@@ -40,3 +41,14 @@ SET LOCAL enable_seqscan TO DEFAULT;
 SET LOCAL enable_hashjoin TO DEFAULT;
 SET LOCAL enable_mergejoin TO DEFAULT;
 SET LOCAL plan_cache_mode TO DEFAULT
+
+-- name: pin_counting_plans
+-- The count of stats (count_all_by_type_and_state) in its transaction: its part for the
+-- workflows finished since the last recount compares completed_at with a time the
+-- planner cannot see (a column of another table), guesses a third of the table, and on
+-- ten million rows read them all (3.3 s, JIT compiling included) where
+-- workflows_finished_idx finds the few finished since in a millisecond. Without
+-- sequential scans the index is the plan; without JIT and parallel workers, no compile
+-- and no worker start (5 ms) are paid for a guess. Local to the transaction.
+SELECT set_config('enable_seqscan', 'off', true), set_config('jit', 'off', true),
+       set_config('max_parallel_workers_per_gather', '0', true)

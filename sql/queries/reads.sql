@@ -67,9 +67,11 @@ SELECT type, state, sum(count)::bigint AS count FROM (
     SELECT by_type.key, by_state.key, by_state.value::bigint
     FROM kept, jsonb_each(kept.counts) by_type, jsonb_each_text(by_type.value) by_state
     UNION ALL
-    SELECT w.type, w.state::text, count(*) FROM kept, workflows w
-    WHERE w.state IN ('completed', 'failed', 'cancelled', 'compensated') AND w.completed_at > kept.counted_through
-    GROUP BY w.type, w.state
+    -- A scalar subquery, so that the time bounds the index scan (a join would not).
+    SELECT type, state::text, count(*) FROM workflows
+    WHERE state IN ('completed', 'failed', 'cancelled', 'compensated')
+      AND completed_at > (SELECT counted_through FROM workflow_finished_counts)
+    GROUP BY type, state
 ) counted
 GROUP BY type, state ORDER BY type, state;
 
