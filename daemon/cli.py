@@ -25,6 +25,7 @@ from daemon.catalog import load_registry
 from daemon.commands import (
     add_event_command,
     add_operator_commands,
+    add_priority_command,
     add_schedule_commands,
     as_typed,
     idempotency_key,
@@ -42,6 +43,7 @@ from daemon.settings import (
     without_password,
 )
 from engine import UnstorableValueError, WorkflowEngineError, WorkflowService
+from engine.definitions import priority_problem
 from engine.idempotency import canonical_json
 from engine.migrate import migrate
 from engine.primary import connect_to_primary
@@ -121,6 +123,7 @@ async def cmd_start(args: argparse.Namespace, settings: Settings) -> int:
             args.input,
             args.user,
             args.wallet,
+            priority=args.priority,
             idempotency_key=args.idempotency_key,
             require_served=not args.allow_unserved,
             start_at=args.at,
@@ -275,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="your own key for this start (default: computed from type, user and input); "
         "reusing it for a different start is refused",
     )
+    start.add_argument(
+        "--priority", type=priority_value, default=None, metavar="N",
+        help="-100 to 100, smaller runs first (default: the type's definition's, else 0)",
+    )  # fmt: skip
     when = start.add_mutually_exclusive_group()
     when.add_argument(
         "--at", type=moment, default=None, metavar="TIME",
@@ -310,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_operator_commands(commands)
     add_event_command(commands, _json_value)
+    add_priority_command(commands, priority_value)
     add_schedule_commands(commands, _json_object)
     return parser
 
@@ -325,6 +333,17 @@ def moment(text: str) -> datetime:
             f"{as_typed(text)} is not a time with a time zone, such as 2026-12-01T09:00:00+00:00"
         )
     return value
+
+
+def priority_value(text: str) -> int:
+    """An argparse type: a priority, a whole number from -100 to 100."""
+    try:
+        value: object = int(text)
+    except ValueError:
+        value = text
+    if problem := priority_problem(value):
+        raise argparse.ArgumentTypeError(problem)
+    return int(text)
 
 
 def seconds_value(text: str) -> float:

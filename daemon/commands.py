@@ -301,6 +301,22 @@ def add_event_command(commands: Any, json_value: Callable[[str], Any]) -> None:
     send.set_defaults(service_handler=cmd_send_event)
 
 
+async def cmd_set_priority(args: argparse.Namespace, service: WorkflowService) -> str:
+    workflow = await service.set_priority(args.id, args.priority)
+    return to_json(workflow) if args.json else f"workflow {workflow.id}: priority {workflow.priority}"
+
+
+def add_priority_command(commands: Any, priority_value: Callable[[str], int]) -> None:
+    """`workflowd set-priority ID N`."""
+    change = commands.add_parser(
+        "set-priority", help="change the priority of a workflow still to run (its next claim goes by it)"
+    )
+    change.add_argument("--json", action="store_true", help="print JSON")
+    change.add_argument("id", metavar="ID", help="the workflow id")
+    change.add_argument("priority", metavar="N", type=priority_value, help="-100 to 100, smaller runs first")
+    change.set_defaults(service_handler=cmd_set_priority)
+
+
 def add_schedule_commands(commands: Any, json_object: Callable[[str], dict[str, Any]]) -> None:
     """`workflowd schedule add|list|pause|resume|remove`."""
     schedule = commands.add_parser("schedule", help="cron schedules: add, list, pause, resume, remove")

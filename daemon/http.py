@@ -40,8 +40,10 @@ from engine import (
     IdempotencyKeyConflictError,
     IllegalTransitionError,
     InputValidationError,
+    InvalidPriorityError,
     InvalidStartTimeError,
     InvalidWorkflowIdError,
+    PriorityRefusedError,
     Schedule,
     ScheduleError,
     ScheduleNotFoundError,
@@ -52,6 +54,7 @@ from engine import (
     WorkflowService,
     WorkflowState,
 )
+from engine.definitions import PRIORITY_MAX, PRIORITY_MIN
 from engine.records import (
     ExecutionSummary,
     ScheduleRecord,
@@ -113,11 +116,25 @@ class StartRequest(BaseModel):
         allow_inf_nan=False,
         description="start it this many seconds from now, not before",
     )
+    priority: int | None = Field(
+        default=None,
+        ge=PRIORITY_MIN,
+        le=PRIORITY_MAX,
+        description="smaller runs first (default: the type's definition's, else 0)",
+    )
     allow_unserved: bool = Field(
         default=False,
         description="start it even if no live worker serves the type (for a worker yet to come); "
         "without it such a start is refused with 422, naming the served types",
     )
+
+
+class ChangeRequest(BaseModel):
+    """The body of PATCH /admin/workflows/{id}."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    priority: int = Field(ge=PRIORITY_MIN, le=PRIORITY_MAX, description="smaller runs first")
 
 
 async def exact_body(request: Request) -> dict[str, Any]:
@@ -192,7 +209,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error))
 
     @app.exception_handler(EventRefusedError)
-    async def event_refused(request: Request, error: EventRefusedError) -> JSONResponse:
+    @app.exception_handler(PriorityRefusedError)
+    async def refused(request: Request, error: EventRefusedError | PriorityRefusedError) -> JSONResponse:
         return problem(status.HTTP_409_CONFLICT, str(error))
 
     @app.exception_handler(IllegalTransitionError)
@@ -226,7 +244,10 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error))
 
     @app.exception_handler(InvalidStartTimeError)
-    async def invalid_start_time(request: Request, error: InvalidStartTimeError) -> JSONResponse:
+    @app.exception_handler(InvalidPriorityError)
+    async def invalid_start(
+        request: Request, error: InvalidStartTimeError | InvalidPriorityError
+    ) -> JSONResponse:
         return problem(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error))
 
     @app.exception_handler(UnservedTypeError)
@@ -389,6 +410,7 @@ def add_admin_routes(app: FastAPI, service: WorkflowService) -> None:
                 input,
                 body.user_id,
                 body.wallet_address,
+                priority=body.priority,
                 idempotency_key=body.idempotency_key,
                 require_served=not body.allow_unserved,
                 start_at=body.start_at,
@@ -448,6 +470,13 @@ def add_admin_routes(app: FastAPI, service: WorkflowService) -> None:
     async def cancel(workflow_id: UUID, actor: OperatorActor) -> WorkflowRecord:
         """Cancel a pending workflow at once, a running one at its next step boundary."""
         return await audited("cancel", actor, workflow_id, service.cancel_workflow(workflow_id, actor=actor))
+
+    @app.patch(f"{prefix}/{{workflow_id}}", dependencies=[auth], tags=tags, responses=COMMAND_ERRORS)
+    async def change(workflow_id: UUID, body: ChangeRequest, actor: OperatorActor) -> WorkflowRecord:
+        """Change a workflow still to run: its priority (its next claim goes by it). 409: a
+        finished one."""
+        command = f"set priority {body.priority}"
+        return await audited(command, actor, workflow_id, service.set_priority(workflow_id, body.priority))
 
     @app.post(
         f"{prefix}/{{workflow_id}}/compensate", dependencies=[auth], tags=tags, responses=COMMAND_ERRORS

@@ -109,6 +109,7 @@ class Worker:
             host=socket.gethostname(),
             pid=os.getpid(),
             types=self.registry.types,
+            priorities=self.registry.priorities,
             served=self.registry.served,
             concurrency=self.config.concurrency,
         )

@@ -27,6 +27,23 @@ if TYPE_CHECKING:
 
 TYPE_NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,127}")
 MAX_RETRIES_DEFAULT = 3
+# Priorities: smaller runs first; due work is claimed by priority, then by due time.
+# The default sits in the middle so that a type or a start can go either way.
+PRIORITY_MIN, PRIORITY_DEFAULT, PRIORITY_MAX = -100, 0, 100
+
+
+def priority_problem(priority: object) -> str | None:
+    """Why `priority` is not one, in words; None when it is."""
+    if (
+        isinstance(priority, int)
+        and not isinstance(priority, bool)
+        and PRIORITY_MIN <= priority <= PRIORITY_MAX
+    ):
+        return None
+    return (
+        f"a priority is a whole number from {PRIORITY_MIN} (first) to {PRIORITY_MAX} (last), not {priority!r}"
+    )
+
 
 ExecuteFn = Callable[[Any, "WorkflowContext"], Any | Awaitable[Any]]
 CompensateFn = Callable[[Any, Any, "WorkflowContext"], Any | Awaitable[Any]]
@@ -148,6 +165,8 @@ class Workflow:
     pure: an error in it fails the workflow like broken step code. `exact_numbers` gives
     step code every JSON number with a fraction (of the input and of earlier steps'
     outputs) as a `decimal.Decimal` with every digit, never a binary float: for money.
+    `priority` (-100 to 100, smaller first) is that of its workflows when their start
+    names none, a SQL insert's too (the daemons declare it in `workflow_types`).
     """
 
     type: str
@@ -161,6 +180,8 @@ class Workflow:
     version: int = 1
     output: OutputFn | None = None
     exact_numbers: bool = False
+    # The priority of its workflows when a start gives none (smaller runs first).
+    priority: int = PRIORITY_DEFAULT
 
     def __post_init__(self) -> None:
         if not TYPE_NAME_PATTERN.fullmatch(self.type):
@@ -180,6 +201,8 @@ class Workflow:
             raise DefinitionError(f"workflow {self.type!r}: version must be 1 or more")
         if self.output is not None and not callable(self.output):
             raise DefinitionError(f"workflow {self.type!r}: output must be callable")
+        if problem := priority_problem(self.priority):
+            raise DefinitionError(f"workflow {self.type!r}: {problem}")
         object.__setattr__(self, "steps", tuple(self.steps))
         if not self.name:
             object.__setattr__(self, "name", self.type)

@@ -92,6 +92,14 @@ class InvalidStartTimeError(WorkflowEngineError, ValueError):
     both a time and a delay."""
 
 
+class InvalidPriorityError(WorkflowEngineError, ValueError):
+    """A priority out of range (engine.definitions.priority_problem)."""
+
+
+class PriorityRefusedError(WorkflowEngineError):
+    """A new priority for a finished workflow, which no daemon will claim again."""
+
+
 class EventRefusedError(WorkflowEngineError):
     """An event sent to a workflow that is finished: nothing will wait for it."""
 

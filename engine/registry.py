@@ -64,6 +64,15 @@ class Registry:
         return sorted(self._workflows)
 
     @property
+    def priorities(self) -> list[int]:
+        """The priority of each type's newest definition, in the order of `types`."""
+        return [self._newest(name).priority for name in self.types]
+
+    def _newest(self, workflow_type: str) -> Workflow:
+        versions = self._workflows[workflow_type]
+        return versions[max(versions)]
+
+    @property
     def served(self) -> list[str]:
         """The served keys of every type and version this process knows, sorted: what
         its claim asks for (a type's bare key: its workflows with no version yet)."""

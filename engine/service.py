@@ -15,14 +15,16 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from engine.counts import ABANDONED_COUNTS_SECONDS, counts_are_abandoned, recount_finished
-from engine.definitions import MAX_RETRIES_DEFAULT, Workflow
+from engine.definitions import MAX_RETRIES_DEFAULT, Workflow, priority_problem
 from engine.errors import (
     OUTCOME_UNKNOWN,
     EventRefusedError,
     IdempotencyKeyConflictError,
     IllegalTransitionError,
+    InvalidPriorityError,
     InvalidStartTimeError,
     InvalidWorkflowIdError,
+    PriorityRefusedError,
     UnservedTypeError,
     UnstorableValueError,
     VersionMismatchError,
@@ -78,6 +80,12 @@ def check_start_time(start_at: datetime | None, delay_seconds: float | None) -> 
         raise InvalidStartTimeError(
             f"a delay is 0 to {START_DELAY_MAX_SECONDS:.0f} seconds (a century), not {delay_seconds}"
         )
+
+
+def check_priority(priority: int | None) -> None:
+    """A priority is a whole number from -100 to 100 (or None: the type's)."""
+    if priority is not None and (problem := priority_problem(priority)):
+        raise InvalidPriorityError(problem)
 
 
 def check_text(**fields: str | None) -> None:
@@ -178,7 +186,7 @@ class WorkflowService:
         user_id: str | None,
         wallet_address: str | None = None,
         *,
-        priority: int = 0,
+        priority: int | None = None,
         idempotency_key: str | None = None,
         require_served: bool = False,
         start_at: datetime | None = None,
@@ -194,10 +202,13 @@ class WorkflowService:
         the Python API, like SQL, does not by default). `start_at` (with a time zone) or
         `delay_seconds` (from the database's clock): no daemon claims it before then; a
         duplicate start finds the first workflow, with the time that one was given.
+        `priority` (-100 to 100, smaller first): by default the definition's, or, for a
+        type this side does not define, the one its daemons declared (else 0).
         """
         check_text(type=type, user_id=user_id, wallet_address=wallet_address)
         check_idempotency_key(idempotency_key)
         check_start_time(start_at, delay_seconds)
+        check_priority(priority)
         definition = await self._startable(type, input, require_served=require_served)
         row = await self.store.insert_workflow(
             type=type,
@@ -209,7 +220,8 @@ class WorkflowService:
             total_steps=len(definition.steps) if definition else 0,
             max_retries=definition.max_retries if definition else MAX_RETRIES_DEFAULT,
             requires_compensation=definition.requires_compensation if definition else False,
-            priority=priority,
+            # None: the insert trigger gives the type's declared priority.
+            priority=priority if priority is not None or definition is None else definition.priority,
             idempotency_key=idempotency_key,
             start_at=start_at,
             delay_seconds=delay_seconds,
@@ -223,8 +235,9 @@ class WorkflowService:
         )
         if existing is None:  # deleted in between: rare, and a retry settles it
             return await self.start(
-                type, input, user_id, wallet_address, priority=priority, idempotency_key=idempotency_key
-            )
+                type, input, user_id, wallet_address, priority=priority, idempotency_key=idempotency_key,
+                require_served=require_served, start_at=start_at, delay_seconds=delay_seconds,
+            )  # fmt: skip
         workflow = WorkflowRecord.model_validate(existing)
         check_same_start(workflow, type, input, user_id)
         return StartResult(workflow=workflow, created=False)
@@ -236,7 +249,7 @@ class WorkflowService:
         user_id: str | None,
         wallet_address: str | None = None,
         *,
-        priority: int = 0,
+        priority: int | None = None,
         idempotency_key: str | None = None,
         start_at: datetime | None = None,
     ) -> WorkflowRecord:
@@ -346,6 +359,20 @@ class WorkflowService:
         if not retried:
             explain_refused_retry(workflow)
         return workflow
+
+    async def set_priority(self, workflow_id: UUID | str, priority: int) -> WorkflowRecord:
+        """Change the priority of a workflow still to run (pending, running or
+        compensating): its next claim goes by it. `PriorityRefusedError` for a finished
+        one, which no daemon will claim again."""
+        key = parse_workflow_id(workflow_id)
+        check_priority(priority)
+        changed = await self.store.set_priority(key, priority)
+        if changed is not None:
+            return WorkflowRecord.model_validate(changed)
+        workflow = await self.get_workflow(key)
+        raise PriorityRefusedError(
+            f"workflow {key} is {workflow.state}: only one still to run has a priority to change"
+        )
 
     async def compensate_workflow(
         self, workflow_id: UUID | str, *, actor: str | None = None

@@ -258,15 +258,16 @@ class Store:
         total_steps: int,
         max_retries: int,
         requires_compensation: bool,
-        priority: int,
+        priority: int | None,
         idempotency_key: str | None = None,
         start_at: datetime | None = None,
         delay_seconds: float | None = None,
     ) -> Row | None:
         """Insert a pending workflow; None when its idempotency key already exists.
 
-        `idempotency_key`: the caller's own key; None lets the insert trigger compute it.
-        `start_at` or `delay_seconds`: when it falls due (default: now).
+        `idempotency_key`: the caller's own key; None lets the insert trigger compute it,
+        as `priority` None lets it give the type's declared priority. `start_at` or
+        `delay_seconds`: when it falls due (default: now).
         """
         return await self._one(
             "insert_workflow",
@@ -285,6 +286,10 @@ class Store:
                 "delay_seconds": delay_seconds,
             },
         )
+
+    async def set_priority(self, workflow_id: UUID, priority: int) -> Row | None:
+        """The workflow with its new priority; None when it is not one still to run."""
+        return await self._one("set_priority", {"id": workflow_id, "priority": priority})
 
     async def migrate_version(self, *, type: str, from_version: int, to_version: int) -> list[UUID]:
         """Move a type's workflows still to run to another version; their ids."""
@@ -609,15 +614,24 @@ class Store:
         return {row["id"] for row in await self._all("release_leases", params)}
 
     async def register_worker(
-        self, *, worker_id: str, host: str, pid: int, types: list[str], served: list[str], concurrency: int
+        self,
+        *,
+        worker_id: str,
+        host: str,
+        pid: int,
+        types: list[str],
+        priorities: list[int],
+        served: list[str],
+        concurrency: int,
     ) -> None:
         """Record this daemon in workflow_workers: its types, and the versions of them it
-        serves (served keys)."""
+        serves (served keys); and declare its types' priorities (one each, in order)."""
         params = {
             "worker_id": worker_id,
             "host": host,
             "pid": pid,
             "types": types,
+            "priorities": priorities,
             "served": served,
             "concurrency": concurrency,
         }

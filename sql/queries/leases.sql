@@ -50,6 +50,14 @@ WHERE w.id = lease.id AND w.lease_token = lease.token AND w.locked_by = %(worker
 RETURNING w.id;
 
 -- name: register_worker
+-- A daemon's registration also declares the priorities of the types it serves, for the
+-- rows inserted by SQL without one (the before-insert trigger reads workflow_types).
+WITH declared AS (
+    INSERT INTO workflow_types AS t (type, priority)
+    SELECT * FROM unnest(%(types)s::text[], %(priorities)s::smallint[])
+    ON CONFLICT (type) DO UPDATE SET priority = excluded.priority, declared_at = now()
+    WHERE t.priority <> excluded.priority
+)
 INSERT INTO workflow_workers (id, host, pid, types, served, concurrency)
 VALUES (%(worker_id)s, %(host)s, %(pid)s, %(types)s, %(served)s, %(concurrency)s)
 ON CONFLICT (id) DO UPDATE

@@ -2,6 +2,7 @@
 -- after them.
 -- Queries, in this order:
 --   insert_workflow
+--   set_priority
 --   migrate_version
 --   get_workflow_by_start
 --   cancel_workflow
@@ -24,6 +25,13 @@ VALUES (%(type)s, %(version)s, %(input)s, %(user_id)s, %(wallet_address)s, %(tot
         coalesce(%(start_at)s::timestamptz,
                  now() + coalesce(%(delay_seconds)s::float8, 0) * interval '1 second'))
 ON CONFLICT (idempotency_key) DO NOTHING
+RETURNING *;
+
+-- name: set_priority
+-- An operator's new priority for a workflow still to run; its next claim goes by it
+-- (workflows_due_idx holds the priority). A finished workflow is left as it is.
+UPDATE workflows SET priority = %(priority)s, updated_at = now()
+WHERE id = %(id)s AND state::text IN ('pending', 'running', 'compensating')  -- by primary key only: plans.sql
 RETURNING *;
 
 -- name: migrate_version

@@ -417,3 +417,14 @@ awaiting_briefly = Workflow(
         Step("approval", wait_for_event="approved", timeout=1.5),
     ],
 )
+
+
+# Priorities: a bulk type that runs last and an urgent one that runs first, as their
+# definitions say (a SQL insert without a priority gets its type's).
+async def naps(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
+    await asyncio.sleep(float(input.get("sleep", 0)))
+    return {}
+
+
+bulk_reindex = Workflow(type="bulk_reindex", priority=50, steps=[Step("reindex", naps)])
+urgent_trade = Workflow(type="urgent_trade", priority=-50, steps=[Step("trade", naps)])

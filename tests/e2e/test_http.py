@@ -255,6 +255,33 @@ def test_commands_on_a_finished_workflow_conflict_and_unknown_or_malformed_ids_a
         assert api.post(f"/admin/workflows/123/{command}").status_code == 422
 
 
+def test_a_priority_is_given_at_start_and_changed_while_the_workflow_waits(
+    api: httpx.Client, db: psycopg.Connection[Any]
+) -> None:
+    later = {"type": "three_steps", "input": {}, "user_id": "u", "delay_seconds": 3600}
+    waiting = api.post("/admin/workflows", json=later | {"priority": -20}).json()
+    assert waiting["priority"] == -20
+    by_definition = api.post("/admin/workflows", json=later | {"input": {"n": 2}}).json()
+    assert by_definition["priority"] == 0
+    changed = api.patch(f"/admin/workflows/{waiting['id']}", json={"priority": 30})
+    assert (changed.status_code, changed.json()["priority"]) == (200, 30)
+    assert db.execute("SELECT priority FROM workflows WHERE id = %s", (waiting["id"],)).fetchone() == (30,)
+    for bad in (
+        {"priority": 101},
+        {"priority": "high"},
+        {"priority": 1.5},
+        {},
+        {"priority": 1, "state": "x"},
+    ):
+        assert api.patch(f"/admin/workflows/{waiting['id']}", json=bad).status_code == 422, bad
+    assert api.post("/admin/workflows", json=later | {"priority": -101}).status_code == 422
+    assert api.patch(f"/admin/workflows/{uuid.uuid4()}", json={"priority": 1}).status_code == 404
+    api.post(f"/admin/workflows/{waiting['id']}/cancel")
+    finished = api.patch(f"/admin/workflows/{waiting['id']}", json={"priority": 1})
+    assert finished.status_code == 409
+    assert "is cancelled: only one still to run has a priority to change" in finished.json()["detail"]
+
+
 def test_a_waiting_workflow_is_cancelled_then_compensated_with_nothing_to_undo(api: httpx.Client) -> None:
     waiting = api.post(
         "/admin/workflows",
