@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from daemon.catalog import load_registry
 from daemon.commands import (
     add_event_command,
+    add_limits_commands,
     add_operator_commands,
     add_priority_command,
     add_schedule_commands,
@@ -318,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_operator_commands(commands)
     add_event_command(commands, _json_value)
     add_priority_command(commands, priority_value)
+    add_limits_commands(commands)
     add_schedule_commands(commands, _json_object)
     return parser
 

@@ -15,8 +15,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from engine import UnstorableValueError, WorkflowService, WorkflowState
+from engine.definitions import concurrency_problem
 from engine.idempotency import check_storable_text
-from engine.records import ScheduleRecord, StepRecord, TimelineEvent, WorkflowRecord
+from engine.records import LimitRecord, ScheduleRecord, StepRecord, TimelineEvent, WorkflowRecord
 from engine.schedules import MISSED_TICKS, Schedule
 from engine.service import (
     LIST_LIMIT_DEFAULT,
@@ -346,6 +347,78 @@ def add_schedule_commands(commands: Any, json_object: Callable[[str], dict[str, 
         ("remove", cmd_schedule_remove, "delete a schedule (its workflows stay)"),
     ):
         action(name, handler, help).add_argument("name", metavar="NAME", help="the schedule's name")
+
+
+def limits_table(limits: list[LimitRecord]) -> str:
+    rows = [
+        (limit.type, _limit_text(limit.max_concurrency), _limit_text(limit.declared_max_concurrency),
+         f"set by {limit.set_by or 'an operator'}" if limit.overridden else "definition",
+         str(limit.in_flight), str(limit.due))
+        for limit in limits
+    ]  # fmt: skip
+    return render_table(("type", "limit", "definition's", "from", "in flight", "due"), rows)
+
+
+def _limit_text(limit: int | None) -> str:
+    return "none" if limit is None else str(limit)
+
+
+async def cmd_limits_list(args: argparse.Namespace, service: WorkflowService) -> str:
+    limits = await service.list_limits()
+    if args.json:
+        return to_json(limits)
+    return limits_table(limits) if limits else "no limits"
+
+
+async def cmd_limits_set(args: argparse.Namespace, service: WorkflowService) -> str:
+    record = await service.set_limit(args.type, args.concurrency, actor=cli_actor())
+    return to_json(record) if args.json else limits_table([record])
+
+
+async def cmd_limits_reset(args: argparse.Namespace, service: WorkflowService) -> str:
+    record = await service.reset_limit(args.type)
+    if record is None:
+        return (
+            to_json({"type": args.type, "max_concurrency": None}) if args.json else f"{args.type}: no limit"
+        )
+    return to_json(record) if args.json else limits_table([record])
+
+
+def concurrency_value(text: str) -> int | None:
+    """An argparse type: a concurrency limit, a whole number 1 or more, or `none`."""
+    if text == "none":
+        return None
+    try:
+        value: object = int(text)
+    except ValueError:
+        value = text
+    if problem := concurrency_problem(value):
+        raise argparse.ArgumentTypeError(f"{problem} (or none)")
+    return int(text)
+
+
+def add_limits_commands(commands: Any) -> None:
+    """`workflowd limits list|set|reset`."""
+    limits = commands.add_parser("limits", help="concurrency limits of workflow types: list, set, reset")
+    actions = limits.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, handler: Any, help: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = actions.add_parser(name, help=help)
+        parser.add_argument("--json", action="store_true", help="print JSON")
+        parser.set_defaults(service_handler=handler)
+        return parser
+
+    action("list", cmd_limits_list, "every type with a limit, its workflows in flight and due")
+    setting = action(
+        "set", cmd_limits_set, "set a type's limit over its definition's (the daemons hold to it in 2 s)"
+    )
+    setting.add_argument("type", metavar="TYPE", type=storable_text, help="the workflow type")
+    setting.add_argument(
+        "--concurrency", type=concurrency_value, required=True, metavar="N",
+        help="at most N of its workflows hold a lease at once, across every daemon; none: no limit",
+    )  # fmt: skip
+    reset = action("reset", cmd_limits_reset, "back to the definition's limit")
+    reset.add_argument("type", metavar="TYPE", type=storable_text, help="the workflow type")
 
 
 def workflow_state(text: str) -> WorkflowState:

@@ -23,7 +23,7 @@ import h11
 import psycopg
 import structlog
 import uvicorn
-from fastapi import Depends, FastAPI, Header, Query, Request, Response, status
+from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -40,6 +40,7 @@ from engine import (
     IdempotencyKeyConflictError,
     IllegalTransitionError,
     InputValidationError,
+    InvalidLimitError,
     InvalidPriorityError,
     InvalidStartTimeError,
     InvalidWorkflowIdError,
@@ -57,6 +58,7 @@ from engine import (
 from engine.definitions import PRIORITY_MAX, PRIORITY_MIN
 from engine.records import (
     ExecutionSummary,
+    LimitRecord,
     ScheduleRecord,
     StepRecord,
     TimelineEvent,
@@ -245,8 +247,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(InvalidStartTimeError)
     @app.exception_handler(InvalidPriorityError)
-    async def invalid_start(
-        request: Request, error: InvalidStartTimeError | InvalidPriorityError
+    @app.exception_handler(InvalidLimitError)
+    async def invalid_value(
+        request: Request, error: InvalidStartTimeError | InvalidPriorityError | InvalidLimitError
     ) -> JSONResponse:
         return problem(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error))
 
@@ -281,6 +284,7 @@ def create_app(
     add_health_routes(app, readiness, daemon, metrics, replica)
     add_admin_routes(app, service)
     add_schedule_routes(app, service)
+    add_limit_routes(app, service)
     return app
 
 
@@ -651,4 +655,44 @@ def add_schedule_routes(app: FastAPI, service: WorkflowService) -> None:
         """Delete a schedule; the workflows it started stay."""
         await service.remove_schedule(name)
         logged("schedule_remove", actor, name)
+        return Response(status_code=204)
+
+
+class LimitRequest(BaseModel):
+    """The body of PUT /admin/limits/{type}."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_concurrency: int | None = Field(
+        ge=1, description="at most this many of the type's workflows hold a lease at once; null: no limit"
+    )
+
+
+def add_limit_routes(app: FastAPI, service: WorkflowService) -> None:
+    """/admin/limits: concurrency limits set at run time, as `workflowd limits` sets them."""
+    prefix = "/admin/limits"
+    tags: list[str | Enum] = ["limits"]
+    auth = ADMIN_SECURITY
+    type_name = Annotated[str, Path(min_length=1, max_length=128)]
+
+    @app.get(prefix, dependencies=[auth], tags=tags, responses=ERRORS)
+    async def list_limits() -> list[LimitRecord]:
+        """Every type with a limit, with its workflows in flight and due now."""
+        return await service.list_limits()
+
+    @app.put(prefix + "/{type}", dependencies=[auth], tags=tags, responses=ERRORS)
+    async def set_limit(type: type_name, body: LimitRequest, actor: OperatorActor) -> LimitRecord:
+        """Set a type's limit over its definition's (null: none); the daemons hold to it
+        within 2 s."""
+        record = await service.set_limit(type, body.max_concurrency, actor=actor)
+        LOG.info(
+            "admin_command", command="limit_set", actor=actor, type=type, max_concurrency=body.max_concurrency
+        )
+        return record
+
+    @app.delete(prefix + "/{type}", dependencies=[auth], tags=tags, status_code=204, responses=ERRORS)
+    async def reset_limit(type: type_name, actor: OperatorActor) -> Response:
+        """Back to the definition's limit."""
+        await service.reset_limit(type)
+        LOG.info("admin_command", command="limit_reset", actor=actor, type=type)
         return Response(status_code=204)

@@ -41,6 +41,9 @@ T = TypeVar("T")
 CLAIM_RETRY_DELAY_MAX_SECONDS = 5.0
 # How long a busy worker may hold back a claim to make it a bigger batch.
 CLAIM_WINDOW_SECONDS = 0.02
+# How often a worker reads the concurrency limits of its types (workflow_type_limits): a
+# limit set at run time holds for its claims from then on.
+LIMITS_REFRESH_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,9 @@ class Worker:
         self.in_flight: dict[UUID, Assignment] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.last_loop_at = self.last_claim_at = time.monotonic()
+        # The concurrency limits of its types, by type, and when they were read.
+        self.limits: dict[str, int] = {}
+        self.limits_read_at = -LIMITS_REFRESH_SECONDS
         self.log = LOG.bind(worker=self.id)
         driver_config = DriverConfig(
             worker_id=self.id,
@@ -110,6 +116,7 @@ class Worker:
             pid=os.getpid(),
             types=self.registry.types,
             priorities=self.registry.priorities,
+            max_concurrency=self.registry.max_concurrency,
             served=self.registry.served,
             concurrency=self.config.concurrency,
         )
@@ -292,22 +299,57 @@ class Worker:
     # Claiming.
 
     async def claim_once(self, limit: int) -> int:
-        """Claim up to `limit` due workflows and start a task for each; returns how many."""
+        """Claim up to `limit` due workflows and start a task for each; returns how many.
+        The types with a concurrency limit first, each up to its free slots (grant_slots),
+        then the others (claim_due_workflows)."""
+        await self._read_limits()
         claimed_at = self.last_claim_at = time.monotonic()
+        unlimited = self.registry.served_keys(set(self.registry.types) - set(self.limits))
         async with self.store.claiming_transaction() as tx:
-            rows = await tx.claim_due_workflows(
-                worker_id=self.id,
-                served=self.registry.served,
-                limit=limit,
-                lease_seconds=self.config.lease_seconds,
-                busy=list(self.driver.busy),
-                definitions=self.step_definitions,
-            )
+            rows = await self._claim_limited(tx, limit) if self.limits else []
+            if unlimited and len(rows) < limit:
+                rows += await tx.claim_due_workflows(
+                    worker_id=self.id,
+                    served=unlimited,
+                    limit=limit - len(rows),
+                    lease_seconds=self.config.lease_seconds,
+                    busy=list(self.driver.busy),
+                    definitions=self.step_definitions,
+                )
             assignments = await self._prepare(tx, rows, claimed_at + self.config.lease_seconds)
         self._count_claims(rows)
         for assignment in assignments:
             self._spawn(assignment)
         return len(rows)
+
+    async def _read_limits(self) -> None:
+        """The limits of this worker's types, read again every LIMITS_REFRESH_SECONDS,
+        their slots made when a limit is new or raised."""
+        if time.monotonic() - self.limits_read_at < LIMITS_REFRESH_SECONDS:
+            return
+        self.limits = await self.store.load_limits(self.registry.types)
+        if self.limits:
+            await self.store.provide_slots(sorted(self.limits))
+        self.limits_read_at = time.monotonic()
+
+    async def _claim_limited(self, tx: Store, limit: int) -> list[ClaimedWorkflow]:
+        """In the claiming transaction: lock the slots of the limited types that may be
+        taken, grant them to due workflows, claim those (sql/queries/limits.sql)."""
+        slots = await tx.lock_slots(types=sorted(self.limits), wanted=limit)
+        if not slots:
+            return []
+        granted = await tx.grant_slots(
+            slots=slots,
+            served=self.registry.served_keys(self.limits),
+            busy=list(self.driver.busy),
+            limit=limit,
+        )
+        if not granted:
+            return []
+        return await tx.claim_granted_workflows(
+            worker_id=self.id, granted=granted, lease_seconds=self.config.lease_seconds,
+            definitions=self.step_definitions,
+        )  # fmt: skip
 
     def _count_claims(self, rows: list[ClaimedWorkflow]) -> None:
         if not rows:

@@ -32,6 +32,14 @@ MAX_RETRIES_DEFAULT = 3
 PRIORITY_MIN, PRIORITY_DEFAULT, PRIORITY_MAX = -100, 0, 100
 
 
+def concurrency_problem(limit: object) -> str | None:
+    """Why `limit` is not a concurrency limit (a whole number, 1 or more, or None for
+    none), in words; None when it is."""
+    if limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1):
+        return None
+    return f"a concurrency limit is a whole number, 1 or more, not {limit!r}"
+
+
 def priority_problem(priority: object) -> str | None:
     """Why `priority` is not one, in words; None when it is."""
     if (
@@ -167,6 +175,8 @@ class Workflow:
     outputs) as a `decimal.Decimal` with every digit, never a binary float: for money.
     `priority` (-100 to 100, smaller first) is that of its workflows when their start
     names none, a SQL insert's too (the daemons declare it in `workflow_types`).
+    `max_concurrency`: at most that many of its workflows hold a lease at once, whatever
+    the number of daemons (an operator may set another at run time: `workflowd limits`).
     """
 
     type: str
@@ -182,6 +192,8 @@ class Workflow:
     exact_numbers: bool = False
     # The priority of its workflows when a start gives none (smaller runs first).
     priority: int = PRIORITY_DEFAULT
+    # At most this many of its workflows hold a lease at once, across every daemon.
+    max_concurrency: int | None = None
 
     def __post_init__(self) -> None:
         if not TYPE_NAME_PATTERN.fullmatch(self.type):
@@ -202,6 +214,8 @@ class Workflow:
         if self.output is not None and not callable(self.output):
             raise DefinitionError(f"workflow {self.type!r}: output must be callable")
         if problem := priority_problem(self.priority):
+            raise DefinitionError(f"workflow {self.type!r}: {problem}")
+        if problem := concurrency_problem(self.max_concurrency):
             raise DefinitionError(f"workflow {self.type!r}: {problem}")
         object.__setattr__(self, "steps", tuple(self.steps))
         if not self.name:

@@ -96,6 +96,10 @@ class InvalidPriorityError(WorkflowEngineError, ValueError):
     """A priority out of range (engine.definitions.priority_problem)."""
 
 
+class InvalidLimitError(WorkflowEngineError, ValueError):
+    """A concurrency limit that is not a whole number, 1 or more."""
+
+
 class PriorityRefusedError(WorkflowEngineError):
     """A new priority for a finished workflow, which no daemon will claim again."""
 

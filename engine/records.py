@@ -187,6 +187,21 @@ class WorkflowStats(_Record):
     stuck_workflows: int = 0
 
 
+class LimitRecord(_Record):
+    """A type's concurrency limit (`workflow_type_limits`), as the API and the CLI show it:
+    the one that holds (None: none), its definition's, whether an operator set it, and
+    now: how many of its workflows hold a lease, and how many are due and wait."""
+
+    type: str
+    max_concurrency: int | None
+    declared_max_concurrency: int | None
+    overridden: bool
+    set_by: str | None
+    set_at: datetime | None
+    in_flight: int
+    due: int
+
+
 class ScheduleRecord(_Record):
     """A cron schedule (`workflow_schedules`), as the API and the CLI show it."""
 

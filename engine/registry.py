@@ -68,6 +68,11 @@ class Registry:
         """The priority of each type's newest definition, in the order of `types`."""
         return [self._newest(name).priority for name in self.types]
 
+    @property
+    def max_concurrency(self) -> list[int | None]:
+        """The concurrency limit of each type's newest definition, in the order of `types`."""
+        return [self._newest(name).max_concurrency for name in self.types]
+
     def _newest(self, workflow_type: str) -> Workflow:
         versions = self._workflows[workflow_type]
         return versions[max(versions)]
@@ -76,7 +81,14 @@ class Registry:
     def served(self) -> list[str]:
         """The served keys of every type and version this process knows, sorted: what
         its claim asks for (a type's bare key: its workflows with no version yet)."""
-        keys = {served_key(workflow.type, workflow.version) for workflow in self} | set(self._workflows)
+        return self.served_keys(self._workflows)
+
+    def served_keys(self, types: Iterable[str]) -> list[str]:
+        """The served keys of these of its types, every version, sorted."""
+        keys: set[str] = set()
+        for name in types:
+            keys.add(name)
+            keys.update(served_key(name, version) for version in self._workflows.get(name, {}))
         return sorted(keys)
 
     def __contains__(self, workflow_type: object) -> bool:

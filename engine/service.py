@@ -15,12 +15,13 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from engine.counts import ABANDONED_COUNTS_SECONDS, counts_are_abandoned, recount_finished
-from engine.definitions import MAX_RETRIES_DEFAULT, Workflow, priority_problem
+from engine.definitions import MAX_RETRIES_DEFAULT, Workflow, concurrency_problem, priority_problem
 from engine.errors import (
     OUTCOME_UNKNOWN,
     EventRefusedError,
     IdempotencyKeyConflictError,
     IllegalTransitionError,
+    InvalidLimitError,
     InvalidPriorityError,
     InvalidStartTimeError,
     InvalidWorkflowIdError,
@@ -34,6 +35,7 @@ from engine.idempotency import canonical_json, check_storable_text, start_identi
 from engine.primary import require_primary
 from engine.records import (
     ExecutionSummary,
+    LimitRecord,
     ScheduleRecord,
     StartResult,
     StepRecord,
@@ -460,6 +462,31 @@ class WorkflowService:
             raise WorkflowNotFoundError(key) from None
         except psycopg.errors.ObjectNotInPrerequisiteState as error:
             raise EventRefusedError(error.diag.message_primary or str(error)) from None
+
+    # Concurrency limits (sql/queries/limits.sql).
+
+    async def list_limits(self) -> list[LimitRecord]:
+        """Every type with a concurrency limit declared or set, with its use now."""
+        return [LimitRecord.model_validate(row) for row in await self.reads.list_limits()]
+
+    async def set_limit(
+        self, type: str, max_concurrency: int | None, *, actor: str | None = None
+    ) -> LimitRecord:
+        """Set the concurrency limit of a type at run time, over its definition's (None:
+        no limit); the daemons hold to it from their next read of the limits (2 s)."""
+        check_text(type=type, actor=actor)
+        if problem := concurrency_problem(max_concurrency):
+            raise InvalidLimitError(problem)
+        await self.store.set_limit(type=type, max_concurrency=max_concurrency, set_by=actor)
+        (limit,) = await self.store.list_limits(type)
+        return LimitRecord.model_validate(limit)
+
+    async def reset_limit(self, type: str) -> LimitRecord | None:
+        """Back to the definition's limit; None when the type has none either."""
+        check_text(type=type)
+        await self.store.reset_limit(type)
+        found = await self.store.list_limits(type)
+        return LimitRecord.model_validate(found[0]) if found else None
 
     # Cron schedules (engine/schedules.py).
 

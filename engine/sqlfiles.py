@@ -65,9 +65,12 @@ def include_parts(text: str, shared: dict[str, str]) -> str:
 
 @cache
 def parts() -> dict[str, str]:
-    """The shared parts of sql/parts.sql, read once, as sent."""
-    shared = parse_queries((sql_dir() / "parts.sql").read_text(encoding="utf-8"))
-    return {name: as_sent(text) for name, text in shared.items()}
+    """The shared parts of sql/parts.sql, read once, as sent; a part may include the
+    parts above it."""
+    shared: dict[str, str] = {}
+    for name, text in parse_queries((sql_dir() / "parts.sql").read_text(encoding="utf-8")).items():
+        shared[name] = include_parts(as_sent(text), shared)
+    return shared
 
 
 @cache

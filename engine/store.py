@@ -533,6 +533,65 @@ class Store:
         }
         return await self._typed(ClaimedWorkflow, "claim_due_workflows", params | definitions.shapes)
 
+    async def claim_granted_workflows(
+        self,
+        *,
+        worker_id: str,
+        granted: Sequence[Row],
+        lease_seconds: float,
+        definitions: StepDefinitions,
+    ) -> list[ClaimedWorkflow]:
+        """Claim the workflows grant_slots chose (locked in this transaction), as
+        claim_due_workflows claims, each taking the slot it was granted."""
+        params = {
+            "worker_id": worker_id,
+            "granted": [row["id"] for row in granted],
+            "granted_slots": [row["slot"] for row in granted],
+            "lease_seconds": lease_seconds,
+        }
+        return await self._typed(ClaimedWorkflow, "claim_granted_workflows", params | definitions.shapes)
+
+    # Flow control (sql/queries/limits.sql).
+
+    async def load_limits(self, types: list[str]) -> dict[str, int]:
+        """The concurrency limits that hold for `types`, by type (unlimited ones absent)."""
+        return {
+            row["type"]: row["max_concurrency"] for row in await self._all("load_limits", {"types": types})
+        }
+
+    async def provide_slots(self, types: list[str]) -> None:
+        """Make the missing slots of each limited type of `types`."""
+        await self._execute("provide_slots", {"types": types})
+
+    async def lock_slots(self, *, types: list[str], wanted: int) -> list[Row]:
+        """In the claiming transaction: slots of `types` that may be taken (see the query)."""
+        return await self._all("lock_slots", {"types": types, "wanted": wanted})
+
+    async def grant_slots(
+        self, *, slots: Sequence[Row], served: list[str], busy: list[UUID], limit: int
+    ) -> list[Row]:
+        """In the claiming transaction: the due workflows that get the locked `slots`,
+        each with its slot (see the query)."""
+        params = {
+            "slot_types": [row["type"] for row in slots],
+            "slots": [row["slot"] for row in slots],
+            "served": served,
+            "busy": busy,
+            "limit": limit,
+        }
+        return await self._all("grant_slots", params)
+
+    async def list_limits(self, type: str | None = None) -> list[Row]:
+        """Every type's limit (or only `type`'s), with its use now."""
+        return await self._all("list_limits", {"type": type})
+
+    async def set_limit(self, *, type: str, max_concurrency: int | None, set_by: str | None) -> None:
+        await self._execute("set_limit", {"type": type, "max_concurrency": max_concurrency, "set_by": set_by})
+
+    async def reset_limit(self, type: str) -> bool:
+        """Drop an operator's limit; whether there was one."""
+        return await self._execute("reset_limit", {"type": type}) > 0
+
     async def create_steps(
         self,
         *,
@@ -621,17 +680,20 @@ class Store:
         pid: int,
         types: list[str],
         priorities: list[int],
+        max_concurrency: list[int | None],
         served: list[str],
         concurrency: int,
     ) -> None:
         """Record this daemon in workflow_workers: its types, and the versions of them it
-        serves (served keys); and declare its types' priorities (one each, in order)."""
+        serves (served keys); and declare its types' priorities and concurrency limits
+        (one each, in the order of `types`)."""
         params = {
             "worker_id": worker_id,
             "host": host,
             "pid": pid,
             "types": types,
             "priorities": priorities,
+            "max_concurrency": max_concurrency,
             "served": served,
             "concurrency": concurrency,
         }

@@ -5,7 +5,11 @@
 --   start_step
 --   release_lease
 --   keep_or_release_lease
--- Each part is the text of a SET list; the aliases it reads are given in its comment.
+--   claim_shape
+--   claim_and_start
+--   claim_result
+-- The first three are SET lists, the aliases they read given in their comments; the
+-- last three are the common body of the two claims (sql/queries/claim.sql).
 
 -- name: start_step
 -- Starting a step, in the claim (the step under the cursor) and in a commit that goes
@@ -39,3 +43,74 @@ locked_by = CASE WHEN done.go_on THEN w.locked_by END,
 lease_token = CASE WHEN done.go_on THEN w.lease_token END,
 lease_expires_at = CASE WHEN done.go_on THEN w.lease_expires_at END,
 next_retry_at = CASE WHEN done.go_on THEN w.next_retry_at ELSE now() END
+
+-- name: claim_shape
+-- The shape of each type and version the claiming daemon serves, for the workflows it
+-- claims for the first time (see claim_due_workflows).
+shape AS (
+    SELECT * FROM unnest(%(shape_types)s::text[], %(shape_versions)s::int[], %(shape_totals)s::int[],
+                         %(shape_max_retries)s::int[], %(shape_compensation)s::bool[])
+        AS s(type, version, total_steps, max_retries, requires_compensation)
+)
+
+-- name: claim_and_start
+-- The claim of the rows of `due`, and the start of their current steps, with their
+-- timeline (see claim_due_workflows).
+claimed AS (
+    UPDATE workflows w
+    SET locked_by = %(worker_id)s,
+        lease_token = gen_random_uuid(),
+        lease_expires_at = now() + %(lease_seconds)s * interval '1 second',
+        next_retry_at = now() + %(lease_seconds)s * interval '1 second',
+        state = CASE WHEN w.state = 'pending' THEN 'running'::workflow_state ELSE w.state END,
+        started_at = coalesce(w.started_at, now()),
+        updated_at = now(),
+        version = coalesce(s.version, w.version),
+        total_steps = coalesce(s.total_steps, w.total_steps),
+        max_retries = coalesce(s.max_retries, w.max_retries),
+        requires_compensation = coalesce(s.requires_compensation, w.requires_compensation)
+    FROM due LEFT JOIN shape s
+        ON due.started_at IS NULL AND s.type = due.type
+       AND s.version = coalesce(due.run_version, (SELECT max(n.version) FROM shape n WHERE n.type = s.type))
+    WHERE w.id = due.id
+    RETURNING w.*, due.previous_state, due.due_at, coalesce(s.version, due.run_version) AS run_version
+),
+started AS (
+    UPDATE workflow_steps s
+    SET {{start_step}}
+    FROM claimed c, LATERAL (SELECT c.state = 'compensating' AS compensating) go
+    WHERE s.workflow_id = c.id AND s.step_index = c.current_step_index
+      AND CASE WHEN go.compensating
+               THEN s.state = 'completed'
+                    OR (s.state = 'compensating'
+                        AND (s.next_retry_at IS NOT NULL OR s.compensation_retry_count < s.max_retries))
+               ELSE NOT c.cancel_requested
+                    AND (s.state IN ('pending', 'failed')
+                         OR (s.state = 'running' AND s.is_idempotent AND s.retry_count < s.max_retries)) END
+    RETURNING s.workflow_id, s.step_index, s.step_name, s.state,
+              CASE WHEN go.compensating THEN s.compensation_attempt ELSE s.attempt END AS attempt,
+              CASE WHEN go.compensating THEN s.compensation_retry_count ELSE s.retry_count END AS retry_count
+),
+workflow_events AS (
+    INSERT INTO workflow_events (workflow_id, from_state, to_state, worker_id)
+    SELECT id, 'pending', 'running', %(worker_id)s FROM claimed WHERE previous_state = 'pending'
+),
+step_events AS (
+    INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state, attempt, worker_id)
+    SELECT st.workflow_id, st.step_index, st.step_name, prev.state::text, st.state::text, st.attempt, %(worker_id)s
+    FROM started st
+    JOIN workflow_steps prev ON prev.workflow_id = st.workflow_id AND prev.step_index = st.step_index
+)
+
+-- name: claim_result
+-- What a claim returns (see claim_due_workflows).
+SELECT c.id, c.type, c.run_version AS version, c.state::text, c.previous_state::text, c.input::text AS input_text,
+       c.context::text AS context_text, c.user_id, c.wallet_address, c.idempotency_key,
+       c.current_step_index, c.lease_token, c.cancel_requested,
+       extract(epoch FROM now() - c.due_at)::float8 AS pickup_lag_seconds,
+       prev.state::text AS previous_step_state, prev.is_idempotent AS step_is_idempotent,
+       coalesce(st.attempt, prev.attempt) AS attempt, coalesce(st.retry_count, prev.retry_count) AS retry_count,
+       st.workflow_id IS NOT NULL AS step_started
+FROM claimed c
+LEFT JOIN workflow_steps prev ON prev.workflow_id = c.id AND prev.step_index = c.current_step_index
+LEFT JOIN started st ON st.workflow_id = c.id

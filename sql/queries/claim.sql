@@ -3,6 +3,7 @@
 -- Queries, in this order:
 --   claiming_transaction
 --   claim_due_workflows
+--   claim_granted_workflows
 --   create_steps
 --   cancel_at_boundary
 -- Each is a named block; Store methods carry the same names. Parameters are always
@@ -46,11 +47,7 @@ SELECT set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', '
 -- The final SELECT reads the statement's snapshot, so `prev` holds the step as it was
 -- before this claim. input and context come as text: the caller decodes each row on
 -- its own, so that one row Python cannot read fails alone instead of the whole claim.
-WITH shape AS (
-    SELECT * FROM unnest(%(shape_types)s::text[], %(shape_versions)s::int[], %(shape_totals)s::int[],
-                         %(shape_max_retries)s::int[], %(shape_compensation)s::bool[])
-        AS s(type, version, total_steps, max_retries, requires_compensation)
-),
+WITH {{claim_shape}},
 due AS (
     SELECT id, type, state AS previous_state, next_retry_at AS due_at, started_at,
            workflow_run_version(version, started_at) AS run_version
@@ -63,61 +60,27 @@ due AS (
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ),
-claimed AS (
-    UPDATE workflows w
-    SET locked_by = %(worker_id)s,
-        lease_token = gen_random_uuid(),
-        lease_expires_at = now() + %(lease_seconds)s * interval '1 second',
-        next_retry_at = now() + %(lease_seconds)s * interval '1 second',
-        state = CASE WHEN w.state = 'pending' THEN 'running'::workflow_state ELSE w.state END,
-        started_at = coalesce(w.started_at, now()),
-        updated_at = now(),
-        version = coalesce(s.version, w.version),
-        total_steps = coalesce(s.total_steps, w.total_steps),
-        max_retries = coalesce(s.max_retries, w.max_retries),
-        requires_compensation = coalesce(s.requires_compensation, w.requires_compensation)
-    FROM due LEFT JOIN shape s
-        ON due.started_at IS NULL AND s.type = due.type
-       AND s.version = coalesce(due.run_version, (SELECT max(n.version) FROM shape n WHERE n.type = s.type))
-    WHERE w.id = due.id
-    RETURNING w.*, due.previous_state, due.due_at, coalesce(s.version, due.run_version) AS run_version
+{{claim_and_start}}
+{{claim_result}};
+
+-- name: claim_granted_workflows
+-- The claim of limited types: the workflows grant_slots chose (locked by it in this
+-- transaction, each with the slot it gets), claimed as claim_due_workflows claims, and
+-- each slot moved to its workflow's new lease, which holds it from the commit on.
+WITH {{claim_shape}},
+due AS (
+    SELECT id, type, state AS previous_state, next_retry_at AS due_at, started_at,
+           workflow_run_version(version, started_at) AS run_version
+    FROM workflows
+    WHERE id = ANY(%(granted)s::uuid[])
 ),
-started AS (
-    UPDATE workflow_steps s
-    SET {{start_step}}
-    FROM claimed c, LATERAL (SELECT c.state = 'compensating' AS compensating) go
-    WHERE s.workflow_id = c.id AND s.step_index = c.current_step_index
-      AND CASE WHEN go.compensating
-               THEN s.state = 'completed'
-                    OR (s.state = 'compensating'
-                        AND (s.next_retry_at IS NOT NULL OR s.compensation_retry_count < s.max_retries))
-               ELSE NOT c.cancel_requested
-                    AND (s.state IN ('pending', 'failed')
-                         OR (s.state = 'running' AND s.is_idempotent AND s.retry_count < s.max_retries)) END
-    RETURNING s.workflow_id, s.step_index, s.step_name, s.state,
-              CASE WHEN go.compensating THEN s.compensation_attempt ELSE s.attempt END AS attempt,
-              CASE WHEN go.compensating THEN s.compensation_retry_count ELSE s.retry_count END AS retry_count
-),
-workflow_events AS (
-    INSERT INTO workflow_events (workflow_id, from_state, to_state, worker_id)
-    SELECT id, 'pending', 'running', %(worker_id)s FROM claimed WHERE previous_state = 'pending'
-),
-step_events AS (
-    INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state, attempt, worker_id)
-    SELECT st.workflow_id, st.step_index, st.step_name, prev.state::text, st.state::text, st.attempt, %(worker_id)s
-    FROM started st
-    JOIN workflow_steps prev ON prev.workflow_id = st.workflow_id AND prev.step_index = st.step_index
+{{claim_and_start}},
+slots_taken AS (
+    UPDATE workflow_slots s SET workflow_id = c.id, lease_token = c.lease_token
+    FROM claimed c JOIN unnest(%(granted)s::uuid[], %(granted_slots)s::int[]) AS g (id, slot) ON g.id = c.id
+    WHERE s.type = c.type AND s.slot = g.slot
 )
-SELECT c.id, c.type, c.run_version AS version, c.state::text, c.previous_state::text, c.input::text AS input_text,
-       c.context::text AS context_text, c.user_id, c.wallet_address, c.idempotency_key,
-       c.current_step_index, c.lease_token, c.cancel_requested,
-       extract(epoch FROM now() - c.due_at)::float8 AS pickup_lag_seconds,
-       prev.state::text AS previous_step_state, prev.is_idempotent AS step_is_idempotent,
-       coalesce(st.attempt, prev.attempt) AS attempt, coalesce(st.retry_count, prev.retry_count) AS retry_count,
-       st.workflow_id IS NOT NULL AS step_started
-FROM claimed c
-LEFT JOIN workflow_steps prev ON prev.workflow_id = c.id AND prev.step_index = c.current_step_index
-LEFT JOIN started st ON st.workflow_id = c.id;
+{{claim_result}};
 
 -- name: create_steps
 -- The step rows of workflows claimed for the first time (a workflow inserted by SQL has

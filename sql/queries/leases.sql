@@ -51,12 +51,14 @@ RETURNING w.id;
 
 -- name: register_worker
 -- A daemon's registration also declares the priorities of the types it serves, for the
--- rows inserted by SQL without one (the before-insert trigger reads workflow_types).
+-- rows inserted by SQL without one (the before-insert trigger reads workflow_types), and
+-- their concurrency limits (workflow_type_limits).
 WITH declared AS (
-    INSERT INTO workflow_types AS t (type, priority)
-    SELECT * FROM unnest(%(types)s::text[], %(priorities)s::smallint[])
-    ON CONFLICT (type) DO UPDATE SET priority = excluded.priority, declared_at = now()
-    WHERE t.priority <> excluded.priority
+    INSERT INTO workflow_types AS t (type, priority, max_concurrency)
+    SELECT * FROM unnest(%(types)s::text[], %(priorities)s::smallint[], %(max_concurrency)s::int[])
+    ON CONFLICT (type) DO UPDATE
+    SET priority = excluded.priority, max_concurrency = excluded.max_concurrency, declared_at = now()
+    WHERE (t.priority, t.max_concurrency) IS DISTINCT FROM (excluded.priority, excluded.max_concurrency)
 )
 INSERT INTO workflow_workers (id, host, pid, types, served, concurrency)
 VALUES (%(worker_id)s, %(host)s, %(pid)s, %(types)s, %(served)s, %(concurrency)s)

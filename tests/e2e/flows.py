@@ -428,3 +428,6 @@ async def naps(input: dict[str, Any], ctx: WorkflowContext) -> dict[str, Any]:
 
 bulk_reindex = Workflow(type="bulk_reindex", priority=50, steps=[Step("reindex", naps)])
 urgent_trade = Workflow(type="urgent_trade", priority=-50, steps=[Step("trade", naps)])
+
+# Flow control: at most five of these hold a lease at once, across every daemon.
+limited_five = Workflow(type="limited_five", max_concurrency=5, steps=[Step("one", naps), Step("two", naps)])

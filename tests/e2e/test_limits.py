@@ -1,0 +1,73 @@
+"""Fleet-wide concurrency limits with real daemons: a type limited to 5 never has more
+than 5 leases at once, sampled from the database throughout a run of 200 slow workflows
+on three daemons (one of them killed -9 on the way), still finishes, and does not hold
+back the other types."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import psycopg
+
+from tests.e2e.conftest import Daemons, insert_workflows, wait_until
+
+LIMIT = 5
+WORKFLOWS = 200
+
+
+class LeaseSampler(threading.Thread):
+    """Counts the leases of a type every 10 ms on its own connection; keeps the most."""
+
+    def __init__(self, db_url: str, workflow_type: str) -> None:
+        super().__init__(daemon=True)
+        self.db_url, self.workflow_type = db_url, workflow_type
+        self.most = self.samples = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        with psycopg.connect(self.db_url, autocommit=True) as conn:
+            while not self.done.is_set():
+                (leases,) = conn.execute(
+                    "SELECT count(*) FROM workflows WHERE type = %s AND locked_by IS NOT NULL",
+                    (self.workflow_type,),
+                ).fetchone()  # type: ignore[misc]
+                self.most, self.samples = max(self.most, leases), self.samples + 1
+                time.sleep(0.01)
+
+
+def finished(db: psycopg.Connection[Any], workflow_type: str) -> int:
+    (count,) = db.execute(
+        "SELECT count(*) FROM workflows WHERE type = %s AND state = 'completed'", (workflow_type,)
+    ).fetchone()  # type: ignore[misc]
+    return int(count)
+
+
+def test_a_type_limited_to_five_never_holds_more_than_five_leases_across_three_daemons(
+    daemons: Daemons, db: psycopg.Connection[Any], db_url: str
+) -> None:
+    started = [daemons.start(concurrency=20) for _ in range(3)]
+    sampler = LeaseSampler(db_url, "limited_five")
+    sampler.start()
+    insert_workflows(db, "limited_five", WORKFLOWS, sleep=0.1)
+    insert_workflows(db, "three_steps", 50)
+    # The other type is not held back by the limited one's queue.
+    wait_until(lambda: finished(db, "three_steps") == 50, 30, "the unlimited type")
+    assert finished(db, "limited_five") < WORKFLOWS / 2
+
+    wait_until(lambda: finished(db, "limited_five") >= 40, 60, "some limited workflows")
+    os.kill(started[0].pid, signal.SIGKILL)  # its leases (and slots) go with its lease time
+    wait_until(lambda: finished(db, "limited_five") == WORKFLOWS, 120, "every limited workflow")
+    sampler.done.set()
+    sampler.join()
+
+    assert sampler.samples > 100
+    assert sampler.most == LIMIT, sampler.most  # reached, never passed
+    (in_use,) = db.execute(
+        "SELECT count(*) FROM workflow_slots s JOIN workflows w ON w.id = s.workflow_id AND w.lease_token = s.lease_token"
+    ).fetchone()  # type: ignore[misc]
+    assert in_use == 0  # every slot free again, without a write of its own
+    assert all(daemon.process.poll() is None for daemon in started[1:])

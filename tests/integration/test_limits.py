@@ -1,0 +1,128 @@
+"""Concurrency limits against a real database: where the limit comes from (the
+definition a daemon declared, an operator's), the claim's slots under concurrent
+claimers, a slot freed by any release of its lease and handed back to its own workflow
+after the lease ran out."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import psycopg
+import pytest
+
+from engine import InvalidLimitError, Registry, Step, Workflow, WorkflowService
+from engine.store import StepDefinitions, Store
+from tests.factories import insert_workflow
+from tests.integration.test_cli import workflowd
+
+
+def _noop(input: Any, ctx: Any) -> dict[str, Any]:
+    return {}
+
+
+LIMITED = Workflow(type="limited", max_concurrency=3, steps=[Step("only", _noop)])
+SHAPES = StepDefinitions.of([LIMITED])
+
+
+async def declare(store: Store, registry: Registry) -> None:
+    await store.register_worker(
+        worker_id="declaring", host=socket.gethostname(), pid=1, types=registry.types,
+        priorities=registry.priorities, max_concurrency=registry.max_concurrency, served=registry.served,
+        concurrency=1,
+    )  # fmt: skip
+
+
+async def claim_limited(store: Store, worker_id: str, wanted: int) -> list[Any]:
+    """A limited claim, as Worker._claim_limited makes it."""
+    async with store.claiming_transaction() as tx:
+        slots = await tx.lock_slots(types=["limited"], wanted=wanted)
+        granted = (
+            await tx.grant_slots(slots=slots, served=["limited"], busy=[], limit=wanted) if slots else []
+        )
+        if not granted:
+            return []
+        rows = await tx.claim_granted_workflows(
+            worker_id=worker_id, granted=granted, lease_seconds=30, definitions=SHAPES
+        )
+    return [row.id for row in rows]
+
+
+def leased(db: psycopg.Connection[Any]) -> int:
+    (count,) = db.execute("SELECT count(*) FROM workflows WHERE locked_by IS NOT NULL").fetchone()  # type: ignore[misc]
+    return int(count)
+
+
+async def test_a_limit_comes_from_the_definition_unless_an_operator_set_one(
+    service: WorkflowService, db_url: str
+) -> None:
+    await declare(service.store, Registry([LIMITED]))
+    (limit,) = await service.list_limits()
+    assert (limit.type, limit.max_concurrency, limit.overridden, limit.in_flight) == ("limited", 3, False, 0)
+    changed = await service.set_limit("limited", 7, actor="ops")
+    assert (changed.max_concurrency, changed.declared_max_concurrency, changed.set_by) == (7, 3, "ops")
+    unlimited = await service.set_limit("limited", None)
+    assert (unlimited.max_concurrency, unlimited.overridden) == (None, True)
+    assert await service.store.load_limits(["limited"]) == {}
+    back = await service.reset_limit("limited")
+    assert back is not None
+    assert (back.max_concurrency, back.overridden) == (3, False)
+    assert await service.reset_limit("never_limited") is None
+    for bad in (0, -1, True):
+        with pytest.raises(InvalidLimitError, match="a concurrency limit is a whole number, 1 or more"):
+            await service.set_limit("limited", bad)
+
+    env = {"DATABASE_URL": db_url}
+    result = workflowd("limits", "set", "reindex", "--concurrency", "4", env=env)
+    assert result.returncode == 0, result.stderr
+    listed = workflowd("limits", "list", env=env).stdout
+    assert "reindex" in listed
+    assert "limited" in listed
+    assert workflowd("limits", "reset", "reindex", env=env).stdout.strip() == "reindex: no limit"
+
+
+async def test_concurrent_claimers_never_take_more_slots_than_the_limit(
+    service: WorkflowService, db: psycopg.Connection[Any]
+) -> None:
+    await declare(service.store, Registry([LIMITED]))
+    await service.store.provide_slots(["limited"])
+    for n in range(20):
+        insert_workflow(db, type="limited", input={"n": n})
+    claims = await asyncio.gather(*(claim_limited(service.store, f"w{n}", 5) for n in range(6)))
+    assert sum(len(ids) for ids in claims) == 3 == leased(db)
+    assert await claim_limited(service.store, "late", 5) == []
+
+    # A lease released (a finish, a snooze, a failure, a shutdown) frees its slot at once.
+    finished = next(ids for ids in claims if ids)[0]
+    db.execute(
+        "UPDATE workflows SET state = 'completed', completed_at = now(), locked_by = NULL, lease_token = NULL, "
+        "lease_expires_at = NULL WHERE id = %s",
+        (finished,),
+    )
+    assert len(await claim_limited(service.store, "next", 5)) == 1
+    assert leased(db) == 3
+
+
+async def test_a_slot_whose_lease_ran_out_goes_back_to_its_own_workflow_only(
+    service: WorkflowService, db: psycopg.Connection[Any]
+) -> None:
+    await declare(service.store, Registry([Workflow(type="limited", max_concurrency=1, steps=LIMITED.steps)]))
+    await service.store.provide_slots(["limited"])
+    first = insert_workflow(db, type="limited", input={"n": 1})["id"]
+    (claimed,) = await claim_limited(service.store, "dead", 1)
+    assert claimed == first
+    other = insert_workflow(db, type="limited", input={"n": 2})["id"]
+    db.execute("UPDATE workflows SET next_retry_at = now() - interval '1 hour' WHERE id = %s", (other,))
+    # The holder's lease runs out (its daemon died): the workflow due first is the other
+    # one, but the slot may go only to the expired holder, whose old daemon could still
+    # renew a lease nobody took over.
+    db.execute(
+        "UPDATE workflows SET lease_expires_at = now() - interval '1 second', next_retry_at = now() - interval '1 second' "
+        "WHERE id = %s",
+        (first,),
+    )
+    assert await claim_limited(service.store, "rescuer", 1) == [first]
+    (holder,) = db.execute("SELECT locked_by FROM workflows WHERE id = %s", (first,)).fetchone()  # type: ignore[misc]
+    assert holder == "rescuer"
+    assert leased(db) == 1
