@@ -146,6 +146,7 @@ CASES = [
     bad("schedule add --missed", ["schedule", "add", "n", "--cron", "0 3 * * *", "--type", "t", "--missed", "some"], "argument --missed: invalid choice: 'some'"),
     *(bad(f"schedule {action} NAME", ["schedule", action, "nope"], "no schedule named 'nope'") for action in ("pause", "resume", "remove")),
     bad("schedule list DATABASE_URL", ["schedule", "list"], "cannot reach the database at nobody@127.0.0.1:1/x", DATABASE_URL=UNREACHABLE),
+    bad("limits list DATABASE_URL", ["limits", "list"], "cannot reach the database at nobody@127.0.0.1:1/x", DATABASE_URL=UNREACHABLE),
     # Settings: the line names the variable and what it was set to.
     bad("list WORKFLOWD_CONCURRENCY", ["list"], "WORKFLOWD_CONCURRENCY=abc: Input should be a valid integer", WORKFLOWD_CONCURRENCY="abc"),
     bad("run WORKFLOWD_CONCURRENCY", ["run"], "WORKFLOWD_CONCURRENCY=abc", WORKFLOWD_CONCURRENCY="abc"),

@@ -24,6 +24,7 @@ def _noop(input: Any, ctx: Any) -> dict[str, Any]:
 
 LIMITED = Workflow(type="limited", max_concurrency=3, steps=[Step("only", _noop)])
 SHAPES = StepDefinitions.of([LIMITED])
+SERVED = Registry([LIMITED]).served  # limited, limited@1
 
 
 async def declare(store: Store, registry: Registry) -> None:
@@ -39,7 +40,7 @@ async def claim_limited(store: Store, worker_id: str, wanted: int) -> list[Any]:
     async with store.claiming_transaction() as tx:
         slots = await tx.lock_slots(types=["limited"], wanted=wanted)
         granted = (
-            await tx.grant_slots(slots=slots, served=["limited"], busy=[], limit=wanted) if slots else []
+            await tx.grant_slots(slots=slots, served=SERVED, busy=[], limit=wanted) if slots else []
         )
         if not granted:
             return []
