@@ -658,6 +658,10 @@ def add_schedule_routes(app: FastAPI, service: WorkflowService) -> None:
         return Response(status_code=204)
 
 
+# A workflow type in a path, as long as a type may be.
+TypeName = Annotated[str, Path(min_length=1, max_length=128)]
+
+
 class LimitRequest(BaseModel):
     """The body of PUT /admin/limits/{type}."""
 
@@ -673,7 +677,6 @@ def add_limit_routes(app: FastAPI, service: WorkflowService) -> None:
     prefix = "/admin/limits"
     tags: list[str | Enum] = ["limits"]
     auth = ADMIN_SECURITY
-    type_name = Annotated[str, Path(min_length=1, max_length=128)]
 
     @app.get(prefix, dependencies=[auth], tags=tags, responses=ERRORS)
     async def list_limits() -> list[LimitRecord]:
@@ -681,7 +684,7 @@ def add_limit_routes(app: FastAPI, service: WorkflowService) -> None:
         return await service.list_limits()
 
     @app.put(prefix + "/{type}", dependencies=[auth], tags=tags, responses=ERRORS)
-    async def set_limit(type: type_name, body: LimitRequest, actor: OperatorActor) -> LimitRecord:
+    async def set_limit(type: TypeName, body: LimitRequest, actor: OperatorActor) -> LimitRecord:
         """Set a type's limit over its definition's (null: none); the daemons hold to it
         within 2 s."""
         record = await service.set_limit(type, body.max_concurrency, actor=actor)
@@ -691,7 +694,7 @@ def add_limit_routes(app: FastAPI, service: WorkflowService) -> None:
         return record
 
     @app.delete(prefix + "/{type}", dependencies=[auth], tags=tags, status_code=204, responses=ERRORS)
-    async def reset_limit(type: type_name, actor: OperatorActor) -> Response:
+    async def reset_limit(type: TypeName, actor: OperatorActor) -> Response:
         """Back to the definition's limit."""
         await service.reset_limit(type)
         LOG.info("admin_command", command="limit_reset", actor=actor, type=type)

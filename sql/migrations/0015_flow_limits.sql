@@ -26,12 +26,16 @@ CREATE TABLE workflow_limits (
     set_at           timestamptz NOT NULL DEFAULT now()
 );
 
+-- Every type named in either table, each looked up in both by its key (not a FULL JOIN,
+-- which only a hash or merge join can run: the claim's pinned plans have neither).
 CREATE VIEW workflow_type_limits AS
-SELECT coalesce(o.type, t.type) AS type,
+SELECT named.type,
        CASE WHEN o.type IS NULL THEN t.max_concurrency ELSE o.max_concurrency END AS max_concurrency,
        t.max_concurrency AS declared_max_concurrency,
        o.type IS NOT NULL AS overridden, o.set_by, o.set_at
-FROM workflow_types t FULL JOIN workflow_limits o ON o.type = t.type;
+FROM (SELECT type FROM workflow_types UNION SELECT type FROM workflow_limits) named
+LEFT JOIN workflow_types t ON t.type = named.type
+LEFT JOIN workflow_limits o ON o.type = named.type;
 
 CREATE TABLE workflow_slots (
     type         text NOT NULL,

@@ -282,6 +282,20 @@ def test_a_priority_is_given_at_start_and_changed_while_the_workflow_waits(
     assert "is cancelled: only one still to run has a priority to change" in finished.json()["detail"]
 
 
+def test_limits_are_set_listed_and_reset_at_run_time(api: httpx.Client) -> None:
+    changed = api.put("/admin/limits/three_steps", json={"max_concurrency": 4})
+    assert changed.status_code == 200, changed.text
+    assert (changed.json()["max_concurrency"], changed.json()["overridden"]) == (4, True)
+    listed = {limit["type"]: limit for limit in api.get("/admin/limits").json()}
+    assert listed["three_steps"]["max_concurrency"] == 4
+    assert listed["limited_five"]["max_concurrency"] == 5  # its definition's, as its daemon declared it
+    for bad in ({"max_concurrency": 0}, {"max_concurrency": "many"}, {}, {"max_concurrency": 2, "rate": 1}):
+        assert api.put("/admin/limits/three_steps", json=bad).status_code == 422, bad
+    assert api.put("/admin/limits/" + "t" * 129, json={"max_concurrency": 1}).status_code == 422
+    assert api.delete("/admin/limits/three_steps").status_code == 204
+    assert "three_steps" not in {limit["type"] for limit in api.get("/admin/limits").json()}
+
+
 def test_a_waiting_workflow_is_cancelled_then_compensated_with_nothing_to_undo(api: httpx.Client) -> None:
     waiting = api.post(
         "/admin/workflows",

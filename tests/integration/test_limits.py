@@ -39,9 +39,7 @@ async def claim_limited(store: Store, worker_id: str, wanted: int) -> list[Any]:
     """A limited claim, as Worker._claim_limited makes it."""
     async with store.claiming_transaction() as tx:
         slots = await tx.lock_slots(types=["limited"], wanted=wanted)
-        granted = (
-            await tx.grant_slots(slots=slots, served=SERVED, busy=[], limit=wanted) if slots else []
-        )
+        granted = await tx.grant_slots(slots=slots, served=SERVED, busy=[], limit=wanted) if slots else []
         if not granted:
             return []
         rows = await tx.claim_granted_workflows(

@@ -24,10 +24,16 @@ from engine.sqlfiles import parse_queries, query, sql_dir
 # The statements the worker runs, by the files that hold them; the claiming
 # transaction's own opening (no parameters, its settings) is read separately.
 HOT_FILES = ("claim.sql", "advance.sql", "fail_and_compensate.sql", "leases.sql")
+# And the claim of limited types (the rest of limits.sql runs every 2 s, or for operators).
+HOT_LIMITS = ("lock_slots", "grant_slots")
+# Run in the claiming transaction, under its own settings too.
+IN_CLAIM = {"claim_due_workflows", "claim_granted_workflows", "lock_slots", "grant_slots"}
 CLAIM_OPENING = "claiming_transaction"
 ENGINE_TABLES = {"workflows", "workflow_steps", "workflow_events", "workflow_workers"}
 # Index lookups by key, and the claim's ordered walk of the due index.
-LOOKUPS = {"workflows_pkey", "workflow_steps_pkey", "workflow_workers_pkey", "workflows_due_idx"}
+LOOKUPS = {
+    "workflows_pkey", "workflow_steps_pkey", "workflow_workers_pkey", "workflows_due_idx", "workflows_due_by_type_idx",
+}  # fmt: skip
 NEARLY_EMPTY = 50
 BURST = 20_000
 PARAMETER = re.compile(r"%\((\w+)\)[sb]")
@@ -45,7 +51,7 @@ def hot_statements() -> list[str]:
         for file in HOT_FILES
         for name in parse_queries((sql_dir() / "queries" / file).read_text(encoding="utf-8"))
     ]
-    return [name for name in names if name != CLAIM_OPENING]
+    return [name for name in names if name != CLAIM_OPENING] + list(HOT_LIMITS)
 
 
 def prepare(conn: psycopg.Connection[Any], name: str) -> None:
@@ -67,7 +73,7 @@ def cached_plan(conn: psycopg.Connection[Any], name: str) -> dict[str, Any]:
         "SELECT cardinality(parameter_types) FROM pg_prepared_statements WHERE name = %s", (name,)
     ).fetchone()
     arguments = ", ".join(["NULL"] * int(row[0]))  # type: ignore[index]
-    in_claim = name == "claim_due_workflows"
+    in_claim = name in IN_CLAIM
     if in_claim:
         conn.execute(query(CLAIM_OPENING))
     (plan,) = conn.execute(f"EXPLAIN (FORMAT JSON) EXECUTE {name}({arguments})").fetchone()  # type: ignore[misc]
