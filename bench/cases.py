@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -114,30 +115,41 @@ def large_tables(cluster: LocalPostgres, finished: int, due: int, concurrency: i
     }
 
 
+def seed_finished(
+    conn: psycopg.Connection[Any], finished: int, *, ago: str = "0 seconds", failed_every: int = 0
+) -> None:
+    """`finished` one-step workflows finished `ago` (an interval), each with its step row
+    and its four timeline rows, as a service's tables hold them, then analyzed; every
+    `failed_every`-th one failed (0: none), the others completed."""
+    conn.execute(
+        "INSERT INTO workflows (idempotency_key, type, input, user_id, state, total_steps, current_step_index, "
+        "output, context, started_at, completed_at) "
+        "SELECT 'finished:' || n, 'noop_1', jsonb_build_object('n', n), 'b', "
+        "CASE WHEN %(every)s > 0 AND n %% %(every)s = 0 THEN 'failed' ELSE 'completed' END::workflow_state, 1, 1, "
+        "'{}', '{\"only\": {}}', now() - %(ago)s::interval, now() - %(ago)s::interval FROM generate_series(1, %(n)s) n",
+        {"every": failed_every, "ago": ago, "n": finished},
+    )
+    conn.execute(
+        "INSERT INTO workflow_steps (workflow_id, step_index, step_name, state, output, idempotency_key, attempt, "
+        "started_at, completed_at) "
+        "SELECT id, 0, 'only', 'completed', '{}', 'step:' || idempotency_key, 1, started_at, completed_at "
+        "FROM workflows"
+    )
+    conn.execute(
+        "INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state, attempt) "
+        "SELECT id, e.step_index, e.step_name, e.from_state, e.to_state, e.attempt FROM workflows, "
+        "(VALUES (NULL, NULL, 'pending', 'running', NULL), (0, 'only', 'pending', 'running', 1), "
+        "(0, 'only', 'running', 'completed', 1), (NULL, NULL, 'running', 'completed', NULL)) "
+        "AS e(step_index, step_name, from_state, to_state, attempt)"
+    )
+    conn.execute("VACUUM ANALYZE")
+
+
 def drain_beside(cluster: LocalPostgres, finished: int, due: int, concurrency: int) -> int:
     """Workflows/s of two daemons draining `due` one-step workflows beside `finished`."""
     url = fresh_database(cluster, "bench_large")
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO workflows (idempotency_key, type, input, user_id, state, total_steps, current_step_index, "
-            "output, context, started_at, completed_at) "
-            "SELECT 'finished:' || n, 'noop_1', jsonb_build_object('n', n), 'b', 'completed', 1, 1, '{}', "
-            "'{\"only\": {}}', now(), now() FROM generate_series(1, %s) n",
-            (finished,),
-        )
-        conn.execute(
-            "INSERT INTO workflow_steps (workflow_id, step_index, step_name, state, output, idempotency_key, attempt, "
-            "started_at, completed_at) "
-            "SELECT id, 0, 'only', 'completed', '{}', 'step:' || idempotency_key, 1, now(), now() FROM workflows"
-        )
-        conn.execute(
-            "INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state, attempt) "
-            "SELECT id, e.step_index, e.step_name, e.from_state, e.to_state, e.attempt FROM workflows, "
-            "(VALUES (NULL, NULL, 'pending', 'running', NULL), (0, 'only', 'pending', 'running', 1), "
-            "(0, 'only', 'running', 'completed', 1), (NULL, NULL, 'running', 'completed', NULL)) "
-            "AS e(step_index, step_name, from_state, to_state, attempt)"
-        )
-        conn.execute("VACUUM ANALYZE")
+        seed_finished(conn, finished)
         conn.execute(
             "INSERT INTO workflows (type, input, user_id) SELECT 'noop_1', jsonb_build_object('due', n), 'b' "
             "FROM generate_series(1, %s) n",

@@ -13,6 +13,7 @@ from typing import Any
 
 import psycopg
 
+from bench.cases import seed_finished
 from bench.daemon import daemons, fresh_database, wait_until_drained
 from daemon.local_postgres import LocalPostgres
 from engine import WorkflowService
@@ -26,33 +27,6 @@ STATS_SAMPLES = 20
 FULL_COUNT = "SELECT type, state::text, count(*) FROM workflows GROUP BY type, state"
 # The daemons must not prune on their own: the bench prunes, and times it.
 KEEP_FOR_EVER = {"WORKFLOWD_RETENTION_DAYS": "0", "WORKFLOWD_FAILED_RETENTION_DAYS": "0"}
-
-
-def seed_finished(conn: psycopg.Connection[Any], finished: int, ago: str) -> None:
-    """`finished` one-step workflows finished `ago` (nine in ten completed, one in ten
-    failed), each with its step row and its timeline, as a service's tables hold them."""
-    conn.execute(
-        "INSERT INTO workflows (idempotency_key, type, input, user_id, state, total_steps, current_step_index, "
-        "output, context, started_at, completed_at) "
-        "SELECT 'finished:' || n, 'noop_1', jsonb_build_object('n', n), 'b', "
-        "CASE WHEN n %% 10 = 0 THEN 'failed' ELSE 'completed' END::workflow_state, 1, 1, '{}', "
-        "'{\"only\": {}}', now() - %s::interval, now() - %s::interval FROM generate_series(1, %s) n",
-        (ago, ago, finished),
-    )
-    conn.execute(
-        "INSERT INTO workflow_steps (workflow_id, step_index, step_name, state, output, idempotency_key, attempt, "
-        "started_at, completed_at) "
-        "SELECT id, 0, 'only', 'completed', '{}', 'step:' || idempotency_key, 1, started_at, completed_at "
-        "FROM workflows"
-    )
-    conn.execute(
-        "INSERT INTO workflow_events (workflow_id, step_index, step_name, from_state, to_state, attempt) "
-        "SELECT id, e.step_index, e.step_name, e.from_state, e.to_state, e.attempt FROM workflows, "
-        "(VALUES (NULL, NULL, 'pending', 'running', NULL), (0, 'only', 'pending', 'running', 1), "
-        "(0, 'only', 'running', 'completed', 1), (NULL, NULL, 'running', 'completed', NULL)) "
-        "AS e(step_index, step_name, from_state, to_state, attempt)"
-    )
-    conn.execute("VACUUM ANALYZE")
 
 
 def pickups(conn: psycopg.Connection[Any], label: str, until: threading.Event | int) -> dict[int, float]:
@@ -95,7 +69,7 @@ def prune_under_load(cluster: LocalPostgres, finished: int, concurrency: int) ->
     run here so that it can be timed), and the prune's rate."""
     url = fresh_database(cluster, "bench_retention")
     with psycopg.connect(url, autocommit=True) as conn:
-        seed_finished(conn, finished, "100 days")
+        seed_finished(conn, finished, ago="100 days", failed_every=10)
         with daemons(url, 2, concurrency, KEEP_FOR_EVER):
             figures = latency_ms(conn, "idle", pickups(conn, "idle", BASELINE_INSERTS))
             done = threading.Event()

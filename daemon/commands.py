@@ -10,7 +10,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
@@ -28,6 +28,9 @@ from engine.service import (
 )
 
 MESSAGE_WIDTH = 60
+
+# A record the CLI lists (a schedule, a limit).
+R = TypeVar("R", bound=BaseModel)
 
 
 def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -249,11 +252,15 @@ async def cmd_schedule_add(args: argparse.Namespace, service: WorkflowService) -
     )
 
 
+def listing(records: Sequence[R], as_json: bool, table: Callable[[Sequence[R]], str], nothing: str) -> str:
+    """A list of records as JSON, or as a table, or `nothing` when it is empty."""
+    if as_json:
+        return to_json(records)
+    return table(records) if records else nothing
+
+
 async def cmd_schedule_list(args: argparse.Namespace, service: WorkflowService) -> str:
-    schedules = await service.list_schedules()
-    if args.json:
-        return to_json(schedules)
-    return schedules_table(schedules) if schedules else "no schedules"
+    return listing(await service.list_schedules(), args.json, schedules_table, "no schedules")
 
 
 async def cmd_schedule_pause(args: argparse.Namespace, service: WorkflowService) -> str:
@@ -318,16 +325,25 @@ def add_priority_command(commands: Any, priority_value: Callable[[str], int]) ->
     change.set_defaults(service_handler=cmd_set_priority)
 
 
-def add_schedule_commands(commands: Any, json_object: Callable[[str], dict[str, Any]]) -> None:
-    """`workflowd schedule add|list|pause|resume|remove`."""
-    schedule = commands.add_parser("schedule", help="cron schedules: add, list, pause, resume, remove")
-    actions = schedule.add_subparsers(dest="action", required=True, metavar="ACTION")
+def command_group(commands: Any, name: str, help: str) -> Callable[[str, Any, str], argparse.ArgumentParser]:
+    """A command of actions (`workflowd NAME ACTION ...`); returns the function that adds
+    an action, each with --json."""
+    actions = commands.add_parser(name, help=help).add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
 
-    def action(name: str, handler: Any, help: str) -> argparse.ArgumentParser:
-        parser: argparse.ArgumentParser = actions.add_parser(name, help=help)
+    def action(action_name: str, handler: Any, action_help: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = actions.add_parser(action_name, help=action_help)
         parser.add_argument("--json", action="store_true", help="print JSON")
         parser.set_defaults(service_handler=handler)
         return parser
+
+    return action
+
+
+def add_schedule_commands(commands: Any, json_object: Callable[[str], dict[str, Any]]) -> None:
+    """`workflowd schedule add|list|pause|resume|remove`."""
+    action = command_group(commands, "schedule", "cron schedules: add, list, pause, resume, remove")
 
     add = action("add", cmd_schedule_add, "add a schedule, or change the one of that name")
     add.add_argument("name", metavar="NAME", type=storable_text, help="the schedule's name")
@@ -349,7 +365,7 @@ def add_schedule_commands(commands: Any, json_object: Callable[[str], dict[str, 
         action(name, handler, help).add_argument("name", metavar="NAME", help="the schedule's name")
 
 
-def limits_table(limits: list[LimitRecord]) -> str:
+def limits_table(limits: Sequence[LimitRecord]) -> str:
     rows = [
         (limit.type, _limit_text(limit.max_concurrency), _limit_text(limit.declared_max_concurrency),
          f"set by {limit.set_by or 'an operator'}" if limit.overridden else "definition",
@@ -364,10 +380,7 @@ def _limit_text(limit: int | None) -> str:
 
 
 async def cmd_limits_list(args: argparse.Namespace, service: WorkflowService) -> str:
-    limits = await service.list_limits()
-    if args.json:
-        return to_json(limits)
-    return limits_table(limits) if limits else "no limits"
+    return listing(await service.list_limits(), args.json, limits_table, "no limits")
 
 
 async def cmd_limits_set(args: argparse.Namespace, service: WorkflowService) -> str:
@@ -399,14 +412,7 @@ def concurrency_value(text: str) -> int | None:
 
 def add_limits_commands(commands: Any) -> None:
     """`workflowd limits list|set|reset`."""
-    limits = commands.add_parser("limits", help="concurrency limits of workflow types: list, set, reset")
-    actions = limits.add_subparsers(dest="action", required=True, metavar="ACTION")
-
-    def action(name: str, handler: Any, help: str) -> argparse.ArgumentParser:
-        parser: argparse.ArgumentParser = actions.add_parser(name, help=help)
-        parser.add_argument("--json", action="store_true", help="print JSON")
-        parser.set_defaults(service_handler=handler)
-        return parser
+    action = command_group(commands, "limits", "concurrency limits of workflow types: list, set, reset")
 
     action("list", cmd_limits_list, "every type with a limit, its workflows in flight and due")
     setting = action(
