@@ -61,14 +61,17 @@ async def test_missed_ticks_fire_all_or_the_latest_once_and_the_cursor_moves_wit
         db.execute("UPDATE workflow_schedules SET next_fire_at = next_fire_at - interval '10 seconds'")
         first = dict(db.execute("SELECT name, next_fire_at FROM workflow_schedules").fetchall())
         fired = {f.name: f for f in await fire_due_schedules(Store(conn), registry, "w1")}
-        again = await fire_due_schedules(Store(conn), registry, "w1")
-    assert again == []  # the cursor moved past now with the starts
+        again = {f.name: f.ticks for f in await fire_due_schedules(Store(conn), registry, "w1")}
+    # The cursor moved past now with the starts: a second pass fires nothing fired before,
+    # only a tick that fell due in between (every two seconds, on a busy machine).
+    assert all(ticks == 1 for ticks in again.values()), again
     every = started_by(db, "every")
-    assert fired["every"].ticks == len(every) >= 5
+    assert fired["every"].ticks + again.get("every", 0) == len(every) >= 5
     ticks = [datetime.fromisoformat(key.removeprefix("schedule:every:")) for key in every]
     assert ticks[0] == first["every"]
     assert all(later - earlier == timedelta(seconds=2) for earlier, later in pairwise(ticks))
-    assert len(started_by(db, "newest")) == fired["newest"].ticks == 1
+    assert fired["newest"].ticks == 1
+    assert len(started_by(db, "newest")) == 1 + again.get("newest", 0)
     cursor, by, last = db.execute(
         "SELECT next_fire_at, last_fired_by, last_workflow_id FROM workflow_schedules WHERE name = 'every'"
     ).fetchone()  # type: ignore[misc]
