@@ -55,7 +55,7 @@ from engine import (
     WorkflowService,
     WorkflowState,
 )
-from engine.definitions import PRIORITY_MAX, PRIORITY_MIN
+from engine.definitions import CONCURRENCY_LIMIT_MAX, PRIORITY_MAX, PRIORITY_MIN
 from engine.records import (
     ExecutionSummary,
     LimitRecord,
@@ -668,7 +668,9 @@ class LimitRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_concurrency: int | None = Field(
-        ge=1, description="at most this many of the type's workflows hold a lease at once; null: no limit"
+        ge=1,
+        le=CONCURRENCY_LIMIT_MAX,
+        description="at most this many of the type's workflows hold a lease at once; null: no limit",
     )
 
 

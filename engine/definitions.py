@@ -32,12 +32,18 @@ MAX_RETRIES_DEFAULT = 3
 PRIORITY_MIN, PRIORITY_DEFAULT, PRIORITY_MAX = -100, 0, 100
 
 
+# A limit of N is N rows of workflow_slots: a million is more than any fleet runs at once.
+CONCURRENCY_LIMIT_MAX = 1_000_000
+
+
 def concurrency_problem(limit: object) -> str | None:
-    """Why `limit` is not a concurrency limit (a whole number, 1 or more, or None for
-    none), in words; None when it is."""
-    if limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1):
+    """Why `limit` is not a concurrency limit (a whole number from 1 to a million, or
+    None for none), in words; None when it is."""
+    if limit is None or (
+        isinstance(limit, int) and not isinstance(limit, bool) and 1 <= limit <= CONCURRENCY_LIMIT_MAX
+    ):
         return None
-    return f"a concurrency limit is a whole number, 1 or more, not {limit!r}"
+    return f"a concurrency limit is a whole number from 1 to {CONCURRENCY_LIMIT_MAX:,}, not {limit!r}"
 
 
 def priority_problem(priority: object) -> str | None:

@@ -19,7 +19,6 @@ class CuttableProxy:
         self.port = 0
         self._cut = False
         self._writers: set[asyncio.StreamWriter] = set()
-        self._server: asyncio.Server
         self._loop = asyncio.new_event_loop()
         self._flowing = asyncio.Event()
         self._flowing.set()
@@ -28,11 +27,12 @@ class CuttableProxy:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        self._server = self._loop.run_until_complete(asyncio.start_server(self._accept, "127.0.0.1", 0))
-        self.port = self._server.sockets[0].getsockname()[1]
+        server = self._loop.run_until_complete(asyncio.start_server(self._accept, "127.0.0.1", 0))
+        self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
         self._loop.run_forever()
-        self._loop.run_until_complete(self._server.wait_closed())
+        server.close()
+        self._loop.run_until_complete(server.wait_closed())
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._cut:
@@ -100,16 +100,10 @@ class CuttableProxy:
             self._loop.close()
 
     async def _shutdown(self) -> None:
-        # No new connections; the ones accepted and not yet handled see the cut and close
-        # their sockets themselves (a handler cancelled before its first step never would:
-        # its socket, unclosed, then warns in whatever test runs when it is collected).
-        self._server.close()
         tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-        if tasks:
-            _, stuck = await asyncio.wait(tasks, timeout=2)
-            for task in stuck:
-                task.cancel()
-            await asyncio.gather(*stuck, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for writer in list(self._writers):
             writer.transport.abort()
         # Transports close their sockets on the next turns of the loop: let them.

@@ -68,8 +68,10 @@ async def test_a_limit_comes_from_the_definition_unless_an_operator_set_one(
     assert back is not None
     assert (back.max_concurrency, back.overridden) == (3, False)
     assert await service.reset_limit("never_limited") is None
-    for bad in (0, -1, True):
-        with pytest.raises(InvalidLimitError, match="a concurrency limit is a whole number, 1 or more"):
+    for bad in (0, -1, True, 10**7):
+        with pytest.raises(
+            InvalidLimitError, match="a concurrency limit is a whole number from 1 to 1,000,000"
+        ):
             await service.set_limit("limited", bad)
 
     env = {"DATABASE_URL": db_url}
