@@ -74,8 +74,9 @@ class Registry:
         return [self._newest(name).max_concurrency for name in self.types]
 
     def _newest(self, workflow_type: str) -> Workflow:
-        versions = self._workflows[workflow_type]
-        return versions[max(versions)]
+        newest = self.get(workflow_type)
+        assert newest is not None  # one of its own types
+        return newest
 
     @property
     def served(self) -> list[str]:
