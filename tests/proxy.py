@@ -19,6 +19,10 @@ class CuttableProxy:
         self.port = 0
         self._cut = False
         self._writers: set[asyncio.StreamWriter] = set()
+        # Every accepted transport, from the moment it exists: a handler task cancelled
+        # before its first step would otherwise leave its socket open, to warn later.
+        self._accepted: set[asyncio.Transport] = set()
+        self._server: asyncio.Server | None = None
         self._loop = asyncio.new_event_loop()
         self._flowing = asyncio.Event()
         self._flowing.set()
@@ -27,12 +31,22 @@ class CuttableProxy:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        server = self._loop.run_until_complete(asyncio.start_server(self._accept, "127.0.0.1", 0))
+        server = self._loop.run_until_complete(self._loop.create_server(self._protocol, "127.0.0.1", 0))
+        self._server = server
         self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
         self._loop.run_forever()
-        server.close()
-        self._loop.run_until_complete(server.wait_closed())
+
+    def _protocol(self) -> asyncio.StreamReaderProtocol:
+        accepted = self._accepted
+
+        class Tracked(asyncio.StreamReaderProtocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                if isinstance(transport, asyncio.Transport):
+                    accepted.add(transport)
+                super().connection_made(transport)
+
+        return Tracked(asyncio.StreamReader(), self._accept)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._cut:
@@ -100,11 +114,15 @@ class CuttableProxy:
             self._loop.close()
 
     async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
         tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for writer in list(self._writers):
             writer.transport.abort()
+        for transport in self._accepted:
+            transport.abort()
         # Transports close their sockets on the next turns of the loop: let them.
         await asyncio.sleep(0.05)
