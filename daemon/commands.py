@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from engine import UnstorableValueError, WorkflowService, WorkflowState
-from engine.definitions import concurrency_problem
 from engine.idempotency import check_storable_text
+from engine.limits import UNCHANGED, concurrency_problem, rate_limit_problem
 from engine.records import LimitRecord, ScheduleRecord, StepRecord, TimelineEvent, WorkflowRecord
 from engine.schedules import MISSED_TICKS, Schedule
 from engine.service import (
@@ -368,14 +368,17 @@ def add_schedule_commands(commands: Any, json_object: Callable[[str], dict[str, 
 def limits_table(limits: Sequence[LimitRecord]) -> str:
     rows = [
         (limit.type, _limit_text(limit.max_concurrency), _limit_text(limit.declared_max_concurrency),
+         _limit_text(limit.rate_limit), _limit_text(limit.declared_rate_limit),
          f"set by {limit.set_by or 'an operator'}" if limit.overridden else "definition",
-         str(limit.in_flight), str(limit.due))
+         str(limit.in_flight), str(limit.started_in_period), str(limit.due))
         for limit in limits
     ]  # fmt: skip
-    return render_table(("type", "limit", "definition's", "from", "in flight", "due"), rows)
+    header = ("type", "concurrency", "definition's", "rate", "definition's", "from", "in flight",
+              "started in period", "due")  # fmt: skip
+    return render_table(header, rows)
 
 
-def _limit_text(limit: int | None) -> str:
+def _limit_text(limit: int | str | None) -> str:
     return "none" if limit is None else str(limit)
 
 
@@ -384,16 +387,15 @@ async def cmd_limits_list(args: argparse.Namespace, service: WorkflowService) ->
 
 
 async def cmd_limits_set(args: argparse.Namespace, service: WorkflowService) -> str:
-    record = await service.set_limit(args.type, args.concurrency, actor=cli_actor())
+    record = await service.set_limit(args.type, args.concurrency, rate_limit=args.rate, actor=cli_actor())
     return to_json(record) if args.json else limits_table([record])
 
 
 async def cmd_limits_reset(args: argparse.Namespace, service: WorkflowService) -> str:
     record = await service.reset_limit(args.type)
     if record is None:
-        return (
-            to_json({"type": args.type, "max_concurrency": None}) if args.json else f"{args.type}: no limit"
-        )
+        none = {"type": args.type, "max_concurrency": None, "rate_limit": None}
+        return to_json(none) if args.json else f"{args.type}: no limit"
     return to_json(record) if args.json else limits_table([record])
 
 
@@ -410,20 +412,35 @@ def concurrency_value(text: str) -> int | None:
     return int(text)
 
 
+def rate_value(text: str) -> str | None:
+    """An argparse type: a rate limit (10/s, 600/min, 5/10s), or `none`."""
+    if text == "none":
+        return None
+    if problem := rate_limit_problem(text):
+        raise argparse.ArgumentTypeError(f"{problem} (or none)")
+    return text
+
+
 def add_limits_commands(commands: Any) -> None:
     """`workflowd limits list|set|reset`."""
-    action = command_group(commands, "limits", "concurrency limits of workflow types: list, set, reset")
+    action = command_group(
+        commands, "limits", "concurrency and rate limits of workflow types: list, set, reset"
+    )
 
     action("list", cmd_limits_list, "every type with a limit, its workflows in flight and due")
     setting = action(
-        "set", cmd_limits_set, "set a type's limit over its definition's (the daemons hold to it in 2 s)"
+        "set", cmd_limits_set, "set a type's limits over its definition's (the daemons hold to them in 2 s)"
     )
     setting.add_argument("type", metavar="TYPE", type=storable_text, help="the workflow type")
     setting.add_argument(
-        "--concurrency", type=concurrency_value, required=True, metavar="N",
+        "--concurrency", type=concurrency_value, default=UNCHANGED, metavar="N",
         help="at most N of its workflows hold a lease at once, across every daemon; none: no limit",
     )  # fmt: skip
-    reset = action("reset", cmd_limits_reset, "back to the definition's limit")
+    setting.add_argument(
+        "--rate", type=rate_value, default=UNCHANGED, metavar="RATE",
+        help="at most this many step starts per period, across every daemon (10/s, 600/min); none: no limit",
+    )  # fmt: skip
+    reset = action("reset", cmd_limits_reset, "back to the definition's limits")
     reset.add_argument("type", metavar="TYPE", type=storable_text, help="the workflow type")
 
 

@@ -138,6 +138,8 @@ class Driver:
         # claimed by this process until it returns.
         self.busy: set[UUID] = set()
         self.lost_leases = 0
+        # Types whose every step start must pass a claim (a rate limit's token each).
+        self.claim_every_step: frozenset[str] = frozenset()
 
     def close(self) -> None:
         """Stop the step threads' pool (a thread still running is left to finish) and
@@ -310,7 +312,8 @@ class Driver:
         # Not while stopping; and not with a lease whose renewal is overdue: the next
         # step would run while another worker may already be claiming the workflow.
         # (complete_steps refuses going on under an expired lease in any case.)
-        if self.stopping.is_set():
+        # Nor for a type whose every step start is counted by a claim (a rate limit).
+        if self.stopping.is_set() or assignment.definition.type in self.claim_every_step:
             return False
         if assignment.lease_deadline - time.monotonic() < self.config.lease_seconds / 3:
             self._log(assignment).warning("lease_renewal_overdue", action="releasing the workflow")

@@ -55,7 +55,8 @@ from engine import (
     WorkflowService,
     WorkflowState,
 )
-from engine.definitions import CONCURRENCY_LIMIT_MAX, PRIORITY_MAX, PRIORITY_MIN
+from engine.definitions import PRIORITY_MAX, PRIORITY_MIN
+from engine.limits import CONCURRENCY_LIMIT_MAX, UNCHANGED
 from engine.records import (
     ExecutionSummary,
     LimitRecord,
@@ -663,15 +664,26 @@ TypeName = Annotated[str, Path(min_length=1, max_length=128)]
 
 
 class LimitRequest(BaseModel):
-    """The body of PUT /admin/limits/{type}."""
+    """The body of PUT /admin/limits/{type}: either limit or both; one left out holds as it did."""
 
     model_config = ConfigDict(extra="forbid")
 
     max_concurrency: int | None = Field(
+        default=None,
         ge=1,
         le=CONCURRENCY_LIMIT_MAX,
         description="at most this many of the type's workflows hold a lease at once; null: no limit",
     )
+    rate_limit: str | None = Field(
+        default=None,
+        max_length=32,
+        description='at most this many step starts per period, as "10/s" or "600/min"; null: no limit',
+        examples=["10/s"],
+    )
+
+    def given(self, name: str) -> Any:
+        """The field's value if the body names it, else UNCHANGED."""
+        return getattr(self, name) if name in self.model_fields_set else UNCHANGED
 
 
 def add_limit_routes(app: FastAPI, service: WorkflowService) -> None:
@@ -687,17 +699,22 @@ def add_limit_routes(app: FastAPI, service: WorkflowService) -> None:
 
     @app.put(prefix + "/{type}", dependencies=[auth], tags=tags, responses=ERRORS)
     async def set_limit(type: TypeName, body: LimitRequest, actor: OperatorActor) -> LimitRecord:
-        """Set a type's limit over its definition's (null: none); the daemons hold to it
-        within 2 s."""
-        record = await service.set_limit(type, body.max_concurrency, actor=actor)
+        """Set a type's limits over its definition's (null: none); the daemons hold to
+        them within 2 s."""
+        concurrency, rate = body.given("max_concurrency"), body.given("rate_limit")
+        record = await service.set_limit(type, concurrency, rate_limit=rate, actor=actor)
         LOG.info(
-            "admin_command", command="limit_set", actor=actor, type=type, max_concurrency=body.max_concurrency
+            "admin_command",
+            command="limit_set",
+            actor=actor,
+            type=type,
+            **body.model_dump(exclude_unset=True),
         )
         return record
 
     @app.delete(prefix + "/{type}", dependencies=[auth], tags=tags, status_code=204, responses=ERRORS)
     async def reset_limit(type: TypeName, actor: OperatorActor) -> Response:
-        """Back to the definition's limit."""
+        """Back to the definition's limits."""
         await service.reset_limit(type)
         LOG.info("admin_command", command="limit_reset", actor=actor, type=type)
         return Response(status_code=204)

@@ -30,6 +30,8 @@ from daemon.metrics import Metrics
 from daemon.wakeup import Listener
 from engine.attempts import CancelAtBoundary, ClaimedWorkflow, Refuse, Run, decide
 from engine.definitions import Workflow
+from engine.flow import claim_limited
+from engine.limits import TypeLimits
 from engine.primary import connect_to_primary
 from engine.registry import Registry
 from engine.retry import DEFAULT_RETRY_POLICY, RetryPolicy
@@ -41,8 +43,8 @@ T = TypeVar("T")
 CLAIM_RETRY_DELAY_MAX_SECONDS = 5.0
 # How long a busy worker may hold back a claim to make it a bigger batch.
 CLAIM_WINDOW_SECONDS = 0.02
-# How often a worker reads the concurrency limits of its types (workflow_type_limits): a
-# limit set at run time holds for its claims from then on.
+# How often a worker reads the limits of its types (workflow_type_limits): a limit set at
+# run time holds for its claims from then on.
 LIMITS_REFRESH_SECONDS = 2.0
 
 
@@ -93,8 +95,8 @@ class Worker:
         self.in_flight: dict[UUID, Assignment] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.last_loop_at = self.last_claim_at = time.monotonic()
-        # The concurrency limits of its types, by type, and when they were read.
-        self.limits: dict[str, int] = {}
+        # The limits of its limited types, by type, and when they were read.
+        self.limits: dict[str, TypeLimits] = {}
         self.limits_read_at = -LIMITS_REFRESH_SECONDS
         self.log = LOG.bind(worker=self.id)
         driver_config = DriverConfig(
@@ -116,7 +118,7 @@ class Worker:
             pid=os.getpid(),
             types=self.registry.types,
             priorities=self.registry.priorities,
-            max_concurrency=self.registry.max_concurrency,
+            limits=self.registry.limits,
             served=self.registry.served,
             concurrency=self.config.concurrency,
         )
@@ -300,13 +302,17 @@ class Worker:
 
     async def claim_once(self, limit: int) -> int:
         """Claim up to `limit` due workflows and start a task for each; returns how many.
-        The types with a concurrency limit first, each up to its free slots (grant_slots),
-        then the others (claim_due_workflows)."""
+        The limited types first, each within its limits (engine.flow), then the others
+        (claim_due_workflows)."""
         await self._read_limits()
         claimed_at = self.last_claim_at = time.monotonic()
         unlimited = self.registry.served_keys(set(self.registry.types) - set(self.limits))
         async with self.store.claiming_transaction() as tx:
-            rows = await self._claim_limited(tx, limit) if self.limits else []
+            rows = await claim_limited(
+                tx, limits=self.limits, worker_id=self.id, served=self.registry.served_keys(self.limits),
+                busy=list(self.driver.busy), room=limit, lease_seconds=self.config.lease_seconds,
+                definitions=self.step_definitions,
+            ) if self.limits else []  # fmt: skip
             if unlimited and len(rows) < limit:
                 rows += await tx.claim_due_workflows(
                     worker_id=self.id,
@@ -324,32 +330,20 @@ class Worker:
 
     async def _read_limits(self) -> None:
         """The limits of this worker's types, read again every LIMITS_REFRESH_SECONDS,
-        their slots made when a limit is new or raised."""
+        their slots and tokens made when a limit is new or raised."""
         if time.monotonic() - self.limits_read_at < LIMITS_REFRESH_SECONDS:
             return
         self.limits = await self.store.load_limits(self.registry.types)
-        if self.limits:
-            await self.store.provide_slots(sorted(self.limits))
+        if concurrency_limited := self._limited(lambda limits: limits.max_concurrency is not None):
+            await self.store.provide_slots(concurrency_limited)
+        if rate_limited := self._limited(lambda limits: limits.rate is not None):
+            await self.store.provide_tokens(rate_limited)
+        # Each step start of a rate-limited type spends a token: none goes on unclaimed.
+        self.driver.claim_every_step = frozenset(rate_limited)
         self.limits_read_at = time.monotonic()
 
-    async def _claim_limited(self, tx: Store, limit: int) -> list[ClaimedWorkflow]:
-        """In the claiming transaction: lock the slots of the limited types that may be
-        taken, grant them to due workflows, claim those (sql/queries/limits.sql)."""
-        slots = await tx.lock_slots(types=sorted(self.limits), wanted=limit)
-        if not slots:
-            return []
-        granted = await tx.grant_slots(
-            slots=slots,
-            served=self.registry.served_keys(self.limits),
-            busy=list(self.driver.busy),
-            limit=limit,
-        )
-        if not granted:
-            return []
-        return await tx.claim_granted_workflows(
-            worker_id=self.id, granted=granted, lease_seconds=self.config.lease_seconds,
-            definitions=self.step_definitions,
-        )  # fmt: skip
+    def _limited(self, by: Callable[[TypeLimits], bool]) -> list[str]:
+        return sorted(name for name, limits in self.limits.items() if by(limits))
 
     def _count_claims(self, rows: list[ClaimedWorkflow]) -> None:
         if not rows:

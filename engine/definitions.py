@@ -21,6 +21,7 @@ from uuid import UUID
 from pydantic import BaseModel, ValidationError
 
 from engine.errors import DefinitionError, InputValidationError
+from engine.limits import RateLimit, TypeLimits, concurrency_problem, rate_limit_problem
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -30,20 +31,6 @@ MAX_RETRIES_DEFAULT = 3
 # Priorities: smaller runs first; due work is claimed by priority, then by due time.
 # The default sits in the middle so that a type or a start can go either way.
 PRIORITY_MIN, PRIORITY_DEFAULT, PRIORITY_MAX = -100, 0, 100
-
-
-# A limit of N is N rows of workflow_slots: a million is more than any fleet runs at once.
-CONCURRENCY_LIMIT_MAX = 1_000_000
-
-
-def concurrency_problem(limit: object) -> str | None:
-    """Why `limit` is not a concurrency limit (a whole number from 1 to a million, or
-    None for none), in words; None when it is."""
-    if limit is None or (
-        isinstance(limit, int) and not isinstance(limit, bool) and 1 <= limit <= CONCURRENCY_LIMIT_MAX
-    ):
-        return None
-    return f"a concurrency limit is a whole number from 1 to {CONCURRENCY_LIMIT_MAX:,}, not {limit!r}"
 
 
 def priority_problem(priority: object) -> str | None:
@@ -182,7 +169,9 @@ class Workflow:
     `priority` (-100 to 100, smaller first) is that of its workflows when their start
     names none, a SQL insert's too (the daemons declare it in `workflow_types`).
     `max_concurrency`: at most that many of its workflows hold a lease at once, whatever
-    the number of daemons (an operator may set another at run time: `workflowd limits`).
+    the number of daemons; `rate_limit` ("10/s", "600/min"): at most that many of its
+    step starts in any stretch of that period, across the fleet (an operator may set
+    others at run time: `workflowd limits`).
     """
 
     type: str
@@ -200,6 +189,8 @@ class Workflow:
     priority: int = PRIORITY_DEFAULT
     # At most this many of its workflows hold a lease at once, across every daemon.
     max_concurrency: int | None = None
+    # At most this many step starts per period ("10/s"), across every daemon.
+    rate_limit: str | None = None
 
     def __post_init__(self) -> None:
         if not TYPE_NAME_PATTERN.fullmatch(self.type):
@@ -221,11 +212,17 @@ class Workflow:
             raise DefinitionError(f"workflow {self.type!r}: output must be callable")
         if problem := priority_problem(self.priority):
             raise DefinitionError(f"workflow {self.type!r}: {problem}")
-        if problem := concurrency_problem(self.max_concurrency):
+        if problem := concurrency_problem(self.max_concurrency) or rate_limit_problem(self.rate_limit):
             raise DefinitionError(f"workflow {self.type!r}: {problem}")
         object.__setattr__(self, "steps", tuple(self.steps))
         if not self.name:
             object.__setattr__(self, "name", self.type)
+
+    @property
+    def limits(self) -> TypeLimits:
+        """The limits its definition declares."""
+        rate = RateLimit.parse(self.rate_limit) if self.rate_limit is not None else None
+        return TypeLimits(self.max_concurrency, rate)
 
     def read_json(self, text: str) -> Any:
         """A stored JSON value as this type's step code sees it (`exact_numbers`)."""

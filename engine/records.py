@@ -12,6 +12,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict
 
+from engine.limits import RateLimit
 from engine.states import StepState, WorkflowState
 
 
@@ -188,18 +189,35 @@ class WorkflowStats(_Record):
 
 
 class LimitRecord(_Record):
-    """A type's concurrency limit (`workflow_type_limits`), as the API and the CLI show it:
-    the one that holds (None: none), its definition's, whether an operator set it, and
-    now: how many of its workflows hold a lease, and how many are due and wait."""
+    """A type's limits (`workflow_type_limits`), as the API and the CLI show them: those
+    that hold (None: none), its definition's, whether an operator set any, and now: how
+    many of its workflows hold a lease, how many steps it started in the last period of
+    its rate, and how many workflows are due and wait. A rate reads as "10/s"."""
 
     type: str
     max_concurrency: int | None
     declared_max_concurrency: int | None
+    rate_limit: str | None = None
+    declared_rate_limit: str | None = None
     overridden: bool
     set_by: str | None
     set_at: datetime | None
     in_flight: int
+    started_in_period: int = 0
     due: int
+
+    @classmethod
+    def of(cls, row: dict[str, Any]) -> LimitRecord:
+        """From a list_limits row, its rates as counts and periods in seconds."""
+        rate = _rate_text(row["rate_limit"], row["rate_period_seconds"])
+        declared = _rate_text(row["declared_rate_limit"], row["declared_rate_period_seconds"])
+        return cls.model_validate(row | {"rate_limit": rate, "declared_rate_limit": declared})
+
+
+def _rate_text(count: int | None, period_seconds: float | None) -> str | None:
+    if count is None or period_seconds is None:
+        return None
+    return str(RateLimit(count, period_seconds))
 
 
 class ScheduleRecord(_Record):

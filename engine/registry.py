@@ -12,6 +12,7 @@ from types import ModuleType
 
 from engine.definitions import Workflow
 from engine.errors import DefinitionError
+from engine.limits import TypeLimits
 from engine.schedules import Schedule
 
 
@@ -69,9 +70,9 @@ class Registry:
         return [self._newest(name).priority for name in self.types]
 
     @property
-    def max_concurrency(self) -> list[int | None]:
-        """The concurrency limit of each type's newest definition, in the order of `types`."""
-        return [self._newest(name).max_concurrency for name in self.types]
+    def limits(self) -> list[TypeLimits]:
+        """The limits of each type's newest definition, in the order of `types`."""
+        return [self._newest(name).limits for name in self.types]
 
     def _newest(self, workflow_type: str) -> Workflow:
         newest = self.get(workflow_type)

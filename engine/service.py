@@ -15,7 +15,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from engine.counts import ABANDONED_COUNTS_SECONDS, counts_are_abandoned, recount_finished
-from engine.definitions import MAX_RETRIES_DEFAULT, Workflow, concurrency_problem, priority_problem
+from engine.definitions import MAX_RETRIES_DEFAULT, Workflow, priority_problem
 from engine.errors import (
     OUTCOME_UNKNOWN,
     EventRefusedError,
@@ -32,6 +32,7 @@ from engine.errors import (
     WorkflowNotFoundError,
 )
 from engine.idempotency import canonical_json, check_storable_text, start_identity
+from engine.limits import UNCHANGED, RateLimit, Unchanged, concurrency_problem, rate_limit_problem
 from engine.primary import require_primary
 from engine.records import (
     ExecutionSummary,
@@ -463,30 +464,41 @@ class WorkflowService:
         except psycopg.errors.ObjectNotInPrerequisiteState as error:
             raise EventRefusedError(error.diag.message_primary or str(error)) from None
 
-    # Concurrency limits (sql/queries/limits.sql).
+    # Concurrency and rate limits (sql/queries/limits.sql).
 
     async def list_limits(self) -> list[LimitRecord]:
-        """Every type with a concurrency limit declared or set, with its use now."""
-        return [LimitRecord.model_validate(row) for row in await self.reads.list_limits()]
+        """Every type with a limit declared or set, with its use now."""
+        return [LimitRecord.of(row) for row in await self.reads.list_limits()]
 
     async def set_limit(
-        self, type: str, max_concurrency: int | None, *, actor: str | None = None
+        self,
+        type: str,
+        max_concurrency: int | Unchanged | None = UNCHANGED,
+        *,
+        rate_limit: str | Unchanged | None = UNCHANGED,
+        actor: str | None = None,
     ) -> LimitRecord:
-        """Set the concurrency limit of a type at run time, over its definition's (None:
-        no limit); the daemons hold to it from their next read of the limits (2 s)."""
+        """Set a type's concurrency limit, its rate limit ("10/s") or both at run time,
+        over its definition's (None: no limit; one left UNCHANGED holds as it did); the
+        daemons hold to them from their next read of the limits (2 s)."""
         check_text(type=type, actor=actor)
-        if problem := concurrency_problem(max_concurrency):
+        if max_concurrency is UNCHANGED and rate_limit is UNCHANGED:
+            raise InvalidLimitError("name a concurrency limit, a rate limit or both")
+        if max_concurrency is not UNCHANGED and (problem := concurrency_problem(max_concurrency)):
             raise InvalidLimitError(problem)
-        await self.store.set_limit(type=type, max_concurrency=max_concurrency, set_by=actor)
+        if rate_limit is not UNCHANGED and (problem := rate_limit_problem(rate_limit)):
+            raise InvalidLimitError(problem)
+        rate = RateLimit.parse(rate_limit) if isinstance(rate_limit, str) else rate_limit
+        await self.store.set_limit(type=type, max_concurrency=max_concurrency, rate=rate, set_by=actor)
         (limit,) = await self.store.list_limits(type)
-        return LimitRecord.model_validate(limit)
+        return LimitRecord.of(limit)
 
     async def reset_limit(self, type: str) -> LimitRecord | None:
-        """Back to the definition's limit; None when the type has none either."""
+        """Back to the definition's limits; None when the type has none either."""
         check_text(type=type)
         await self.store.reset_limit(type)
         found = await self.store.list_limits(type)
-        return LimitRecord.model_validate(found[0]) if found else None
+        return LimitRecord.of(found[0]) if found else None
 
     # Cron schedules (engine/schedules.py).
 

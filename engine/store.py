@@ -25,6 +25,7 @@ from psycopg_pool import AsyncConnectionPool
 from engine.attempts import ClaimedWorkflow
 from engine.definitions import Workflow
 from engine.idempotency import json_text
+from engine.limits import UNCHANGED, RateLimit, TypeLimits, Unchanged
 from engine.sqlfiles import query
 
 Row = dict[str, Any]
@@ -553,40 +554,81 @@ class Store:
 
     # Flow control (sql/queries/limits.sql).
 
-    async def load_limits(self, types: list[str]) -> dict[str, int]:
-        """The concurrency limits that hold for `types`, by type (unlimited ones absent)."""
+    async def load_limits(self, types: list[str]) -> dict[str, TypeLimits]:
+        """The limits that hold for `types`, by type (types without any absent)."""
         return {
-            row["type"]: row["max_concurrency"] for row in await self._all("load_limits", {"types": types})
+            row["type"]: TypeLimits(
+                row["max_concurrency"], _rate(row["rate_limit"], row["rate_period_seconds"])
+            )
+            for row in await self._all("load_limits", {"types": types})
         }
 
     async def provide_slots(self, types: list[str]) -> None:
         """Make the missing slots of each limited type of `types`."""
         await self._execute("provide_slots", {"types": types})
 
+    async def provide_tokens(self, types: list[str]) -> None:
+        """Make the missing rate tokens of each rate-limited type of `types`."""
+        await self._execute("provide_tokens", {"types": types})
+
     async def lock_slots(self, *, types: list[str], wanted: int) -> list[Row]:
         """In the claiming transaction: slots of `types` that may be taken (see the query)."""
         return await self._all("lock_slots", {"types": types, "wanted": wanted})
 
-    async def grant_slots(
-        self, *, slots: Sequence[Row], served: list[str], busy: list[UUID], limit: int
+    async def lock_tokens(self, *, types: list[str], wanted: int) -> list[Row]:
+        """In the claiming transaction: rate tokens of `types` that may be spent."""
+        return await self._all("lock_tokens", {"types": types, "wanted": wanted})
+
+    async def grant_workflows(
+        self,
+        *,
+        caps: Mapping[str, int],
+        slots: Sequence[Row],
+        served: list[str],
+        busy: list[UUID],
+        limit: int,
     ) -> list[Row]:
-        """In the claiming transaction: the due workflows that get the locked `slots`,
-        each with its slot (see the query)."""
+        """In the claiming transaction: the due workflows of the limited types that start
+        now, at most `caps[type]` each, with the locked slot each takes (see the query)."""
         params = {
+            "cap_types": list(caps),
+            "caps": list(caps.values()),
             "slot_types": [row["type"] for row in slots],
             "slots": [row["slot"] for row in slots],
             "served": served,
             "busy": busy,
             "limit": limit,
         }
-        return await self._all("grant_slots", params)
+        return await self._all("grant_workflows", params)
+
+    async def spend_tokens(self, tokens: Sequence[Row]) -> None:
+        """In the claiming transaction: stamp the locked `tokens`, one per step started."""
+        params = {"types": [row["type"] for row in tokens], "tokens": [row["token"] for row in tokens]}
+        await self._execute("spend_tokens", params)
 
     async def list_limits(self, type: str | None = None) -> list[Row]:
         """Every type's limit (or only `type`'s), with its use now."""
         return await self._all("list_limits", {"type": type})
 
-    async def set_limit(self, *, type: str, max_concurrency: int | None, set_by: str | None) -> None:
-        await self._execute("set_limit", {"type": type, "max_concurrency": max_concurrency, "set_by": set_by})
+    async def set_limit(
+        self,
+        *,
+        type: str,
+        max_concurrency: int | Unchanged | None,
+        rate: RateLimit | Unchanged | None,
+        set_by: str | None,
+    ) -> None:
+        """An operator's limits over the definition's; UNCHANGED ones stay as they hold."""
+        params = {
+            "type": type,
+            "concurrency_set": max_concurrency is not UNCHANGED,
+            "max_concurrency": None if max_concurrency is UNCHANGED else max_concurrency,
+            "rate_set": rate is not UNCHANGED,
+            "rate_limit": rate.count if isinstance(rate, RateLimit) else None,
+            "rate_period_seconds": rate.period_seconds if isinstance(rate, RateLimit) else None,
+            "set_by": set_by,
+        }
+        await self._execute("set_limit", params)
 
     async def reset_limit(self, type: str) -> bool:
         """Drop an operator's limit; whether there was one."""
@@ -680,20 +722,22 @@ class Store:
         pid: int,
         types: list[str],
         priorities: list[int],
-        max_concurrency: list[int | None],
+        limits: list[TypeLimits],
         served: list[str],
         concurrency: int,
     ) -> None:
         """Record this daemon in workflow_workers: its types, and the versions of them it
-        serves (served keys); and declare its types' priorities and concurrency limits
-        (one each, in the order of `types`)."""
+        serves (served keys); and declare its types' priorities and limits (one each, in
+        the order of `types`)."""
         params = {
             "worker_id": worker_id,
             "host": host,
             "pid": pid,
             "types": types,
             "priorities": priorities,
-            "max_concurrency": max_concurrency,
+            "max_concurrency": [limit.max_concurrency for limit in limits],
+            "rate_limits": [limit.rate and limit.rate.count for limit in limits],
+            "rate_periods": [limit.rate and limit.rate.period_seconds for limit in limits],
             "served": served,
             "concurrency": concurrency,
         }
@@ -751,3 +795,7 @@ class Store:
         """Where a workflow stands, to settle a commit whose answer a dropped connection lost."""
         rows = await self._typed(StepProgress, "get_step_progress", {"id": workflow_id})
         return rows[0] if rows else None
+
+
+def _rate(count: int | None, period_seconds: float | None) -> RateLimit | None:
+    return RateLimit(count, period_seconds) if count is not None and period_seconds is not None else None

@@ -1,11 +1,14 @@
--- Flow control: the limits that hold (workflow_type_limits), their slots, the two
--- statements a claim of limited types runs before claim_due_workflows, and the
+-- Flow control: the limits that hold (workflow_type_limits), their slots and tokens,
+-- the statements a claim of limited types runs around claim_granted_workflows, and the
 -- operator's commands.
 -- Queries, in this order:
 --   load_limits
 --   provide_slots
+--   provide_tokens
 --   lock_slots
---   grant_slots
+--   lock_tokens
+--   grant_workflows
+--   spend_tokens
 --   list_limits
 --   set_limit
 --   reset_limit
@@ -15,8 +18,8 @@
 -- name: load_limits
 -- The limits that hold for `types` (a daemon's served types), refreshed every few
 -- seconds: they tell the daemon whether its claims run the limited path.
-SELECT type, max_concurrency FROM workflow_type_limits
-WHERE type = ANY(%(types)s::text[]) AND max_concurrency IS NOT NULL
+SELECT type, max_concurrency, rate_limit, rate_period_seconds FROM workflow_type_limits
+WHERE type = ANY(%(types)s::text[]) AND (max_concurrency IS NOT NULL OR rate_limit IS NOT NULL)
 ORDER BY type;
 
 -- name: provide_slots
@@ -26,6 +29,15 @@ INSERT INTO workflow_slots (type, slot)
 SELECT l.type, n FROM workflow_type_limits l, generate_series(0, l.max_concurrency - 1) n
 WHERE l.type = ANY(%(types)s::text[]) AND l.max_concurrency IS NOT NULL
   AND NOT EXISTS (SELECT 1 FROM workflow_slots s WHERE s.type = l.type AND s.slot = n)
+ON CONFLICT DO NOTHING;
+
+-- name: provide_tokens
+-- The rate tokens of each rate-limited type of `types`, as many as its rate (as
+-- provide_slots provides slots): a new one was never spent.
+INSERT INTO workflow_rate_tokens (type, token)
+SELECT l.type, n FROM workflow_type_limits l, generate_series(0, l.rate_limit - 1) n
+WHERE l.type = ANY(%(types)s::text[]) AND l.rate_limit IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM workflow_rate_tokens t WHERE t.type = l.type AND t.token = n)
 ON CONFLICT DO NOTHING;
 
 -- name: lock_slots
@@ -49,16 +61,42 @@ CROSS JOIN LATERAL (
     FOR UPDATE OF s SKIP LOCKED
 ) s;
 
--- name: grant_slots
--- Second statement: which due workflows get which of the slots lock_slots locked. Its
--- snapshot is newer than every slot's last taking (those committed before the locks
--- were granted), so a slot it finds free is free. A slot still held by a workflow whose
--- lease ran out goes to that workflow again (locked here, if it is due and served); the
--- free ones go to the type's due workflows in claim order (workflows_due_by_type_idx).
+-- name: lock_tokens
+-- In the claiming transaction, for each rate-limited type of `types`: lock up to
+-- `wanted` of its tokens below its rate that were last spent at least a period ago,
+-- the longest unspent first (workflow_rate_tokens_spent_idx). SKIP LOCKED: a token
+-- another claimer is spending is skipped; one it spent and committed after this
+-- statement's snapshot is judged again on its newest version once locked, and skipped.
+SELECT t.type, t.token
+FROM unnest(%(types)s::text[]) AS limited (type)
+CROSS JOIN LATERAL (SELECT l.rate_limit, l.rate_period_seconds FROM workflow_type_limits l
+                    WHERE l.type = limited.type) l
+CROSS JOIN LATERAL (
+    SELECT t.type, t.token FROM workflow_rate_tokens t
+    WHERE t.type = limited.type AND t.token < l.rate_limit
+      AND t.spent_at <= now() - l.rate_period_seconds * interval '1 second'
+    ORDER BY t.spent_at
+    LIMIT %(wanted)s
+    FOR UPDATE OF t SKIP LOCKED
+) t;
+
+-- name: grant_workflows
+-- Second statement: which due workflows of the limited types start now, and which of
+-- the slots lock_slots locked each takes. `caps`: how many each type may start (the
+-- least of its locked slots, its locked tokens and the daemon's room; a type with none
+-- is left out). Its snapshot is newer than every slot's last taking (those committed
+-- before the locks were granted), so a slot it finds free is free. A slot still held by
+-- a workflow whose lease ran out goes to that workflow again (locked here, if it is due
+-- and served); the free ones go to the type's due workflows in claim order
+-- (workflows_due_by_type_idx), as do a type's tokens when it has no concurrency limit.
 -- The workflows are locked (FOR UPDATE SKIP LOCKED) and numbered in a later CTE, since
--- a locking query cannot number its rows. claim_due_workflows then claims exactly
--- these (claim_granted_workflows), which moves each slot to its workflow's new lease.
-WITH locked AS (
+-- a locking query cannot number its rows. claim_granted_workflows then claims exactly
+-- these, which moves each slot to its workflow's new lease; spend_tokens stamps a token
+-- for each.
+WITH cap AS (
+    SELECT * FROM unnest(%(cap_types)s::text[], %(caps)s::int[]) AS c (type, n)
+),
+locked AS (
     SELECT s.type, s.slot, h.id AS holder
     FROM unnest(%(slot_types)s::text[], %(slots)s::int[]) AS l (type, slot)
     JOIN workflow_slots s ON s.type = l.type AND s.slot = l.slot
@@ -77,7 +115,9 @@ returning_holders AS (
 ),
 waiting AS (
     SELECT w.id, w.type, w.priority, w.next_retry_at
-    FROM (SELECT type, count(*) AS wanted FROM free GROUP BY type) f
+    FROM (SELECT type, CASE WHEN type IN (SELECT type FROM locked)
+                            THEN least(n, (SELECT count(*) FROM free WHERE free.type = cap.type)) ELSE n END AS wanted
+          FROM cap) f
     CROSS JOIN LATERAL (
         SELECT id, type, priority, next_retry_at FROM workflows
         WHERE type = f.type AND state IN ('pending', 'running', 'compensating') AND next_retry_at <= now()
@@ -92,35 +132,62 @@ numbered AS (
     SELECT id, type, priority, next_retry_at,
            row_number() OVER (PARTITION BY type ORDER BY priority, next_retry_at) AS n
     FROM waiting WHERE id NOT IN (SELECT id FROM returning_holders)
-)
--- At most `limit` in all (the daemon's free slots), the most urgent first.
-SELECT id, type, slot FROM (
+),
+granted AS (
     SELECT id, type, slot, priority, next_retry_at FROM returning_holders
     UNION ALL
     SELECT numbered.id, numbered.type, free.slot, numbered.priority, numbered.next_retry_at
-    FROM numbered JOIN free USING (type, n)
-) granted
+    FROM numbered LEFT JOIN free USING (type, n)
+    WHERE free.slot IS NOT NULL OR numbered.type NOT IN (SELECT type FROM locked)
+)
+-- At most each type's cap, and `limit` in all (the daemon's room), the most urgent first.
+SELECT id, type, slot FROM (
+    SELECT id, type, slot, priority, next_retry_at,
+           row_number() OVER (PARTITION BY type ORDER BY priority, next_retry_at) AS rank
+    FROM granted
+) g JOIN cap USING (type)
+WHERE g.rank <= cap.n
 ORDER BY priority, next_retry_at
 LIMIT %(limit)s;
 
+-- name: spend_tokens
+-- Last of a limited claim's statements: stamp one locked token for each step started.
+UPDATE workflow_rate_tokens t SET spent_at = now()
+FROM unnest(%(types)s::text[], %(tokens)s::int[]) AS spent (type, token)
+WHERE t.type = spent.type AND t.token = spent.token;
+
 -- name: list_limits
 -- Every type with a limit declared or set (or only `type`), with what holds, how many
--- of its slots are held now, and how much of its work is due (workflows_due_by_type_idx).
-SELECT l.type, l.max_concurrency, l.declared_max_concurrency, l.overridden, l.set_by, l.set_at,
-       (SELECT count(*) FROM workflow_slots s JOIN workflows w ON w.id = s.workflow_id AND w.lease_token = s.lease_token
-        WHERE s.type = l.type)::int AS in_flight,
+-- of its workflows hold a lease now, how many steps it started in the last period of
+-- its rate, and how much of its work is due (workflows_due_by_type_idx).
+SELECT l.type, l.max_concurrency, l.declared_max_concurrency, l.rate_limit, l.rate_period_seconds,
+       l.declared_rate_limit, l.declared_rate_period_seconds, l.overridden, l.set_by, l.set_at,
+       (SELECT count(*) FROM workflows w WHERE w.type = l.type AND w.state IN ('pending', 'running', 'compensating')
+          AND w.lease_expires_at > now())::int AS in_flight,
+       (SELECT count(*) FROM workflow_rate_tokens t WHERE t.type = l.type AND t.token < l.rate_limit
+          AND t.spent_at > now() - l.rate_period_seconds * interval '1 second')::int AS started_in_period,
        (SELECT count(*) FROM workflows w
         WHERE w.type = l.type AND w.state IN ('pending', 'running', 'compensating') AND w.next_retry_at <= now())::int AS due
 FROM workflow_type_limits l
-WHERE (l.max_concurrency IS NOT NULL OR l.overridden) AND (%(type)s::text IS NULL OR l.type = %(type)s)
+WHERE (l.max_concurrency IS NOT NULL OR l.rate_limit IS NOT NULL OR l.overridden)
+  AND (%(type)s::text IS NULL OR l.type = %(type)s)
 ORDER BY l.type;
 
 -- name: set_limit
--- An operator's limit for a type (NULL: none, whatever its definition says).
-INSERT INTO workflow_limits AS o (type, max_concurrency, set_by)
-VALUES (%(type)s, %(max_concurrency)s, %(set_by)s)
-ON CONFLICT (type) DO UPDATE SET max_concurrency = excluded.max_concurrency, set_by = excluded.set_by, set_at = now();
+-- An operator's limits for a type, each over its definition's (NULL: none, whatever
+-- its definition says): the concurrency limit when `concurrency_set`, the rate when
+-- `rate_set`; one not set stays as it was.
+INSERT INTO workflow_limits AS o (type, concurrency_set, max_concurrency, rate_set, rate_limit, rate_period_seconds, set_by)
+VALUES (%(type)s, %(concurrency_set)s, %(max_concurrency)s, %(rate_set)s, %(rate_limit)s, %(rate_period_seconds)s,
+        %(set_by)s)
+ON CONFLICT (type) DO UPDATE
+SET concurrency_set = o.concurrency_set OR excluded.concurrency_set,
+    max_concurrency = CASE WHEN excluded.concurrency_set THEN excluded.max_concurrency ELSE o.max_concurrency END,
+    rate_set = o.rate_set OR excluded.rate_set,
+    rate_limit = CASE WHEN excluded.rate_set THEN excluded.rate_limit ELSE o.rate_limit END,
+    rate_period_seconds = CASE WHEN excluded.rate_set THEN excluded.rate_period_seconds ELSE o.rate_period_seconds END,
+    set_by = excluded.set_by, set_at = now();
 
 -- name: reset_limit
--- Back to the definition's limit.
+-- Back to the definition's limits.
 DELETE FROM workflow_limits WHERE type = %(type)s;

@@ -101,10 +101,13 @@ def test_kill_9_with_steps_in_flight_loses_nothing(daemons: Daemons, db: psycopg
     )
     # Kill it mid-step: once some step has recorded its effect but not yet committed.
     wait_until(
-        lambda: db.execute(
-            "SELECT EXISTS (SELECT FROM test_effects e WHERE NOT EXISTS (SELECT FROM workflow_steps s "
-            "WHERE s.workflow_id = e.workflow_id AND s.step_name = e.step_name))"
-        ).fetchone() == (True,),
+        lambda: (
+            db.execute(
+                "SELECT EXISTS (SELECT FROM test_effects e WHERE NOT EXISTS (SELECT FROM workflow_steps s "
+                "WHERE s.workflow_id = e.workflow_id AND s.step_name = e.step_name))"
+            ).fetchone()
+            == (True,)
+        ),
         15,
         "a step to be in flight",
     )

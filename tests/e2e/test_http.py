@@ -289,9 +289,14 @@ def test_limits_are_set_listed_and_reset_at_run_time(api: httpx.Client) -> None:
     listed = {limit["type"]: limit for limit in api.get("/admin/limits").json()}
     assert listed["three_steps"]["max_concurrency"] == 4
     assert listed["limited_five"]["max_concurrency"] == 5  # its definition's, as its daemon declared it
+    rated = api.put("/admin/limits/three_steps", json={"rate_limit": "600/min"}).json()
+    assert (rated["max_concurrency"], rated["rate_limit"]) == (4, "600/min")  # the other one holds as it did
     for bad in ({"max_concurrency": 0}, {"max_concurrency": 2**64}, {"max_concurrency": "many"}, {},
-                {"max_concurrency": 2, "rate": 1}):  # fmt: skip
-        assert api.put("/admin/limits/three_steps", json=bad).status_code == 422, bad
+                {"max_concurrency": 2, "rate": 1}, {"rate_limit": "10"}, {"rate_limit": "1/ms"},
+                {"rate_limit": 10}, {"rate_limit": "9" * 40 + "/s"}):  # fmt: skip
+        answer = api.put("/admin/limits/three_steps", json=bad)
+        assert answer.status_code == 422, bad
+        assert answer.json()["detail"], bad
     assert api.put("/admin/limits/" + "t" * 129, json={"max_concurrency": 1}).status_code == 422
     assert api.delete("/admin/limits/three_steps").status_code == 204
     assert "three_steps" not in {limit["type"] for limit in api.get("/admin/limits").json()}

@@ -71,3 +71,33 @@ def test_a_type_limited_to_five_never_holds_more_than_five_leases_across_three_d
     ).fetchone()  # type: ignore[misc]
     assert in_use == 0  # every slot free again, without a write of its own
     assert all(daemon.process.poll() is None for daemon in started[1:])
+
+
+RATE = 10
+RATED_WORKFLOWS = 100  # two steps each: 200 starts, about 19 s at 10 per second
+
+
+def test_a_rate_limited_type_starts_no_more_than_its_rate_across_three_daemons(
+    daemons: Daemons, db: psycopg.Connection[Any]
+) -> None:
+    started = [daemons.start(concurrency=20) for _ in range(3)]
+    insert_workflows(db, "rated_ten", RATED_WORKFLOWS, sleep=0.05)
+    wait_until(lambda: finished(db, "rated_ten") == RATED_WORKFLOWS, 60, "every rate-limited workflow")
+
+    # Every step start (its claim's time, the time its token was stamped with).
+    starts = [at for (at,) in db.execute(
+        "SELECT e.at FROM workflow_events e JOIN workflows w ON w.id = e.workflow_id "
+        "WHERE w.type = 'rated_ten' AND e.step_index IS NOT NULL AND e.to_state = 'running' ORDER BY e.at"
+    ).fetchall()]  # fmt: skip
+    assert len(starts) == 2 * RATED_WORKFLOWS  # no step waited on a failure: excess work waits, due
+    # No second holds more than the rate: the window that opens at each start.
+    busiest = max(
+        sum(1 for other in starts[i:] if (other - at).total_seconds() < 1) for i, at in enumerate(starts)
+    )
+    assert busiest <= RATE, busiest
+    # And the fleet keeps to the rate: past the first full second (its tokens' first
+    # spending), starts come at 10 per second, within 10 %.
+    steady = [at for at in starts if (at - starts[0]).total_seconds() >= 1]
+    observed = (len(steady) - 1) / (steady[-1] - steady[0]).total_seconds()
+    assert RATE * 0.9 <= observed <= RATE * 1.1, observed
+    assert all(daemon.process.poll() is None for daemon in started)

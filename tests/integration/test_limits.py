@@ -12,7 +12,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from engine import InvalidLimitError, Registry, Step, Workflow, WorkflowService
+from engine import InvalidLimitError, Registry, Step, Workflow, WorkflowService, flow
+from engine.limits import RateLimit, TypeLimits
 from engine.store import StepDefinitions, Store
 from tests.factories import insert_workflow
 from tests.integration.test_cli import workflowd
@@ -25,26 +26,24 @@ def _noop(input: Any, ctx: Any) -> dict[str, Any]:
 LIMITED = Workflow(type="limited", max_concurrency=3, steps=[Step("only", _noop)])
 SHAPES = StepDefinitions.of([LIMITED])
 SERVED = Registry([LIMITED]).served  # limited, limited@1
+LIMITS = TypeLimits(max_concurrency=3)
 
 
 async def declare(store: Store, registry: Registry) -> None:
     await store.register_worker(
         worker_id="declaring", host=socket.gethostname(), pid=1, types=registry.types,
-        priorities=registry.priorities, max_concurrency=registry.max_concurrency, served=registry.served,
+        priorities=registry.priorities, limits=registry.limits, served=registry.served,
         concurrency=1,
     )  # fmt: skip
 
 
-async def claim_limited(store: Store, worker_id: str, wanted: int) -> list[Any]:
-    """A limited claim, as Worker._claim_limited makes it."""
+async def claim_limited(store: Store, worker_id: str, wanted: int, limits: TypeLimits = LIMITS) -> list[Any]:
+    """A limited claim, as a worker makes it."""
     async with store.claiming_transaction() as tx:
-        slots = await tx.lock_slots(types=["limited"], wanted=wanted)
-        granted = await tx.grant_slots(slots=slots, served=SERVED, busy=[], limit=wanted) if slots else []
-        if not granted:
-            return []
-        rows = await tx.claim_granted_workflows(
-            worker_id=worker_id, granted=granted, lease_seconds=30, definitions=SHAPES
-        )
+        rows = await flow.claim_limited(
+            tx, limits={"limited": limits}, worker_id=worker_id, served=SERVED, busy=[], room=wanted,
+            lease_seconds=30, definitions=SHAPES,
+        )  # fmt: skip
     return [row.id for row in rows]
 
 
@@ -111,7 +110,7 @@ async def test_a_slot_whose_lease_ran_out_goes_back_to_its_own_workflow_only(
     await declare(service.store, Registry([Workflow(type="limited", max_concurrency=1, steps=LIMITED.steps)]))
     await service.store.provide_slots(["limited"])
     first = insert_workflow(db, type="limited", input={"n": 1})["id"]
-    (claimed,) = await claim_limited(service.store, "dead", 1)
+    (claimed,) = await claim_limited(service.store, "dead", 1, TypeLimits(max_concurrency=1))
     assert claimed == first
     other = insert_workflow(db, type="limited", input={"n": 2})["id"]
     db.execute("UPDATE workflows SET next_retry_at = now() - interval '1 hour' WHERE id = %s", (other,))
@@ -123,7 +122,57 @@ async def test_a_slot_whose_lease_ran_out_goes_back_to_its_own_workflow_only(
         "WHERE id = %s",
         (first,),
     )
-    assert await claim_limited(service.store, "rescuer", 1) == [first]
+    assert await claim_limited(service.store, "rescuer", 1, TypeLimits(max_concurrency=1)) == [first]
     (holder,) = db.execute("SELECT locked_by FROM workflows WHERE id = %s", (first,)).fetchone()  # type: ignore[misc]
     assert holder == "rescuer"
     assert leased(db) == 1
+
+
+RATED = Workflow(type="limited", rate_limit="3/min", steps=[Step("only", _noop)])
+
+
+async def test_an_operator_sets_each_limit_on_its_own(service: WorkflowService) -> None:
+    await declare(service.store, Registry([Workflow(type="limited", max_concurrency=3, rate_limit="10/s",
+                                                    steps=LIMITED.steps)]))  # fmt: skip
+    (declared,) = await service.list_limits()
+    assert (declared.max_concurrency, declared.rate_limit, declared.overridden) == (3, "10/s", False)
+    rated = await service.set_limit("limited", rate_limit="600/min", actor="ops")
+    assert (rated.max_concurrency, rated.rate_limit, rated.declared_rate_limit) == (3, "600/min", "10/s")
+    both = await service.set_limit("limited", 5)
+    assert (both.max_concurrency, both.rate_limit) == (5, "600/min")
+    unrated = await service.set_limit("limited", rate_limit=None)
+    assert (unrated.max_concurrency, unrated.rate_limit) == (5, None)
+    assert await service.store.load_limits(["limited"]) == {"limited": TypeLimits(max_concurrency=5)}
+    back = await service.reset_limit("limited")
+    assert back is not None
+    assert (back.max_concurrency, back.rate_limit, back.overridden) == (3, "10/s", False)
+    for bad, says in (("10", "a rate limit is a count per period"), ("0/s", "allows 1 to 100,000"),
+                      ("5/0.5s", "from 1 second to 1 day"), ("10/fortnight", "a count per period")):  # fmt: skip
+        with pytest.raises(InvalidLimitError, match=says):
+            await service.set_limit("limited", rate_limit=bad)
+    with pytest.raises(InvalidLimitError, match="name a concurrency limit, a rate limit or both"):
+        await service.set_limit("limited")
+
+
+async def test_concurrent_claimers_never_start_more_than_the_rate_in_a_period(
+    service: WorkflowService, db: psycopg.Connection[Any]
+) -> None:
+    await declare(service.store, Registry([RATED]))
+    await service.store.provide_tokens(["limited"])
+    for n in range(20):
+        insert_workflow(db, type="limited", input={"n": n})
+    rate = TypeLimits(rate=RateLimit(3, 60.0))
+    claims = await asyncio.gather(*(claim_limited(service.store, f"w{n}", 5, rate) for n in range(6)))
+    assert sum(len(ids) for ids in claims) == 3 == leased(db)
+    # The claimed steps finish at once: the rate, not a lease, holds the next ones back.
+    db.execute(
+        "UPDATE workflows SET locked_by = NULL, lease_token = NULL, lease_expires_at = NULL, next_retry_at = now()"
+    )
+    assert await claim_limited(service.store, "early", 5, rate) == []
+    spent = db.execute(
+        "SELECT count(*) FROM workflow_rate_tokens WHERE spent_at > now() - interval '1 minute'"
+    )
+    assert spent.fetchone() == (3,)
+    # A minute later (the tokens' stamps moved back by one), three more start.
+    db.execute("UPDATE workflow_rate_tokens SET spent_at = spent_at - interval '1 minute'")
+    assert len(await claim_limited(service.store, "a_period_later", 5, rate)) == 3

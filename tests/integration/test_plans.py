@@ -25,9 +25,9 @@ from engine.sqlfiles import parse_queries, query, sql_dir
 # transaction's own opening (no parameters, its settings) is read separately.
 HOT_FILES = ("claim.sql", "advance.sql", "fail_and_compensate.sql", "leases.sql")
 # And the claim of limited types (the rest of limits.sql runs every 2 s, or for operators).
-HOT_LIMITS = ("lock_slots", "grant_slots")
+HOT_LIMITS = ("lock_slots", "lock_tokens", "grant_workflows", "spend_tokens")
 # Run in the claiming transaction, under its own settings too.
-IN_CLAIM = {"claim_due_workflows", "claim_granted_workflows", "lock_slots", "grant_slots"}
+IN_CLAIM = {"claim_due_workflows", "claim_granted_workflows", *HOT_LIMITS}
 CLAIM_OPENING = "claiming_transaction"
 ENGINE_TABLES = {"workflows", "workflow_steps", "workflow_events", "workflow_workers"}
 # Index lookups by key, and the claim's ordered walk of the due index.

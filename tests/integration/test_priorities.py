@@ -127,7 +127,7 @@ async def test_the_claim_takes_due_work_by_priority_then_by_due_time(
 async def register(store: Store, registry: Registry) -> None:
     await store.register_worker(
         worker_id=f"test-{len(registry)}", host=socket.gethostname(), pid=1, types=registry.types,
-        priorities=registry.priorities, max_concurrency=registry.max_concurrency, served=registry.served,
+        priorities=registry.priorities, limits=registry.limits, served=registry.served,
         concurrency=1,
     )  # fmt: skip
 

@@ -1,0 +1,67 @@
+"""The claim of limited types (flow control, sql/queries/limits.sql): in the claiming
+transaction, lock the slots and rate tokens that may be taken, grant them to due
+workflows, claim those and spend a token for each step started."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from uuid import UUID
+
+from engine.attempts import ClaimedWorkflow
+from engine.limits import TypeLimits
+from engine.store import Row, StepDefinitions, Store
+
+
+async def claim_limited(
+    tx: Store,
+    *,
+    limits: Mapping[str, TypeLimits],
+    worker_id: str,
+    served: list[str],
+    busy: list[UUID],
+    room: int,
+    lease_seconds: float,
+    definitions: StepDefinitions,
+) -> list[ClaimedWorkflow]:
+    """Claim up to `room` due workflows of the `limits` types, each within its limits.
+    `served`: the served keys of those types; `busy` as for claim_due_workflows."""
+    concurrency_limited = sorted(name for name, each in limits.items() if each.max_concurrency is not None)
+    rate_limited = sorted(name for name, each in limits.items() if each.rate is not None)
+    slots = await tx.lock_slots(types=concurrency_limited, wanted=room) if concurrency_limited else []
+    tokens = await tx.lock_tokens(types=rate_limited, wanted=room) if rate_limited else []
+    caps = _caps(limits, slots, tokens, room)
+    if not caps:
+        return []
+    granted = await tx.grant_workflows(caps=caps, slots=slots, served=served, busy=busy, limit=room)
+    if not granted:
+        return []
+    rows = await tx.claim_granted_workflows(
+        worker_id=worker_id, granted=granted, lease_seconds=lease_seconds, definitions=definitions
+    )
+    if spent := _tokens_for(rows, tokens):
+        await tx.spend_tokens(spent)
+    return rows
+
+
+def _caps(limits: Mapping[str, TypeLimits], slots: list[Row], tokens: list[Row], room: int) -> dict[str, int]:
+    """How many workflows of each limited type a claim may start: the least of its locked
+    slots, its locked tokens and the claim's room; types with none left out."""
+    caps = {}
+    for name, each in limits.items():
+        cap = room
+        if each.max_concurrency is not None:
+            cap = min(cap, sum(1 for slot in slots if slot["type"] == name))
+        if each.rate is not None:
+            cap = min(cap, sum(1 for token in tokens if token["type"] == name))
+        if cap > 0:
+            caps[name] = cap
+    return caps
+
+
+def _tokens_for(claimed: list[ClaimedWorkflow], tokens: list[Row]) -> list[Row]:
+    """A locked token of its type for each claimed workflow of a rate-limited type
+    (grant_workflows granted no more of a type than it has tokens)."""
+    unspent: dict[str, list[Row]] = {}
+    for token in tokens:
+        unspent.setdefault(token["type"], []).append(token)
+    return [unspent[row.type].pop() for row in claimed if unspent.get(row.type)]
