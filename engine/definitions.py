@@ -21,7 +21,7 @@ from uuid import UUID
 from pydantic import BaseModel, ValidationError
 
 from engine.errors import DefinitionError, InputValidationError
-from engine.limits import RateLimit, TypeLimits, concurrency_problem, rate_limit_problem
+from engine.limits import RateLimit, TypeLimits, concurrency_problem, fair_by_problem, rate_limit_problem
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -171,7 +171,8 @@ class Workflow:
     `max_concurrency`: at most that many of its workflows hold a lease at once, whatever
     the number of daemons; `rate_limit` ("10/s", "600/min"): at most that many of its
     step starts in any stretch of that period, across the fleet (an operator may set
-    others at run time: `workflowd limits`).
+    others at run time: `workflowd limits`). `fair_by="user_id"`: its due work is claimed
+    round-robin across its users, so that one user's backlog does not hold back another's.
     """
 
     type: str
@@ -191,6 +192,8 @@ class Workflow:
     max_concurrency: int | None = None
     # At most this many step starts per period ("10/s"), across every daemon.
     rate_limit: str | None = None
+    # Share its due work round-robin between the users of its workflows ("user_id").
+    fair_by: str | None = None
 
     def __post_init__(self) -> None:
         if not TYPE_NAME_PATTERN.fullmatch(self.type):
@@ -212,7 +215,11 @@ class Workflow:
             raise DefinitionError(f"workflow {self.type!r}: output must be callable")
         if problem := priority_problem(self.priority):
             raise DefinitionError(f"workflow {self.type!r}: {problem}")
-        if problem := concurrency_problem(self.max_concurrency) or rate_limit_problem(self.rate_limit):
+        if problem := (
+            concurrency_problem(self.max_concurrency)
+            or rate_limit_problem(self.rate_limit)
+            or fair_by_problem(self.fair_by)
+        ):
             raise DefinitionError(f"workflow {self.type!r}: {problem}")
         object.__setattr__(self, "steps", tuple(self.steps))
         if not self.name:
@@ -222,7 +229,7 @@ class Workflow:
     def limits(self) -> TypeLimits:
         """The limits its definition declares."""
         rate = RateLimit.parse(self.rate_limit) if self.rate_limit is not None else None
-        return TypeLimits(self.max_concurrency, rate)
+        return TypeLimits(self.max_concurrency, rate, self.fair_by)
 
     def read_json(self, text: str) -> Any:
         """A stored JSON value as this type's step code sees it (`exact_numbers`)."""

@@ -1,6 +1,7 @@
-"""The claim of limited types (flow control, sql/queries/limits.sql): in the claiming
-transaction, lock the slots and rate tokens that may be taken, grant them to due
-workflows, claim those and spend a token for each step started."""
+"""The claim of limited and fair types (flow control, sql/queries/limits.sql): in the
+claiming transaction, lock the slots and rate tokens that may be taken, lock a fair
+type's due work round-robin across its users, grant them to due workflows, claim those
+and spend a token for each step started."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ async def claim_limited(
     lease_seconds: float,
     definitions: StepDefinitions,
 ) -> list[ClaimedWorkflow]:
-    """Claim up to `room` due workflows of the `limits` types, each within its limits.
-    `served`: the served keys of those types; `busy` as for claim_due_workflows."""
+    """Claim up to `room` due workflows of the `limits` types, each within its limits,
+    a fair type's round-robin across its users. `served`: the served keys of those
+    types; `busy` as for claim_due_workflows."""
     concurrency_limited = sorted(name for name, each in limits.items() if each.max_concurrency is not None)
     rate_limited = sorted(name for name, each in limits.items() if each.rate is not None)
     slots = await tx.lock_slots(types=concurrency_limited, wanted=room) if concurrency_limited else []
@@ -32,7 +34,11 @@ async def claim_limited(
     caps = _caps(limits, slots, tokens, room)
     if not caps:
         return []
-    granted = await tx.grant_workflows(caps=caps, slots=slots, served=served, busy=busy, limit=room)
+    fair_caps = {name: cap for name, cap in caps.items() if limits[name].fair_by is not None}
+    fair = await tx.lock_fair_workflows(caps=fair_caps, served=served, busy=busy) if fair_caps else []
+    granted = await tx.grant_workflows(
+        caps=caps, slots=slots, fair_types=list(fair_caps), fair=fair, served=served, busy=busy, limit=room
+    )
     if not granted:
         return []
     rows = await tx.claim_granted_workflows(

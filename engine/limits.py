@@ -81,12 +81,25 @@ def rate_limit_problem(text: object) -> str | None:
     return None
 
 
+# What a fair type's due work is shared by (Workflow(fair_by=...)): its workflows' user.
+FAIR_BY = ("user_id",)
+
+
+def fair_by_problem(fair_by: object) -> str | None:
+    """Why `fair_by` is not what a type's work may be shared by, in words; None when it is."""
+    if fair_by is None or fair_by in FAIR_BY:
+        return None
+    return f"fair_by names what work is shared by: {', '.join(FAIR_BY)}, not {fair_by!r}"
+
+
 @dataclass(frozen=True)
 class TypeLimits:
-    """The limits that hold for one type (a row of workflow_type_limits)."""
+    """The limits that hold for one type (a row of workflow_type_limits), and what its
+    work is shared by between users (None: it is claimed in priority and due order)."""
 
     max_concurrency: int | None = None
     rate: RateLimit | None = None
+    fair_by: str | None = None
 
 
 class Unchanged(Enum):

@@ -555,10 +555,11 @@ class Store:
     # Flow control (sql/queries/limits.sql).
 
     async def load_limits(self, types: list[str]) -> dict[str, TypeLimits]:
-        """The limits that hold for `types`, by type (types without any absent)."""
+        """The limits that hold for `types`, and what each type's work is shared by, by
+        type (types with none of these absent)."""
         return {
             row["type"]: TypeLimits(
-                row["max_concurrency"], _rate(row["rate_limit"], row["rate_period_seconds"])
+                row["max_concurrency"], _rate(row["rate_limit"], row["rate_period_seconds"]), row["fair_by"]
             )
             for row in await self._all("load_limits", {"types": types})
         }
@@ -579,22 +580,36 @@ class Store:
         """In the claiming transaction: rate tokens of `types` that may be spent."""
         return await self._all("lock_tokens", {"types": types, "wanted": wanted})
 
+    async def lock_fair_workflows(
+        self, *, caps: Mapping[str, int], served: list[str], busy: list[UUID]
+    ) -> list[Row]:
+        """In the claiming transaction: up to `caps[type]` due workflows of each fair type,
+        round-robin across its users, each with its place in the order (see the query)."""
+        params = {"types": list(caps), "caps": list(caps.values()), "served": served, "busy": busy}
+        return await self._all("lock_fair_workflows", params)
+
     async def grant_workflows(
         self,
         *,
         caps: Mapping[str, int],
         slots: Sequence[Row],
+        fair_types: list[str],
+        fair: Sequence[Row],
         served: list[str],
         busy: list[UUID],
         limit: int,
     ) -> list[Row]:
         """In the claiming transaction: the due workflows of the limited types that start
-        now, at most `caps[type]` each, with the locked slot each takes (see the query)."""
+        now, at most `caps[type]` each, with the locked slot each takes; a fair type's
+        from the rows lock_fair_workflows locked (see the query)."""
         params = {
             "cap_types": list(caps),
             "caps": list(caps.values()),
             "slot_types": [row["type"] for row in slots],
             "slots": [row["slot"] for row in slots],
+            "fair_types": fair_types,
+            "fair": [row["id"] for row in fair],
+            "fair_orders": [row["fair_order"] for row in fair],
             "served": served,
             "busy": busy,
             "limit": limit,
@@ -738,6 +753,7 @@ class Store:
             "max_concurrency": [limit.max_concurrency for limit in limits],
             "rate_limits": [limit.rate and limit.rate.count for limit in limits],
             "rate_periods": [limit.rate and limit.rate.period_seconds for limit in limits],
+            "fair_by": [limit.fair_by for limit in limits],
             "served": served,
             "concurrency": concurrency,
         }

@@ -52,16 +52,19 @@ RETURNING w.id;
 -- name: register_worker
 -- A daemon's registration also declares the priorities of the types it serves, for the
 -- rows inserted by SQL without one (the before-insert trigger reads workflow_types), and
--- their concurrency and rate limits (workflow_type_limits).
+-- their concurrency and rate limits and what their work is shared by
+-- (workflow_type_limits; the trigger reads fair_by too).
 WITH declared AS (
-    INSERT INTO workflow_types AS t (type, priority, max_concurrency, rate_limit, rate_period_seconds)
+    INSERT INTO workflow_types AS t (type, priority, max_concurrency, rate_limit, rate_period_seconds, fair_by)
     SELECT * FROM unnest(%(types)s::text[], %(priorities)s::smallint[], %(max_concurrency)s::int[],
-                         %(rate_limits)s::int[], %(rate_periods)s::float8[])
+                         %(rate_limits)s::int[], %(rate_periods)s::float8[], %(fair_by)s::text[])
     ON CONFLICT (type) DO UPDATE
     SET priority = excluded.priority, max_concurrency = excluded.max_concurrency,
-        rate_limit = excluded.rate_limit, rate_period_seconds = excluded.rate_period_seconds, declared_at = now()
-    WHERE (t.priority, t.max_concurrency, t.rate_limit, t.rate_period_seconds)
-          IS DISTINCT FROM (excluded.priority, excluded.max_concurrency, excluded.rate_limit, excluded.rate_period_seconds)
+        rate_limit = excluded.rate_limit, rate_period_seconds = excluded.rate_period_seconds,
+        fair_by = excluded.fair_by, declared_at = now()
+    WHERE (t.priority, t.max_concurrency, t.rate_limit, t.rate_period_seconds, t.fair_by)
+          IS DISTINCT FROM (excluded.priority, excluded.max_concurrency, excluded.rate_limit,
+                            excluded.rate_period_seconds, excluded.fair_by)
 )
 INSERT INTO workflow_workers (id, host, pid, types, served, concurrency)
 VALUES (%(worker_id)s, %(host)s, %(pid)s, %(types)s, %(served)s, %(concurrency)s)

@@ -7,6 +7,7 @@
 --   provide_tokens
 --   lock_slots
 --   lock_tokens
+--   lock_fair_workflows
 --   grant_workflows
 --   spend_tokens
 --   list_limits
@@ -18,8 +19,8 @@
 -- name: load_limits
 -- The limits that hold for `types` (a daemon's served types), refreshed every few
 -- seconds: they tell the daemon whether its claims run the limited path.
-SELECT type, max_concurrency, rate_limit, rate_period_seconds FROM workflow_type_limits
-WHERE type = ANY(%(types)s::text[]) AND (max_concurrency IS NOT NULL OR rate_limit IS NOT NULL)
+SELECT type, max_concurrency, rate_limit, rate_period_seconds, fair_by FROM workflow_type_limits
+WHERE type = ANY(%(types)s::text[]) AND (max_concurrency IS NOT NULL OR rate_limit IS NOT NULL OR fair_by IS NOT NULL)
 ORDER BY type;
 
 -- name: provide_slots
@@ -80,6 +81,57 @@ CROSS JOIN LATERAL (
     FOR UPDATE OF t SKIP LOCKED
 ) t;
 
+-- name: lock_fair_workflows
+-- In the claiming transaction, for each fair type of `types` (Workflow(fair_by=...)):
+-- lock up to `caps` of its due workflows, round-robin across its users. The distinct
+-- user keys with due work are found one index probe each (a loose index scan of
+-- workflows_due_by_type_and_key_idx), from a random point of the key space round to it
+-- (two passes: from there up, then from the bottom to there), at most `caps` keys; then
+-- each user's most urgent rows, an equal share of the cap each (FOR UPDATE SKIP
+-- LOCKED). Returned in the order the grant takes them: by priority, then by turn (each
+-- user's first, then each one's second, ...), then by user.
+WITH RECURSIVE wanted AS (
+    SELECT type, n, floor(random() * 4294967296)::bigint - 2147483648 AS start
+    FROM unnest(%(types)s::text[], %(caps)s::int[]) AS c (type, n)
+),
+keys (type, n, pass, upper, depth, fair_key) AS (
+    SELECT wanted.type, n, pass, upper, 1,
+           (SELECT w.fair_key FROM workflows w
+            WHERE w.type = wanted.type AND w.state IN ('pending', 'running', 'compensating')
+              AND w.next_retry_at <= now() AND w.fair_key >= low AND w.fair_key < upper
+            ORDER BY w.fair_key LIMIT 1)
+    FROM wanted CROSS JOIN LATERAL (VALUES (1, start, 2147483648), (2, -2147483648, start)) AS seed (pass, low, upper)
+    UNION ALL
+    SELECT keys.type, n, pass, upper, depth + 1,
+           (SELECT w.fair_key FROM workflows w
+            WHERE w.type = keys.type AND w.state IN ('pending', 'running', 'compensating')
+              AND w.next_retry_at <= now() AND w.fair_key > keys.fair_key AND w.fair_key < upper
+            ORDER BY w.fair_key LIMIT 1)
+    FROM keys WHERE keys.fair_key IS NOT NULL AND depth < n
+),
+users AS (
+    SELECT type, n, fair_key, count(*) OVER (PARTITION BY type) AS found
+    FROM (SELECT type, n, fair_key, row_number() OVER (PARTITION BY type ORDER BY pass, fair_key) AS visit
+          FROM keys WHERE fair_key IS NOT NULL) visited
+    WHERE visit <= n
+),
+locked AS (
+    SELECT w.id, w.type, w.priority, w.next_retry_at, users.fair_key
+    FROM users CROSS JOIN LATERAL (
+        SELECT id, type, priority, next_retry_at FROM workflows
+        WHERE type = users.type AND fair_key = users.fair_key AND state IN ('pending', 'running', 'compensating')
+          AND next_retry_at <= now() AND id <> ALL(%(busy)s::uuid[])
+          AND workflow_served_key(type, workflow_run_version(version, started_at)) = ANY(%(served)s::text[])
+        ORDER BY priority, next_retry_at
+        LIMIT ceil(users.n::numeric / users.found)::int
+        FOR UPDATE SKIP LOCKED
+    ) w
+)
+SELECT id, type, row_number() OVER (PARTITION BY type ORDER BY priority, turn, fair_key)::int AS fair_order
+FROM (SELECT id, type, priority, fair_key,
+             row_number() OVER (PARTITION BY type, fair_key ORDER BY priority, next_retry_at) AS turn
+      FROM locked) numbered;
+
 -- name: grant_workflows
 -- Second statement: which due workflows of the limited types start now, and which of
 -- the slots lock_slots locked each takes. `caps`: how many each type may start (the
@@ -88,7 +140,9 @@ CROSS JOIN LATERAL (
 -- before the locks were granted), so a slot it finds free is free. A slot still held by
 -- a workflow whose lease ran out goes to that workflow again (locked here, if it is due
 -- and served); the free ones go to the type's due workflows in claim order
--- (workflows_due_by_type_idx), as do a type's tokens when it has no concurrency limit.
+-- (workflows_due_by_type_and_key_idx), as do a type's tokens when it has no
+-- concurrency limit; a fair type's go to the rows lock_fair_workflows locked (`fair`,
+-- in its order).
 -- The workflows are locked (FOR UPDATE SKIP LOCKED) and numbered in a later CTE, since
 -- a locking query cannot number its rows. claim_granted_workflows then claims exactly
 -- these, which moves each slot to its workflow's new lease; spend_tokens stamps a token
@@ -114,36 +168,39 @@ returning_holders AS (
     FOR UPDATE OF w SKIP LOCKED
 ),
 waiting AS (
-    SELECT w.id, w.type, w.priority, w.next_retry_at
+    SELECT w.id, w.type, w.priority, w.next_retry_at, NULL::int AS fair_order
     FROM (SELECT type, CASE WHEN type IN (SELECT type FROM locked)
                             THEN least(n, (SELECT count(*) FROM free WHERE free.type = cap.type)) ELSE n END AS wanted
-          FROM cap) f
+          FROM cap WHERE type <> ALL(%(fair_types)s::text[])) f
     CROSS JOIN LATERAL (
         SELECT id, type, priority, next_retry_at FROM workflows
         WHERE type = f.type AND state IN ('pending', 'running', 'compensating') AND next_retry_at <= now()
           AND workflow_served_key(type, workflow_run_version(version, started_at)) = ANY(%(served)s::text[])
           AND id <> ALL(%(busy)s::uuid[])
-        ORDER BY priority, next_retry_at
+        ORDER BY fair_key, priority, next_retry_at
         LIMIT f.wanted
         FOR UPDATE SKIP LOCKED
     ) w
+    UNION ALL
+    SELECT w.id, w.type, w.priority, w.next_retry_at, fair.fair_order
+    FROM unnest(%(fair)s::uuid[], %(fair_orders)s::int[]) AS fair (id, fair_order) JOIN workflows w ON w.id = fair.id
 ),
 numbered AS (
-    SELECT id, type, priority, next_retry_at,
-           row_number() OVER (PARTITION BY type ORDER BY priority, next_retry_at) AS n
+    SELECT id, type, priority, next_retry_at, fair_order,
+           row_number() OVER (PARTITION BY type ORDER BY fair_order, priority, next_retry_at) AS n
     FROM waiting WHERE id NOT IN (SELECT id FROM returning_holders)
 ),
 granted AS (
-    SELECT id, type, slot, priority, next_retry_at FROM returning_holders
+    SELECT id, type, slot, priority, next_retry_at, NULL::int AS fair_order FROM returning_holders
     UNION ALL
-    SELECT numbered.id, numbered.type, free.slot, numbered.priority, numbered.next_retry_at
+    SELECT numbered.id, numbered.type, free.slot, numbered.priority, numbered.next_retry_at, numbered.fair_order
     FROM numbered LEFT JOIN free USING (type, n)
     WHERE free.slot IS NOT NULL OR numbered.type NOT IN (SELECT type FROM locked)
 )
 -- At most each type's cap, and `limit` in all (the daemon's room), the most urgent first.
 SELECT id, type, slot FROM (
     SELECT id, type, slot, priority, next_retry_at,
-           row_number() OVER (PARTITION BY type ORDER BY priority, next_retry_at) AS rank
+           row_number() OVER (PARTITION BY type ORDER BY fair_order, priority, next_retry_at) AS rank
     FROM granted
 ) g JOIN cap USING (type)
 WHERE g.rank <= cap.n
@@ -159,7 +216,7 @@ WHERE t.type = spent.type AND t.token = spent.token;
 -- name: list_limits
 -- Every type with a limit declared or set (or only `type`), with what holds, how many
 -- of its workflows hold a lease now, how many steps it started in the last period of
--- its rate, and how much of its work is due (workflows_due_by_type_idx).
+-- its rate, and how much of its work is due (workflows_due_by_type_and_key_idx).
 SELECT l.type, l.max_concurrency, l.declared_max_concurrency, l.rate_limit, l.rate_period_seconds,
        l.declared_rate_limit, l.declared_rate_period_seconds, l.overridden, l.set_by, l.set_at,
        (SELECT count(*) FROM workflows w WHERE w.type = l.type AND w.state IN ('pending', 'running', 'compensating')

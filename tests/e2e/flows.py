@@ -433,3 +433,5 @@ urgent_trade = Workflow(type="urgent_trade", priority=-50, steps=[Step("trade", 
 limited_five = Workflow(type="limited_five", max_concurrency=5, steps=[Step("one", naps), Step("two", naps)])
 # At most ten step starts per second of these, across every daemon.
 rated_ten = Workflow(type="rated_ten", rate_limit="10/s", steps=[Step("one", naps), Step("two", naps)])
+# Due work shared round-robin between users.
+fair_share = Workflow(type="fair_share", fair_by="user_id", steps=[Step("one", naps)])

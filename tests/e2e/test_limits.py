@@ -101,3 +101,33 @@ def test_a_rate_limited_type_starts_no_more_than_its_rate_across_three_daemons(
     observed = (len(steady) - 1) / (steady[-1] - steady[0]).total_seconds()
     assert RATE * 0.9 <= observed <= RATE * 1.1, observed
     assert all(daemon.process.poll() is None for daemon in started)
+
+
+def test_with_fairness_one_users_ten_thousand_delay_anothers_first_by_at_most_two_batches(
+    daemons: Daemons, db: psycopg.Connection[Any]
+) -> None:
+    concurrency = 5
+    started = [daemons.start(concurrency=concurrency) for _ in range(3)]
+    db.execute(
+        "INSERT INTO workflows (type, input, user_id) "
+        "SELECT 'fair_share', jsonb_build_object('n', n, 'sleep', 0.3), 'alice' FROM generate_series(1, 10000) n"
+    )
+    wait_until(lambda: finished(db, "fair_share") >= 15, 30, "the daemons to be busy with alice's work")
+    (bob,) = db.execute(
+        "INSERT INTO workflows (type, input, user_id) VALUES ('fair_share', '{\"sleep\": 0}', 'bob') RETURNING id"
+    ).fetchone()  # type: ignore[misc]
+    wait_until(lambda: finished(db, "fair_share") and db.execute(
+        "SELECT started_at IS NOT NULL FROM workflows WHERE id = %s", (bob,)
+    ).fetchone() == (True,), 30, "bob's workflow to start")  # fmt: skip
+    (ahead,) = db.execute(
+        "SELECT count(*) FROM workflows a, workflows b WHERE b.id = %s AND a.user_id = 'alice' "
+        "AND a.started_at > b.created_at AND a.started_at < b.started_at",
+        (bob,),
+    ).fetchone()  # type: ignore[misc]
+    # A batch of the fleet is at most each daemon's room: 3 x 5 workflows.
+    assert ahead <= 2 * 3 * concurrency, ahead
+    (left,) = db.execute(
+        "SELECT count(*) FROM workflows WHERE user_id = 'alice' AND started_at IS NULL"
+    ).fetchone()  # type: ignore[misc]
+    assert left > 9000  # bob did not wait for alice's queue
+    assert all(daemon.process.poll() is None for daemon in started)

@@ -25,14 +25,14 @@ from engine.sqlfiles import parse_queries, query, sql_dir
 # transaction's own opening (no parameters, its settings) is read separately.
 HOT_FILES = ("claim.sql", "advance.sql", "fail_and_compensate.sql", "leases.sql")
 # And the claim of limited types (the rest of limits.sql runs every 2 s, or for operators).
-HOT_LIMITS = ("lock_slots", "lock_tokens", "grant_workflows", "spend_tokens")
+HOT_LIMITS = ("lock_slots", "lock_tokens", "lock_fair_workflows", "grant_workflows", "spend_tokens")
 # Run in the claiming transaction, under its own settings too.
 IN_CLAIM = {"claim_due_workflows", "claim_granted_workflows", *HOT_LIMITS}
 CLAIM_OPENING = "claiming_transaction"
 ENGINE_TABLES = {"workflows", "workflow_steps", "workflow_events", "workflow_workers"}
 # Index lookups by key, and the claim's ordered walk of the due index.
 LOOKUPS = {
-    "workflows_pkey", "workflow_steps_pkey", "workflow_workers_pkey", "workflows_due_idx", "workflows_due_by_type_idx",
+    "workflows_pkey", "workflow_steps_pkey", "workflow_workers_pkey", "workflows_due_idx", "workflows_due_by_type_and_key_idx",
 }  # fmt: skip
 NEARLY_EMPTY = 50
 BURST = 20_000
