@@ -63,9 +63,7 @@ async def test_a_user_behind_another_users_ten_thousand_is_claimed_in_the_first_
     assert Counter(await claim(service.store, 10)) == {"alice": 10}
 
 
-async def test_many_users_share_each_batch(
-    service: WorkflowService, db: psycopg.Connection[Any]
-) -> None:
+async def test_many_users_share_each_batch(service: WorkflowService, db: psycopg.Connection[Any]) -> None:
     await declare(service.store)
     for user in ("u1", "u2", "u3"):
         queue(db, user, 20)
