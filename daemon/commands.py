@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from engine import UnstorableValueError, WorkflowService, WorkflowState
 from engine.idempotency import check_storable_text
 from engine.limits import UNCHANGED, concurrency_problem, rate_limit_problem
-from engine.records import LimitRecord, ScheduleRecord, StepRecord, TimelineEvent, WorkflowRecord
+from engine.records import LimitRecord, ScheduleRecord, StepRecord, TimelineEvent, TypeFlow, WorkflowRecord
 from engine.schedules import MISSED_TICKS, Schedule
 from engine.service import (
     LIST_LIMIT_DEFAULT,
@@ -192,6 +192,7 @@ async def cmd_stats(args: argparse.Namespace, service: WorkflowService) -> str:
         f"last minute: {stats.completed_last_minute} completed, {stats.failed_last_minute} failed; "
         f"last hour: {stats.completed_last_hour} completed, {stats.failed_last_hour} failed",
         "oldest due workflow: " + ("none" if oldest is None else f"{oldest:.1f} s overdue"),
+        flow_table(stats.flow) if stats.flow else "nothing runnable",
         render_table(("worker", "host", "pid", "types", "last seen"), workers)
         if workers
         else "no live workers",
@@ -201,6 +202,21 @@ async def cmd_stats(args: argparse.Namespace, service: WorkflowService) -> str:
             "due work no live worker serves (type, or type@version): " + ", ".join(stats.unserved_types)
         )
     return "\n\n".join(parts)
+
+
+def flow_table(flow: Sequence[TypeFlow]) -> str:
+    """In flight against the limits, due, throttled (held back by a limit: limited, not
+    stuck) and the oldest due age, by type."""
+    rows = [
+        (each.type, f"{each.in_flight} / {_limit_text(each.max_concurrency)}",
+         f"{each.started_in_period} / {each.rate_limit}" if each.rate_limit else "none",
+         str(each.due), str(each.throttled),
+         "-" if each.oldest_due_age_seconds is None else f"{each.oldest_due_age_seconds:.1f} s")
+        for each in flow
+    ]  # fmt: skip
+    return render_table(
+        ("type", "in flight / limit", "started / rate", "due", "throttled", "oldest due"), rows
+    )
 
 
 async def cmd_versions(args: argparse.Namespace, service: WorkflowService) -> str:

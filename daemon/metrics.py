@@ -8,7 +8,7 @@ for QUEUE_DEPTH_REFRESH_SECONDS, so N daemons neither multiply the number nor th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 from psycopg import AsyncConnection
 
 from engine.primary import connect_to_primary
+from engine.records import TypeFlow
 from engine.service import WORKER_STALE_SECONDS_DEFAULT
 from engine.sqlfiles import query
 from engine.store import Store
@@ -106,9 +107,32 @@ class Metrics:
         r.register(self.queue_depth)
 
 
+# Flow control by type (the type_flow query), so that an operator tells "limited"
+# (throttled) from "stuck" (due, not throttled, and old): name, help, value (None: none).
+FLOW_GAUGES: tuple[tuple[str, str, Callable[[TypeFlow], float | None]], ...] = (
+    ("workflowd_in_flight_workflows", "Workflows of a type holding a lease",
+     lambda f: f.in_flight),
+    ("workflowd_concurrency_limit", "A type's concurrency limit, where it has one",
+     lambda f: f.max_concurrency),
+    ("workflowd_rate_limit_starts", "A type's rate limit: step starts per period, where it has one",
+     lambda f: f.rate_limit_starts),
+    ("workflowd_rate_limit_period_seconds", "The period of a type's rate limit, where it has one",
+     lambda f: f.rate_period_seconds),
+    ("workflowd_rate_period_starts", "Step starts of a rate-limited type in the last period of its rate",
+     lambda f: f.started_in_period if f.rate_limit else None),
+    ("workflowd_due_workflows", "Due workflows of a type, waiting to be claimed",
+     lambda f: f.due),
+    ("workflowd_throttled_workflows", "Due workflows of a type that its limits hold back now",
+     lambda f: f.throttled),
+    ("workflowd_oldest_due_age_seconds", "How long a type's oldest due workflow has waited",
+     lambda f: f.oldest_due_age_seconds),
+)  # fmt: skip
+
+
 class QueueDepthCollector(Collector):
-    """`workflowd_queue_depth{type,state}`, `workflowd_stuck_workflows` and
-    `workflowd_unserved_workflows{served}`, exported only while this process holds the lock."""
+    """`workflowd_queue_depth{type,state}`, `workflowd_stuck_workflows`,
+    `workflowd_unserved_workflows{served}` and flow control's gauges by type (FLOW_GAUGES),
+    exported only while this process holds the lock."""
 
     def __init__(self, refresh_seconds: float = QUEUE_DEPTH_REFRESH_SECONDS) -> None:
         self.refresh_seconds = refresh_seconds
@@ -116,6 +140,7 @@ class QueueDepthCollector(Collector):
         self.depths: dict[tuple[str, str], int] = {}
         self.stuck = 0
         self.unserved: dict[str, int] = {}
+        self.flow: list[TypeFlow] = []
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(
@@ -143,6 +168,15 @@ class QueueDepthCollector(Collector):
         yield family
         yield stuck
         yield unserved
+        yield from self._flow_families()
+
+    def _flow_families(self) -> Iterator[GaugeMetricFamily]:
+        for name, help, value in FLOW_GAUGES:
+            gauge = GaugeMetricFamily(name, help + " (exported by one daemon at a time).", labels=["type"])
+            for each in self.flow if self.holder else []:
+                if (number := value(each)) is not None:
+                    gauge.add_metric([each.type], number)
+            yield gauge
 
     async def run_once(self, conn: AsyncConnection[Any]) -> None:
         """Take (or keep) the lock; if held, refresh the cached depths."""
@@ -156,6 +190,7 @@ class QueueDepthCollector(Collector):
             row = await cursor.fetchone()
             self.stuck = int(row[0]) if row else 0
             self.unserved = await Store(conn).unserved_work(stale_seconds=WORKER_STALE_SECONDS_DEFAULT)
+            self.flow = [TypeFlow.of(row) for row in await Store(conn).type_flow()]
 
     async def run(self, conninfo: str) -> None:
         """Hold a session of our own (the lock lives as long as it does) and refresh."""

@@ -170,6 +170,31 @@ class VersionUsage(_Record):
     served_by: int
 
 
+class TypeFlow(_Record):
+    """One type as flow control sees it (the type_flow query): its workflows holding a
+    lease against its concurrency limit, its steps started in the last period of its
+    rate ("10/s") against the rate, its due workflows, how many of those a limit holds
+    back now (throttled: limited, not stuck), and how long the oldest has been due."""
+
+    type: str
+    in_flight: int
+    max_concurrency: int | None
+    rate_limit: str | None
+    # The rate as numbers: step starts per period, and the period.
+    rate_limit_starts: int | None
+    rate_period_seconds: float | None
+    started_in_period: int
+    due: int
+    throttled: int
+    oldest_due_age_seconds: float | None
+
+    @classmethod
+    def of(cls, row: dict[str, Any]) -> TypeFlow:
+        """From a type_flow row, its rate as a count and a period in seconds."""
+        text = _rate_text(row["rate_limit"], row["rate_period_seconds"])
+        return cls.model_validate(row | {"rate_limit": text, "rate_limit_starts": row["rate_limit"]})
+
+
 class WorkflowStats(_Record):
     """The overview an operator looks at first."""
 
@@ -186,6 +211,8 @@ class WorkflowStats(_Record):
     # Running or compensating workflows due or leased more than an hour ahead: no daemon
     # claims them as they stand (see the count_stuck_workflows query).
     stuck_workflows: int = 0
+    # Each type with runnable work or a limit, as flow control sees it.
+    flow: list[TypeFlow] = []
 
 
 class LimitRecord(_Record):

@@ -41,6 +41,7 @@ from engine.records import (
     StartResult,
     StepRecord,
     TimelineEvent,
+    TypeFlow,
     VersionUsage,
     WorkerInfo,
     WorkflowPage,
@@ -442,6 +443,7 @@ class WorkflowService:
             live_workers=[WorkerInfo.model_validate(row) for row in workers],
             unserved_types=list(await self.reads.unserved_work(stale_seconds=worker_stale_seconds)),
             stuck_workflows=await self.reads.count_stuck_workflows(),
+            flow=[TypeFlow.of(row) for row in await self.reads.type_flow()],
         )
 
     async def send_event(

@@ -487,6 +487,11 @@ class Store:
         assert row is not None  # an aggregate always returns its row
         return row
 
+    async def type_flow(self) -> list[Row]:
+        """Each type with runnable work or a limit: in flight against its limits, due,
+        throttled and the age of its oldest due workflow (see the query)."""
+        return await self._all("type_flow", {})
+
     async def count_stuck_workflows(self) -> int:
         """Running or compensating workflows no daemon will claim as they stand."""
         return int(await self._scalar("count_stuck_workflows", {}))

@@ -11,6 +11,7 @@
 --   recent_outcomes
 --   count_stuck_workflows
 --   queue_depth
+--   type_flow
 --   live_workers
 --   unserved_work
 --   definition_versions
@@ -103,6 +104,34 @@ WHERE w.state IN ('running', 'compensating') AND w.next_retry_at > now() + inter
 -- Runnable workflows by type and state, for the workflowd_queue_depth gauge.
 SELECT type, state::text, count(*) FROM workflows
 WHERE state IN ('pending', 'running', 'compensating') GROUP BY type, state;
+
+-- name: type_flow
+-- Each type with runnable work or a limit, as flow control sees it: its workflows
+-- holding a lease and its concurrency limit, its rate and the steps it started in the
+-- rate's last period, its due workflows, how many of those a limit holds back now
+-- (throttled: all of them while the type is at its concurrency limit or has spent its
+-- rate), and how long the oldest has been due. Due work that is not throttled and
+-- grows old is waiting for capacity, or stuck; throttled work is limited.
+WITH runnable AS (
+    SELECT type, count(*) FILTER (WHERE lease_expires_at > now()) AS in_flight,
+           count(*) FILTER (WHERE next_retry_at <= now()) AS due,
+           min(next_retry_at) FILTER (WHERE next_retry_at <= now()) AS oldest_due_at
+    FROM workflows WHERE state IN ('pending', 'running', 'compensating') GROUP BY type
+),
+flow AS (
+    SELECT coalesce(r.type, l.type) AS type, coalesce(r.in_flight, 0)::int AS in_flight, l.max_concurrency,
+           l.rate_limit, l.rate_period_seconds,
+           (SELECT count(*) FROM workflow_rate_tokens t WHERE t.type = l.type AND t.token < l.rate_limit
+              AND t.spent_at > now() - l.rate_period_seconds * interval '1 second')::int AS started_in_period,
+           coalesce(r.due, 0)::int AS due, extract(epoch FROM now() - r.oldest_due_at)::float8 AS oldest_due_age_seconds
+    FROM runnable r
+    FULL JOIN (SELECT * FROM workflow_type_limits WHERE max_concurrency IS NOT NULL OR rate_limit IS NOT NULL) l
+        ON l.type = r.type
+)
+SELECT type, in_flight, max_concurrency, rate_limit, rate_period_seconds, started_in_period, due,
+       CASE WHEN in_flight >= max_concurrency OR started_in_period >= rate_limit THEN due ELSE 0 END AS throttled,
+       oldest_due_age_seconds
+FROM flow ORDER BY type;
 
 -- name: live_workers
 SELECT id, host, pid, types, concurrency, started_at, last_seen_at FROM workflow_workers

@@ -176,3 +176,46 @@ async def test_concurrent_claimers_never_start_more_than_the_rate_in_a_period(
     # A minute later (the tokens' stamps moved back by one), three more start.
     db.execute("UPDATE workflow_rate_tokens SET spent_at = spent_at - interval '1 minute'")
     assert len(await claim_limited(service.store, "a_period_later", 5, rate)) == 3
+
+
+async def test_stats_and_gauges_tell_a_limited_type_from_a_stuck_one(
+    service: WorkflowService, db: psycopg.Connection[Any], db_url: str
+) -> None:
+    from daemon.metrics import QueueDepthCollector  # noqa: PLC0415 (a daemon part, used here only)
+
+    await declare(service.store, Registry([Workflow(type="limited", max_concurrency=1, steps=LIMITED.steps)]))
+    await service.store.provide_slots(["limited"])
+    for n in range(3):
+        insert_workflow(db, type="limited", input={"n": n}, next_retry_at="2026-01-01T00:00:00Z")
+    insert_workflow(db, type="waiting", input={"n": 0}, next_retry_at="2026-01-01T00:00:00Z")
+    await claim_limited(service.store, "w", 5, TypeLimits(max_concurrency=1))
+
+    flow = {each.type: each for each in (await service.get_stats()).flow}
+    limited, waiting = flow["limited"], flow["waiting"]
+    # At its limit: its two due workflows are held back by it (limited, not stuck).
+    assert (limited.in_flight, limited.max_concurrency, limited.due, limited.throttled) == (1, 1, 2, 2)
+    # No limit holds the other back: its old due work waits for a daemon (or is stuck).
+    assert (waiting.in_flight, waiting.max_concurrency, waiting.due, waiting.throttled) == (0, None, 1, 0)
+    assert waiting.oldest_due_age_seconds is not None and waiting.oldest_due_age_seconds > 86_400
+
+    await service.set_limit("limited", rate_limit="5/min")
+    collector = QueueDepthCollector()
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await collector.run_once(conn)
+    gauges = {
+        (family.name, sample.labels["type"]): sample.value
+        for family in collector.collect()
+        for sample in family.samples
+        if "type" in sample.labels and family.name != "workflowd_queue_depth"
+    }
+    assert gauges == {
+        ("workflowd_in_flight_workflows", "limited"): 1, ("workflowd_in_flight_workflows", "waiting"): 0,
+        ("workflowd_concurrency_limit", "limited"): 1,
+        ("workflowd_rate_limit_starts", "limited"): 5, ("workflowd_rate_limit_period_seconds", "limited"): 60,
+        ("workflowd_rate_period_starts", "limited"): 0,
+        ("workflowd_due_workflows", "limited"): 2, ("workflowd_due_workflows", "waiting"): 1,
+        ("workflowd_throttled_workflows", "limited"): 2, ("workflowd_throttled_workflows", "waiting"): 0,
+        ("workflowd_oldest_due_age_seconds", "limited"): gauges[("workflowd_oldest_due_age_seconds", "limited")],
+        ("workflowd_oldest_due_age_seconds", "waiting"): gauges[("workflowd_oldest_due_age_seconds", "waiting")],
+    }  # fmt: skip
+    assert gauges[("workflowd_oldest_due_age_seconds", "waiting")] > 86_400
