@@ -196,7 +196,8 @@ async def test_stats_and_gauges_tell_a_limited_type_from_a_stuck_one(
     assert (limited.in_flight, limited.max_concurrency, limited.due, limited.throttled) == (1, 1, 2, 2)
     # No limit holds the other back: its old due work waits for a daemon (or is stuck).
     assert (waiting.in_flight, waiting.max_concurrency, waiting.due, waiting.throttled) == (0, None, 1, 0)
-    assert waiting.oldest_due_age_seconds is not None and waiting.oldest_due_age_seconds > 86_400
+    assert waiting.oldest_due_age_seconds is not None
+    assert waiting.oldest_due_age_seconds > 86_400
 
     await service.set_limit("limited", rate_limit="5/min")
     collector = QueueDepthCollector()
