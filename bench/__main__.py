@@ -21,8 +21,9 @@ from typing import Any
 
 import psycopg
 
-from bench import cases, peers, retention
+from bench import cases, flow, peers, retention
 from bench.daemon import burst_after_idle, pickup_latency, throughput
+from bench.flows import noop_fair, noop_limited
 from daemon.local_postgres import LocalPostgres
 
 
@@ -119,6 +120,7 @@ def main() -> None:
             lambda: throughput(cluster, 2, args.workflows, args.concurrency, 1, plain=True),
             "steps_per_s", "steps/s",
         )  # fmt: skip
+        measure_flow_control(report, cluster, args)
         if not args.no_peers:
             measure_peers(report, cluster, counts, args)
         measure_latency(report, cluster, args)
@@ -146,6 +148,23 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report.figures, indent=2))
     print(f"\nwritten to {args.out}")
+
+
+def measure_flow_control(report: Report, cluster: LocalPostgres, args: argparse.Namespace) -> None:
+    """Drains of a limited and of a fair type, beside the unlimited 1-step drain above,
+    and the claim of each kind of type."""
+    for workflow, label in (
+        (noop_limited, "a concurrency limit of 1,000 it never reaches"),
+        (noop_fair, f"fair between {flow.FAIR_USERS} users"),
+    ):
+        report.measure(
+            f"workflowd_1_step_{workflow.type}_2_processes", f"workflowd 1-step workflows, {label}, 2 processes",
+            lambda workflow=workflow: flow.limited_drain(  # type: ignore[misc]
+                cluster, args.workflows, args.concurrency, workflow
+            ),
+            "steps_per_s", "steps/s",
+        )  # fmt: skip
+    report.figures["flow_claims"] = flow.claim_costs(cluster)
 
 
 def measure_peers(
@@ -279,7 +298,24 @@ def print_comparisons(figures: dict[str, Any]) -> None:
         f"{claim['finished_rows']:,} finished workflows ({claim['change_percent']:+} %)"
     )
     print(f"resident memory of one daemon at concurrency 100: {figures['memory']['peak_rss_mb']} MB peak")
+    print_flow_control(figures)
     print_time(figures)
+
+
+def print_flow_control(figures: dict[str, Any]) -> None:
+    """The claim of each kind of flow-controlled type against the unlimited claim, and
+    their drains against the unlimited drain."""
+    claims = figures["flow_claims"]
+    print(
+        f"claim of {claims['batch']} ({claims['due_per_type']:,} due of each type): "
+        + ", ".join(
+            f"{name} {ms} ms ({claims['over_unlimited'][name]}x)" for name, ms in claims["ms"].items()
+        )
+    )
+    unlimited = figures["workflowd_1_step_2_processes"]["median"]
+    for kind in ("noop_limited", "noop_fair"):
+        drained = figures[f"workflowd_1_step_{kind}_2_processes"]["median"]
+        print(f"1-step steps/s, {kind} ÷ unlimited, 2 processes: {drained / unlimited:.2f}")
 
 
 def print_time(figures: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@ latency (SQL insert commit to step start) while the daemons are idle."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import statistics
@@ -19,6 +20,9 @@ from psycopg import sql
 
 from bench.primary import PrimaryCost, process_cpu_seconds
 from daemon.local_postgres import LocalPostgres, free_port
+from engine.definitions import Workflow
+from engine.registry import Registry
+from engine.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,18 +111,28 @@ def throughput(
     steps: int = 3,
     *,
     plain: bool = False,
+    workflow: Workflow | None = None,
+    users: int = 1,
 ) -> dict[str, float]:
     """Insert `workflows` no-op workflows of `steps` steps first, then drain them with
     `processes` daemons; timed by the database, from the first claim to the last completion.
     Also what the drain cost the server and the daemons (bench/primary.py). `plain`: the
-    steps are plain functions (run in the daemon's thread pool), not coroutines."""
+    steps are plain functions (run in the daemon's thread pool), not coroutines.
+    `workflow`: another one-step type of bench/flows.py; `users`: the workflows belong
+    to that many users, in turn."""
     name = f"bench_throughput_{processes}"
     url = fresh_database(cluster, name)
     with psycopg.connect(url, autocommit=True) as conn:
+        if workflow is not None:
+            declare(url, workflow)  # as its daemons will, before the insert reads it
         conn.execute(
-            "INSERT INTO workflows (type, input, user_id) SELECT %s, jsonb_build_object('n', n), 'bench' "
+            "INSERT INTO workflows (type, input, user_id) SELECT %s, jsonb_build_object('n', n), 'user-' || n %% %s "
             "FROM generate_series(1, %s) n",
-            (f"noop_sync_{steps}" if plain else f"noop_{steps}", workflows),
+            (
+                workflow.type if workflow else f"noop_sync_{steps}" if plain else f"noop_{steps}",
+                users,
+                workflows,
+            ),
         )
         cost = PrimaryCost(cluster, name)
         with daemons(url, processes, concurrency) as running:
@@ -140,6 +154,22 @@ def throughput(
         "daemon_cpu_ms_per_workflow": round(1000 * daemon_cpu / workflows, 3),
         **primary,
     }
+
+
+def declare(url: str, *workflows: Workflow) -> None:
+    """Declare the priority, limits and fairness of bench types in workflow_types, as a
+    daemon serving them does when it registers (the insert trigger reads them)."""
+    registry = Registry(workflows)
+
+    async def register() -> None:
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            await Store(conn).register_worker(
+                worker_id="bench", host="bench", pid=0, types=registry.types, priorities=registry.priorities,
+                limits=registry.limits, served=registry.served, concurrency=1,
+            )  # fmt: skip
+            await conn.execute("UPDATE workflow_workers SET stopped_at = now() WHERE id = 'bench'")
+
+    asyncio.run(register())
 
 
 TRICKLE = 200

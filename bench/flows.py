@@ -26,3 +26,7 @@ noop_1 = Workflow(type="noop_1", steps=[Step("only", noop)])
 noop_3 = Workflow(type="noop_3", steps=[Step("one", noop), Step("two", noop), Step("three", noop)])
 noop_sync_1 = Workflow(type="noop_sync_1", steps=[Step("only", plain_noop)])
 pickup = Workflow(type="pickup", steps=[Step("stamp", stamp)])
+# Flow control (bench/flow.py): a concurrency limit no drain reaches, a rate, fairness.
+noop_limited = Workflow(type="noop_limited", max_concurrency=1_000, steps=[Step("only", noop)])
+noop_rated = Workflow(type="noop_rated", rate_limit="10000/s", steps=[Step("only", noop)])
+noop_fair = Workflow(type="noop_fair", fair_by="user_id", steps=[Step("only", noop)])

@@ -1,7 +1,7 @@
 """The claim of limited and fair types (flow control, sql/queries/limits.sql): in the
 claiming transaction, lock the slots and rate tokens that may be taken, lock a fair
-type's due work round-robin across its users, grant them to due workflows, claim those
-and spend a token for each step started."""
+type's due work round-robin across its users, grant them to due workflows, claim those,
+move each slot to its workflow's lease and spend a token for each step started."""
 
 from __future__ import annotations
 
@@ -44,6 +44,8 @@ async def claim_limited(
     rows = await tx.claim_granted_workflows(
         worker_id=worker_id, granted=granted, lease_seconds=lease_seconds, definitions=definitions
     )
+    if taken := [row for row in granted if row["slot"] is not None]:
+        await tx.take_slots(taken)
     if spent := _tokens_for(rows, tokens):
         await tx.spend_tokens(spent)
     return rows

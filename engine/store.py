@@ -547,12 +547,11 @@ class Store:
         lease_seconds: float,
         definitions: StepDefinitions,
     ) -> list[ClaimedWorkflow]:
-        """Claim the workflows grant_slots chose (locked in this transaction), as
-        claim_due_workflows claims, each taking the slot it was granted."""
+        """Claim the workflows grant_workflows chose (locked in this transaction), as
+        claim_due_workflows claims."""
         params = {
             "worker_id": worker_id,
             "granted": [row["id"] for row in granted],
-            "granted_slots": [row["slot"] for row in granted],
             "lease_seconds": lease_seconds,
         }
         return await self._typed(ClaimedWorkflow, "claim_granted_workflows", params | definitions.shapes)
@@ -620,6 +619,16 @@ class Store:
             "limit": limit,
         }
         return await self._all("grant_workflows", params)
+
+    async def take_slots(self, granted: Sequence[Row]) -> None:
+        """In the claiming transaction, after the claim: each granted slot to its
+        workflow's new lease (rows of grant_workflows with a slot)."""
+        params = {
+            "types": [row["type"] for row in granted],
+            "slots": [row["slot"] for row in granted],
+            "ids": [row["id"] for row in granted],
+        }
+        await self._execute("take_slots", params)
 
     async def spend_tokens(self, tokens: Sequence[Row]) -> None:
         """In the claiming transaction: stamp the locked `tokens`, one per step started."""

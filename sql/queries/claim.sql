@@ -64,9 +64,9 @@ due AS (
 {{claim_result}};
 
 -- name: claim_granted_workflows
--- The claim of limited types: the workflows grant_slots chose (locked by it in this
--- transaction, each with the slot it gets), claimed as claim_due_workflows claims, and
--- each slot moved to its workflow's new lease, which holds it from the commit on.
+-- The claim of limited and fair types: the workflows grant_workflows chose (locked by it
+-- in this transaction), claimed as claim_due_workflows claims; take_slots then moves
+-- each slot granted to its workflow's new lease, which holds it from the commit on.
 WITH {{claim_shape}},
 due AS (
     SELECT id, type, state AS previous_state, next_retry_at AS due_at, started_at,
@@ -74,12 +74,7 @@ due AS (
     FROM workflows
     WHERE id = ANY(%(granted)s::uuid[])
 ),
-{{claim_and_start}},
-slots_taken AS (
-    UPDATE workflow_slots s SET workflow_id = c.id, lease_token = c.lease_token
-    FROM claimed c JOIN unnest(%(granted)s::uuid[], %(granted_slots)s::int[]) AS g (id, slot) ON g.id = c.id
-    WHERE s.type = c.type AND s.slot = g.slot
-)
+{{claim_and_start}}
 {{claim_result}};
 
 -- name: create_steps

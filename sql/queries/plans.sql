@@ -28,8 +28,13 @@
 -- but the planner, seeing an unnest of a parameter as 10 rows where a custom plan sees
 -- the real length, would judge the generic plan of create_steps too dear and plan it
 -- again on every run (about 0.5 ms each, a fifth of an idle claim's time).
+-- And no JIT: a plan node the pins disable still runs where nothing else can (the
+-- sorts of a limited claim's window functions, under claiming_transaction), priced at
+-- 10^10, which takes the statement over jit_above_cost; it was then compiled on every
+-- run (40 ms each, a limited type's drain at half the speed of an unlimited one's).
 SELECT set_config('enable_seqscan', 'off', false), set_config('enable_hashjoin', 'off', false),
-       set_config('enable_mergejoin', 'off', false), set_config('plan_cache_mode', 'force_generic_plan', false)
+       set_config('enable_mergejoin', 'off', false), set_config('plan_cache_mode', 'force_generic_plan', false),
+       set_config('jit', 'off', false)
 
 -- name: unpin_hot_plans
 -- A transactional step's own SQL plans as the database is configured, not under the
@@ -40,7 +45,8 @@ SELECT set_config('enable_seqscan', 'off', false), set_config('enable_hashjoin',
 SET LOCAL enable_seqscan TO DEFAULT;
 SET LOCAL enable_hashjoin TO DEFAULT;
 SET LOCAL enable_mergejoin TO DEFAULT;
-SET LOCAL plan_cache_mode TO DEFAULT
+SET LOCAL plan_cache_mode TO DEFAULT;
+SET LOCAL jit TO DEFAULT
 
 -- name: pin_counting_plans
 -- The count of stats (count_all_by_type_and_state) in its transaction: its part for the

@@ -25,7 +25,7 @@ from engine.sqlfiles import parse_queries, query, sql_dir
 # transaction's own opening (no parameters, its settings) is read separately.
 HOT_FILES = ("claim.sql", "advance.sql", "fail_and_compensate.sql", "leases.sql")
 # And the claim of limited types (the rest of limits.sql runs every 2 s, or for operators).
-HOT_LIMITS = ("lock_slots", "lock_tokens", "lock_fair_workflows", "grant_workflows", "spend_tokens")
+HOT_LIMITS = ("lock_slots", "lock_tokens", "lock_fair_workflows", "grant_workflows", "take_slots", "spend_tokens")
 # Run in the claiming transaction, under its own settings too.
 IN_CLAIM = {"claim_due_workflows", "claim_granted_workflows", *HOT_LIMITS}
 CLAIM_OPENING = "claiming_transaction"
@@ -42,6 +42,7 @@ PINS = {
     "enable_hashjoin": "off",
     "enable_mergejoin": "off",
     "plan_cache_mode": "force_generic_plan",
+    "jit": "off",
 }
 
 
@@ -160,6 +161,7 @@ def test_a_transactional_steps_sql_plans_as_configured_and_the_completion_under_
         db.execute(query("unpin_hot_plans"))
         assert db.execute("SHOW enable_seqscan").fetchone() == ("on",)
         assert db.execute("SHOW plan_cache_mode").fetchone() == ("auto",)
+        assert db.execute("SHOW jit").fetchone() == ("on",)
         db.execute(query("pin_hot_plans"))
         assert db.execute("SHOW enable_hashjoin").fetchone() == ("off",)
     assert db.execute("SHOW enable_seqscan").fetchone() == ("off",)
