@@ -25,7 +25,14 @@ from engine.sqlfiles import parse_queries, query, sql_dir
 # transaction's own opening (no parameters, its settings) is read separately.
 HOT_FILES = ("claim.sql", "advance.sql", "fail_and_compensate.sql", "leases.sql")
 # And the claim of limited types (the rest of limits.sql runs every 2 s, or for operators).
-HOT_LIMITS = ("lock_slots", "lock_tokens", "lock_fair_workflows", "grant_workflows", "take_slots", "spend_tokens")
+HOT_LIMITS = (
+    "lock_slots",
+    "lock_tokens",
+    "lock_fair_workflows",
+    "grant_workflows",
+    "take_slots",
+    "spend_tokens",
+)
 # Run in the claiming transaction, under its own settings too.
 IN_CLAIM = {"claim_due_workflows", "claim_granted_workflows", *HOT_LIMITS}
 CLAIM_OPENING = "claiming_transaction"
