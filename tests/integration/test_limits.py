@@ -13,7 +13,14 @@ import psycopg
 import pytest
 
 from engine import InvalidLimitError, Registry, Step, Workflow, WorkflowService, flow
-from engine.limits import RateLimit, TypeLimits
+from engine.limits import (
+    CONCURRENCY_LIMIT_MAX,
+    RATE_LIMIT_MAX,
+    RATE_PERIOD_MAX_SECONDS,
+    RATE_PERIOD_MIN_SECONDS,
+    RateLimit,
+    TypeLimits,
+)
 from engine.store import StepDefinitions, Store
 from tests.factories import insert_workflow
 from tests.integration.test_cli import workflowd
@@ -220,3 +227,18 @@ async def test_stats_and_gauges_tell_a_limited_type_from_a_stuck_one(
         ("workflowd_oldest_due_age_seconds", "waiting"): gauges[("workflowd_oldest_due_age_seconds", "waiting")],
     }  # fmt: skip
     assert gauges[("workflowd_oldest_due_age_seconds", "waiting")] > 86_400
+
+
+@pytest.mark.parametrize("table", ["workflow_limits", "workflow_types"])
+def test_the_database_holds_a_row_written_by_hand_to_the_engines_bounds(
+    db: psycopg.Connection[Any], table: str
+) -> None:
+    insert = f"INSERT INTO {table} (type, max_concurrency, rate_limit, rate_period_seconds) VALUES (%s, %s, %s, %s)"
+    db.execute(insert, ("at_the_bounds", CONCURRENCY_LIMIT_MAX, RATE_LIMIT_MAX, RATE_PERIOD_MAX_SECONDS))
+    db.execute(insert, ("at_the_low_bounds", 1, 1, RATE_PERIOD_MIN_SECONDS))
+    for n, past in enumerate([
+        (CONCURRENCY_LIMIT_MAX + 1, None, None), (0, None, None), (None, RATE_LIMIT_MAX + 1, 1),
+        (None, 0, 1), (None, 1, RATE_PERIOD_MAX_SECONDS + 1), (None, 1, RATE_PERIOD_MIN_SECONDS / 2), (None, 1, None),
+    ]):  # fmt: skip
+        with pytest.raises(psycopg.errors.CheckViolation), db.transaction():
+            db.execute(insert, (f"past_{n}", *past))
