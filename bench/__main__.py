@@ -312,10 +312,11 @@ def print_flow_control(figures: dict[str, Any]) -> None:
             f"{name} {ms} ms ({claims['over_unlimited'][name]}x)" for name, ms in claims["ms"].items()
         )
     )
-    unlimited = figures["workflowd_1_step_2_processes"]["median"]
+    unlimited = figures.get("workflowd_1_step_2_processes")  # when --processes names 2
     for kind in ("noop_limited", "noop_fair"):
         drained = figures[f"workflowd_1_step_{kind}_2_processes"]["median"]
-        print(f"1-step steps/s, {kind} ÷ unlimited, 2 processes: {drained / unlimited:.2f}")
+        ratio = f" ({drained / unlimited['median']:.2f}x unlimited)" if unlimited else ""
+        print(f"1-step steps/s, {kind}, 2 processes: {drained:,.0f}{ratio}")
 
 
 def print_time(figures: dict[str, Any]) -> None:

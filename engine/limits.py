@@ -13,7 +13,7 @@ CONCURRENCY_LIMIT_MAX = 1_000_000
 # lowered rate no longer uses: a hundred thousand starts per period is plenty.
 RATE_LIMIT_MAX = 100_000
 # A period from a second (what a claim loop polling every few tenths of a second can
-# keep to) to a day. (Migration 0016 holds the database to these bounds too, for rows
+# keep to) to a day. (Migration 0018 holds the database to these bounds too, for rows
 # written by hand: tests/integration/test_limits.py proves them the same.)
 RATE_PERIOD_MIN_SECONDS, RATE_PERIOD_MAX_SECONDS = 1.0, 86_400.0
 RATE_UNITS = {

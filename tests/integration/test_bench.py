@@ -24,7 +24,8 @@ def test_the_bench_command_runs_every_case_of_our_own_and_writes_its_figures(tmp
     for key in (
         "sql_limit", "workflowd_1_step_1_processes", "workflowd_3_step_1_processes",
         "pickup_p50_ms", "pickup_p99_ms", "workflowd_1_step_plain_2_processes", "burst_stale_statistics",
-        "burst_analyzed", "large_tables",
+        "burst_analyzed", "large_tables", "workflowd_1_step_noop_limited_2_processes",
+        "workflowd_1_step_noop_fair_2_processes",
     ):  # fmt: skip
         assert figures[key]["median"] > 0, key
         assert len(figures[key]["runs"]) == 1
@@ -44,3 +45,6 @@ def test_the_bench_command_runs_every_case_of_our_own_and_writes_its_figures(tmp
     assert figures["stats"]["rows"] == 5000
     assert figures["stats"]["stats_ms"] > 0
     assert "pickup latency of single inserts, 2 daemons, pruning" in result.stdout
+    assert set(figures["flow_claims"]["ms"]) == {"noop_1", "noop_limited", "noop_rated", "noop_fair"}
+    assert all(ms > 0 for ms in figures["flow_claims"]["ms"].values())
+    assert "1-step steps/s, noop_fair, 2 processes" in result.stdout
