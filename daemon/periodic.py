@@ -2,11 +2,13 @@
 WORKFLOWD_RETENTION_INTERVAL seconds, prune what has been kept long enough;
 engine/retention.py) and cron schedules (declare the schedules of the daemon's code,
 then every WORKFLOWD_SCHEDULE_INTERVAL seconds fire the due ticks;
-engine/schedule_runner.py), and the recount of finished workflows for stats (every
-minute; engine/counts.py). Every daemon runs all three: the retention lock lets one
-prune at a time, each due schedule is fired by one daemon (its row lock), each tick once
-(the cursor and the key), and one daemon a minute recounts (its lock and the count's
-age)."""
+engine/schedule_runner.py), the recount of finished workflows for stats (every
+minute; engine/counts.py), and the rekey of flow control (every few seconds; a type's
+rows get their new key when its limits change; engine/flow.py). Every daemon runs all
+four: the retention lock lets one prune at a time, each due schedule is fired by one
+daemon (its row lock), each tick once (the cursor and the key), one daemon a minute
+recounts (its lock and the count's age), and each rekey request is worked on by one
+daemon at a time (its row lock)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from daemon.metrics import Metrics
 from engine.counts import RECOUNT_INTERVAL_SECONDS, recount_finished
 from engine.errors import WorkflowEngineError
+from engine.flow import REKEY_INTERVAL_SECONDS, rekey
 from engine.registry import Registry
 from engine.retention import RetentionPolicy, prune
 from engine.schedule_runner import fire_due_schedules
@@ -63,6 +66,16 @@ async def recount_periodically(pool: AsyncConnectionPool) -> None:
         await recount_finished(store, older_than=RECOUNT_INTERVAL_SECONDS / 2)
 
     await every(RECOUNT_INTERVAL_SECONDS, recount_once, "recount_failed")
+
+
+async def rekey_periodically(pool: AsyncConnectionPool) -> None:
+    store = Store(pool)
+
+    async def rekey_once() -> None:
+        if rekeyed := await rekey(store):
+            LOG.info("flow_rekeyed", workflows=rekeyed)
+
+    await every(REKEY_INTERVAL_SECONDS, rekey_once, "rekey_failed")
 
 
 async def fire_periodically(

@@ -18,7 +18,7 @@ from daemon import systemd
 from daemon.health import Readiness, ReplicaLag
 from daemon.http import EmbeddedServer, create_app, http_server
 from daemon.metrics import Metrics
-from daemon.periodic import fire_periodically, prune_periodically, recount_periodically
+from daemon.periodic import fire_periodically, prune_periodically, recount_periodically, rekey_periodically
 from daemon.settings import ConfigurationError, Settings, with_session_limits
 from daemon.worker import Worker, WorkerConfig
 from engine.migrate import Migration, migrate, pending_migrations
@@ -302,6 +302,7 @@ async def serve(
             ),
             fire_periodically(pools.worker, registry, worker.id, settings.schedule_interval),
             recount_periodically(pools.worker),
+            rekey_periodically(pools.worker),
         ]
         await _run_worker(
             worker,

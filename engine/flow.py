@@ -1,7 +1,9 @@
 """The claim of limited and fair types (flow control, sql/queries/limits.sql): in the
 claiming transaction, lock the slots and rate tokens that may be taken, lock a fair
 type's due work round-robin across its users, grant them to due workflows, claim those,
-move each slot to its workflow's lease and spend a token for each step started."""
+move each slot to its workflow's lease and spend a token for each step started. And
+the rekey that keeps each unfinished workflow's fair_key what its type's rule says
+(migration 0019), run by every daemon (daemon/periodic.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,12 @@ from uuid import UUID
 from engine.attempts import ClaimedWorkflow
 from engine.limits import TypeLimits
 from engine.store import Row, StepDefinitions, Store
+
+# How many workflows one transaction of a rekey gives their new key.
+REKEY_BATCH = 10_000
+# How often each daemon looks for rekey requests: a type's rows inserted before its
+# limit was set are claimed from the first rekey on (after the limit's own refresh).
+REKEY_INTERVAL_SECONDS = 2.0
 
 
 async def claim_limited(
@@ -73,3 +81,28 @@ def _tokens_for(claimed: list[ClaimedWorkflow], tokens: list[Row]) -> list[Row]:
     for token in tokens:
         unspent.setdefault(token["type"], []).append(token)
     return [unspent[row.type].pop() for row in claimed if unspent.get(row.type)]
+
+
+async def rekey(store: Store) -> int:
+    """Work the requests for new flow keys (migration 0019) until none can be worked on
+    now; how many workflows got a new key. Each pass gives the type's unfinished rows
+    their key, a batch a transaction; the first pass at once, the last once every
+    transaction running when the first began has ended (a writer that read the old rule
+    then has committed); the request goes when the last pass leaves no row behind."""
+    rekeyed = 0
+    while True:
+        async with store.transaction() as tx:
+            request = await tx.next_flow_rekey()
+            if request is None:
+                return rekeyed
+            type_ = request["type"]
+            if request["new"]:
+                await tx.begin_flow_rekey(type_)
+            count = await tx.rekey_workflows(type=type_, batch=REKEY_BATCH)
+            rekeyed += count
+            if count == REKEY_BATCH:
+                continue
+            if not request["last_pass"]:
+                await tx.end_first_rekey_pass(type_)
+            elif not await tx.finish_flow_rekey(type_):
+                return rekeyed  # a row was locked: the next round

@@ -663,6 +663,26 @@ class Store:
         """Drop an operator's limit; whether there was one."""
         return await self._execute("reset_limit", {"type": type}) > 0
 
+    async def next_flow_rekey(self) -> Row | None:
+        """In a transaction: a request for new flow keys that can be worked on now, locked
+        (`type`, `new`: its first pass not begun, `last_pass`)."""
+        return await self._one("next_flow_rekey", {})
+
+    async def begin_flow_rekey(self, type: str) -> None:
+        """Set the request's horizon: this statement's snapshot."""
+        await self._execute("begin_flow_rekey", {"type": type})
+
+    async def rekey_workflows(self, *, type: str, batch: int) -> int:
+        """Give up to `batch` of the type's unfinished workflows their key; how many."""
+        return await self._execute("rekey_workflows", {"type": type, "batch": batch})
+
+    async def end_first_rekey_pass(self, type: str) -> None:
+        await self._execute("end_first_rekey_pass", {"type": type})
+
+    async def finish_flow_rekey(self, type: str) -> bool:
+        """Drop the request if none of its rows is left; whether it went."""
+        return await self._execute("finish_flow_rekey", {"type": type}) > 0
+
     async def create_steps(
         self,
         *,

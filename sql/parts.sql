@@ -8,8 +8,10 @@
 --   claim_shape
 --   claim_and_start
 --   claim_result
+--   stale_flow_keys
 -- The first three are SET lists, the aliases they read given in their comments; the
--- last three are the common body of the two claims (sql/queries/claim.sql).
+-- next three are the common body of the two claims (sql/queries/claim.sql); the last is
+-- the rows a rekey of flow control works on (sql/queries/limits.sql).
 
 -- name: start_step
 -- Starting a step, in the claim (the step under the cursor) and in a commit that goes
@@ -114,3 +116,13 @@ SELECT c.id, c.type, c.run_version AS version, c.state::text, c.previous_state::
 FROM claimed c
 LEFT JOIN workflow_steps prev ON prev.workflow_id = c.id AND prev.step_index = c.current_step_index
 LEFT JOIN started st ON st.workflow_id = c.id
+
+-- name: stale_flow_keys
+-- The unfinished workflows (`w`) of the type `type` whose fair_key is not the one their
+-- type's rule gives now (`k.key`, workflow_flow_key): what a rekey request of
+-- migration 0019 is for. A FROM list and its WHERE; found through
+-- workflows_state_type_created_idx, one range per unfinished state.
+workflows w
+LEFT JOIN (SELECT * FROM workflow_type_limits WHERE type = %(type)s) l ON true
+CROSS JOIN LATERAL (SELECT workflow_flow_key(l.max_concurrency, l.rate_limit, l.fair_by, w.user_id) AS key) k
+WHERE w.type = %(type)s AND w.state IN ('pending', 'running', 'compensating') AND w.fair_key IS DISTINCT FROM k.key

@@ -14,6 +14,11 @@
 --   list_limits
 --   set_limit
 --   reset_limit
+--   next_flow_rekey
+--   begin_flow_rekey
+--   rekey_workflows
+--   end_first_rekey_pass
+--   finish_flow_rekey
 -- Each is a named block; Store methods carry the same names. Parameters are always
 -- bound (%(name)s), never formatted into the text.
 
@@ -86,7 +91,7 @@ CROSS JOIN LATERAL (
 -- In the claiming transaction, for each fair type of `types` (Workflow(fair_by=...)):
 -- lock up to `caps` of its due workflows, round-robin across its users. The distinct
 -- user keys with due work are found one index probe each (a loose index scan of
--- workflows_due_by_type_and_key_idx), from a random point of the key space round to it
+-- workflows_due_flow_controlled_idx), from a random point of the key space round to it
 -- (two passes: from there up, then from the bottom to there), at most `caps` keys; then
 -- each user's most urgent rows, an equal share of the cap each (FOR UPDATE SKIP
 -- LOCKED). Returned in the order the grant takes them: by priority, then by turn (each
@@ -141,7 +146,7 @@ FROM (SELECT id, type, priority, fair_key,
 -- before the locks were granted), so a slot it finds free is free. A slot still held by
 -- a workflow whose lease ran out goes to that workflow again (locked here, if it is due
 -- and served); the free ones go to the type's due workflows in claim order
--- (workflows_due_by_type_and_key_idx), as do a type's tokens when it has no
+-- (workflows_due_flow_controlled_idx), as do a type's tokens when it has no
 -- concurrency limit; a fair type's go to the rows lock_fair_workflows locked (`fair`,
 -- in its order).
 -- The workflows are locked (FOR UPDATE SKIP LOCKED) and numbered in a later CTE, since
@@ -175,8 +180,8 @@ waiting AS (
           FROM cap WHERE type <> ALL(%(fair_types)s::text[])) f
     CROSS JOIN LATERAL (
         SELECT id, type, priority, next_retry_at FROM workflows
-        WHERE type = f.type AND state IN ('pending', 'running', 'compensating') AND next_retry_at <= now()
-          AND workflow_served_key(type, workflow_run_version(version, started_at)) = ANY(%(served)s::text[])
+        WHERE type = f.type AND state IN ('pending', 'running', 'compensating') AND fair_key IS NOT NULL
+          AND next_retry_at <= now() AND workflow_served_key(type, workflow_run_version(version, started_at)) = ANY(%(served)s::text[])
           AND id <> ALL(%(busy)s::uuid[])
         ORDER BY fair_key, priority, next_retry_at
         LIMIT f.wanted
@@ -227,7 +232,7 @@ WHERE t.type = spent.type AND t.token = spent.token;
 -- name: list_limits
 -- Every type with a limit declared or set (or only `type`), with what holds, how many
 -- of its workflows hold a lease now, how many steps it started in the last period of
--- its rate, and how much of its work is due (workflows_due_by_type_and_key_idx).
+-- its rate, and how much of its work is due.
 SELECT l.type, l.max_concurrency, l.declared_max_concurrency, l.rate_limit, l.rate_period_seconds,
        l.declared_rate_limit, l.declared_rate_period_seconds, l.overridden, l.set_by, l.set_at,
        (SELECT count(*) FROM workflows w WHERE w.type = l.type AND w.state IN ('pending', 'running', 'compensating')
@@ -259,3 +264,38 @@ SET concurrency_set = o.concurrency_set OR excluded.concurrency_set,
 -- name: reset_limit
 -- Back to the definition's limits.
 DELETE FROM workflow_limits WHERE type = %(type)s;
+
+-- name: next_flow_rekey
+-- A request for new keys (workflow_flow_rekeys, migration 0019) that can be worked on
+-- now: one whose first pass is not done, or whose last pass may begin, every transaction
+-- running when the first began having ended. Locked till the end of this transaction
+-- (SKIP LOCKED: daemons work on different ones); a rule changed meanwhile waits for it,
+-- then files its request anew.
+SELECT type, horizon IS NULL AS new, first_pass_done AS last_pass FROM workflow_flow_rekeys
+WHERE NOT first_pass_done OR pg_snapshot_xmin(pg_current_snapshot()) >= pg_snapshot_xmax(horizon)
+ORDER BY requested_at
+LIMIT 1
+FOR UPDATE SKIP LOCKED;
+
+-- name: begin_flow_rekey
+-- The first pass's horizon: this statement's snapshot, taken after the request was
+-- locked, so after the change that filed it committed.
+UPDATE workflow_flow_rekeys SET horizon = pg_current_snapshot() WHERE type = %(type)s;
+
+-- name: rekey_workflows
+-- Up to `batch` of the type's workflows get the key of its rule now. A row locked by
+-- a claim or a commit is skipped, for a later batch or the last pass.
+WITH stale AS (
+    SELECT w.id, k.key FROM {{stale_flow_keys}}
+    LIMIT %(batch)s
+    FOR UPDATE OF w SKIP LOCKED
+)
+UPDATE workflows w SET fair_key = stale.key FROM stale WHERE w.id = stale.id;
+
+-- name: end_first_rekey_pass
+UPDATE workflow_flow_rekeys SET first_pass_done = true WHERE type = %(type)s;
+
+-- name: finish_flow_rekey
+-- The end of the last pass: the request goes once none of its rows is left (one locked
+-- by another transaction now waits for the next round).
+DELETE FROM workflow_flow_rekeys WHERE type = %(type)s AND NOT EXISTS (SELECT FROM {{stale_flow_keys}});

@@ -83,7 +83,7 @@ async def test_rows_of_other_types_carry_no_key_and_a_bad_fair_by_is_refused(
     service: WorkflowService, db: psycopg.Connection[Any]
 ) -> None:
     await declare(service.store)
-    assert insert_workflow(db, type="not_fair", user_id="alice")["fair_key"] == 0
+    assert insert_workflow(db, type="not_fair", user_id="alice")["fair_key"] is None
     alice, nobody = (
         insert_workflow(db, type="fair", user_id="alice"),
         insert_workflow(db, type="fair", user_id=None),

@@ -39,7 +39,7 @@ CLAIM_OPENING = "claiming_transaction"
 ENGINE_TABLES = {"workflows", "workflow_steps", "workflow_events", "workflow_workers"}
 # Index lookups by key, and the claim's ordered walk of the due index.
 LOOKUPS = {
-    "workflows_pkey", "workflow_steps_pkey", "workflow_workers_pkey", "workflows_due_idx", "workflows_due_by_type_and_key_idx",
+    "workflows_pkey", "workflow_steps_pkey", "workflow_workers_pkey", "workflows_due_idx", "workflows_due_flow_controlled_idx",
 }  # fmt: skip
 NEARLY_EMPTY = 50
 BURST = 20_000
