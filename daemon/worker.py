@@ -31,7 +31,7 @@ from daemon.wakeup import Listener
 from engine.attempts import CancelAtBoundary, ClaimedWorkflow, Refuse, Run, decide
 from engine.definitions import Workflow
 from engine.flow import claim_limited
-from engine.limits import TypeLimits
+from engine.limits import TypeLimits, concurrency_limited, rate_limited
 from engine.primary import connect_to_primary
 from engine.registry import Registry
 from engine.retry import DEFAULT_RETRY_POLICY, RetryPolicy
@@ -95,9 +95,12 @@ class Worker:
         self.in_flight: dict[UUID, Assignment] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.last_loop_at = self.last_claim_at = time.monotonic()
-        # The limits of its limited types, by type, and when they were read.
+        # The limits of its limited types, by type, and when they were read; the served
+        # keys of its limited types and of the others (what each kind of claim asks for).
         self.limits: dict[str, TypeLimits] = {}
         self.limits_read_at = -LIMITS_REFRESH_SECONDS
+        self.limited_served: list[str] = []
+        self.unlimited_served = self.registry.served
         self.log = LOG.bind(worker=self.id)
         driver_config = DriverConfig(
             worker_id=self.id,
@@ -306,17 +309,16 @@ class Worker:
         (claim_due_workflows)."""
         await self._read_limits()
         claimed_at = self.last_claim_at = time.monotonic()
-        unlimited = self.registry.served_keys(set(self.registry.types) - set(self.limits))
         async with self.store.claiming_transaction() as tx:
             rows = await claim_limited(
-                tx, limits=self.limits, worker_id=self.id, served=self.registry.served_keys(self.limits),
+                tx, limits=self.limits, worker_id=self.id, served=self.limited_served,
                 busy=list(self.driver.busy), room=limit, lease_seconds=self.config.lease_seconds,
                 definitions=self.step_definitions,
             ) if self.limits else []  # fmt: skip
-            if unlimited and len(rows) < limit:
+            if self.unlimited_served and len(rows) < limit:
                 rows += await tx.claim_due_workflows(
                     worker_id=self.id,
-                    served=unlimited,
+                    served=self.unlimited_served,
                     limit=limit - len(rows),
                     lease_seconds=self.config.lease_seconds,
                     busy=list(self.driver.busy),
@@ -330,20 +332,22 @@ class Worker:
 
     async def _read_limits(self) -> None:
         """The limits of this worker's types, read again every LIMITS_REFRESH_SECONDS,
-        their slots and tokens made when a limit is new or raised."""
+        their slots and tokens made when a limit is new or changed."""
         if time.monotonic() - self.limits_read_at < LIMITS_REFRESH_SECONDS:
             return
-        self.limits = await self.store.load_limits(self.registry.types)
-        if concurrency_limited := self._limited(lambda limits: limits.max_concurrency is not None):
-            await self.store.provide_slots(concurrency_limited)
-        if rate_limited := self._limited(lambda limits: limits.rate is not None):
-            await self.store.provide_tokens(rate_limited)
-        # Each step start of a rate-limited type spends a token: none goes on unclaimed.
-        self.driver.claim_every_step = frozenset(rate_limited)
+        limits = await self.store.load_limits(self.registry.types)
+        changed = {name: each for name, each in limits.items() if self.limits.get(name) != each}
+        if slotted := concurrency_limited(changed):
+            await self.store.provide_slots(slotted)
+        if tokened := rate_limited(changed):
+            await self.store.provide_tokens(tokened)
+        if limits != self.limits:
+            self.limits = limits
+            self.limited_served = self.registry.served_keys(limits)
+            self.unlimited_served = self.registry.served_keys(set(self.registry.types) - set(limits))
+            # Each step start of a rate-limited type spends a token: none goes on unclaimed.
+            self.driver.claim_every_step = frozenset(rate_limited(limits))
         self.limits_read_at = time.monotonic()
-
-    def _limited(self, by: Callable[[TypeLimits], bool]) -> list[str]:
-        return sorted(name for name, limits in self.limits.items() if by(limits))
 
     def _count_claims(self, rows: list[ClaimedWorkflow]) -> None:
         if not rows:

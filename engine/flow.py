@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from uuid import UUID
 
 from engine.attempts import ClaimedWorkflow
-from engine.limits import TypeLimits
+from engine.limits import TypeLimits, concurrency_limited, rate_limited
 from engine.store import Row, StepDefinitions, Store
 
 # How many workflows one transaction of a rekey gives their new key.
@@ -34,11 +34,13 @@ async def claim_limited(
 ) -> list[ClaimedWorkflow]:
     """Claim up to `room` due workflows of the `limits` types, each within its limits,
     a fair type's round-robin across its users. `served`: the served keys of those
-    types; `busy` as for claim_due_workflows."""
-    concurrency_limited = sorted(name for name, each in limits.items() if each.max_concurrency is not None)
-    rate_limited = sorted(name for name, each in limits.items() if each.rate is not None)
-    slots = await tx.lock_slots(types=concurrency_limited, wanted=room) if concurrency_limited else []
-    tokens = await tx.lock_tokens(types=rate_limited, wanted=room) if rate_limited else []
+    types; `busy` as for claim_due_workflows. Types with no due work are left out first:
+    a claim locks no slot or token of a type with nothing to start."""
+    due = set(await tx.due_flow_controlled_types(list(limits)))
+    limits = {name: each for name, each in limits.items() if name in due}
+    slotted, tokened = concurrency_limited(limits), rate_limited(limits)
+    slots = await tx.lock_slots(types=slotted, wanted=room) if slotted else []
+    tokens = await tx.lock_tokens(types=tokened, wanted=room) if tokened else []
     caps = _caps(limits, slots, tokens, room)
     if not caps:
         return []

@@ -4,6 +4,7 @@ that hold for a type (`workflow_type_limits`), as a daemon reads them."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -101,6 +102,16 @@ class TypeLimits:
     max_concurrency: int | None = None
     rate: RateLimit | None = None
     fair_by: str | None = None
+
+
+def concurrency_limited(limits: Mapping[str, TypeLimits]) -> list[str]:
+    """The types of `limits` with a concurrency limit (slots to take), sorted."""
+    return sorted(name for name, each in limits.items() if each.max_concurrency is not None)
+
+
+def rate_limited(limits: Mapping[str, TypeLimits]) -> list[str]:
+    """The types of `limits` with a rate (tokens to spend), sorted."""
+    return sorted(name for name, each in limits.items() if each.rate is not None)
 
 
 class Unchanged(Enum):

@@ -576,6 +576,10 @@ class Store:
         """Make the missing rate tokens of each rate-limited type of `types`."""
         await self._execute("provide_tokens", {"types": types})
 
+    async def due_flow_controlled_types(self, types: list[str]) -> list[str]:
+        """In the claiming transaction: which of `types` have due work now."""
+        return [row["type"] for row in await self._all("due_flow_controlled_types", {"types": types})]
+
     async def lock_slots(self, *, types: list[str], wanted: int) -> list[Row]:
         """In the claiming transaction: slots of `types` that may be taken (see the query)."""
         return await self._all("lock_slots", {"types": types, "wanted": wanted})

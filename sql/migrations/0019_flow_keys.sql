@@ -38,18 +38,33 @@ CREATE TABLE workflow_flow_rekeys (
     first_pass_done  boolean NOT NULL DEFAULT false
 );
 
+-- The view gains each type's declared priority, so that the before-insert trigger reads
+-- what it needs of a type in one lookup.
+CREATE OR REPLACE VIEW workflow_type_limits AS
+SELECT named.type,
+       CASE WHEN o.concurrency_set THEN o.max_concurrency ELSE t.max_concurrency END AS max_concurrency,
+       t.max_concurrency AS declared_max_concurrency,
+       o.type IS NOT NULL AS overridden, o.set_by, o.set_at,
+       CASE WHEN o.rate_set THEN o.rate_limit ELSE t.rate_limit END AS rate_limit,
+       CASE WHEN o.rate_set THEN o.rate_period_seconds ELSE t.rate_period_seconds END AS rate_period_seconds,
+       t.rate_limit AS declared_rate_limit, t.rate_period_seconds AS declared_rate_period_seconds,
+       t.fair_by, t.priority
+FROM (SELECT type FROM workflow_types UNION SELECT type FROM workflow_limits) named
+LEFT JOIN workflow_types t ON t.type = named.type
+LEFT JOIN workflow_limits o ON o.type = named.type;
+
 CREATE OR REPLACE FUNCTION workflows_before_insert() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    declared workflow_type_limits%ROWTYPE;
 BEGIN
     IF NEW.idempotency_key IS NULL THEN
         NEW.idempotency_key := workflow_idempotency_key(NEW.type, NEW.user_id, NEW.input);
     END IF;
-    IF NEW.priority IS NULL THEN
-        NEW.priority := coalesce((SELECT priority FROM workflow_types WHERE type = NEW.type), 0);
-    END IF;
     PERFORM pg_current_xact_id();  -- before the rule is read (see above)
-    NEW.fair_key := (SELECT workflow_flow_key(l.max_concurrency, l.rate_limit, l.fair_by, NEW.user_id)
-                     FROM workflow_type_limits l WHERE l.type = NEW.type);
+    SELECT * INTO declared FROM workflow_type_limits WHERE type = NEW.type;
+    NEW.priority := coalesce(NEW.priority, declared.priority, 0);
+    NEW.fair_key := workflow_flow_key(declared.max_concurrency, declared.rate_limit, declared.fair_by, NEW.user_id);
     RETURN NEW;
 END;
 $$;

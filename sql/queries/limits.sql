@@ -5,6 +5,7 @@
 --   load_limits
 --   provide_slots
 --   provide_tokens
+--   due_flow_controlled_types
 --   lock_slots
 --   lock_tokens
 --   lock_fair_workflows
@@ -47,8 +48,18 @@ WHERE l.type = ANY(%(types)s::text[]) AND l.rate_limit IS NOT NULL
   AND NOT EXISTS (SELECT 1 FROM workflow_rate_tokens t WHERE t.type = l.type AND t.token = n)
 ON CONFLICT DO NOTHING;
 
+-- name: due_flow_controlled_types
+-- First of a limited claim's statements, in the claiming transaction: which of `types`
+-- have due work (one probe each of workflows_due_flow_controlled_idx), so that a claim
+-- locks no slot or token of a type with nothing to start, and a daemon that serves
+-- idle limited types beside busy unlimited ones pays one probe a claim for them.
+SELECT limited.type FROM unnest(%(types)s::text[]) AS limited (type)
+WHERE EXISTS (SELECT FROM workflows w
+              WHERE w.type = limited.type AND w.fair_key IS NOT NULL
+                AND w.state IN ('pending', 'running', 'compensating') AND w.next_retry_at <= now());
+
 -- name: lock_slots
--- First of a limited claim's statements, in the claiming transaction: for each limited
+-- Then, for the types with due work, in the claiming transaction: for each limited
 -- type of `types`, lock up to `wanted` slots below its limit that look free in this
 -- statement's snapshot (no workflow holds the lease that took them), or whose holder's
 -- lease ran out (that workflow is due; only it may take its slot again, since its old

@@ -23,7 +23,9 @@ LATE = Workflow(type="late", steps=[Step("only", _noop)])
 
 
 def keys(db: psycopg.Connection[Any], workflow_type: str) -> list[int | None]:
-    rows = db.execute("SELECT fair_key FROM workflows WHERE type = %s ORDER BY created_at, id", (workflow_type,))
+    rows = db.execute(
+        "SELECT fair_key FROM workflows WHERE type = %s ORDER BY created_at, id", (workflow_type,)
+    )
     return [row[0] for row in rows]
 
 
@@ -97,7 +99,9 @@ async def test_a_finished_workflow_reopened_gets_the_key_its_type_has_now(
     assert keys(db, "late") == [0]
 
 
-async def test_a_type_made_fair_gets_its_users_keys(service: WorkflowService, db: psycopg.Connection[Any]) -> None:
+async def test_a_type_made_fair_gets_its_users_keys(
+    service: WorkflowService, db: psycopg.Connection[Any]
+) -> None:
     queue(db, "fair", 6)
     await service.set_limit("fair", 100, actor="ops")
     await flow.rekey(service.store)
