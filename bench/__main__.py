@@ -23,7 +23,8 @@ import psycopg
 
 from bench import cases, flow, peers, retention
 from bench.daemon import burst_after_idle, pickup_latency, throughput
-from bench.flows import noop_fair, noop_limited
+from bench.flows import noop_1
+from bench.limited_flows import noop_fair, noop_limited
 from daemon.local_postgres import LocalPostgres
 
 
@@ -151,9 +152,11 @@ def main() -> None:
 
 
 def measure_flow_control(report: Report, cluster: LocalPostgres, args: argparse.Namespace) -> None:
-    """Drains of a limited and of a fair type, beside the unlimited 1-step drain above,
+    """Drains of an unlimited, a limited and a fair type by daemons that serve the
+    limited types too, beside the unlimited 1-step drain above (daemons that serve none),
     and the claim of each kind of type."""
     for workflow, label in (
+        (noop_1, "no limit, beside idle limited types"),
         (noop_limited, "a concurrency limit of 1,000 it never reaches"),
         (noop_fair, f"fair between {flow.FAIR_USERS} users"),
     ):
@@ -313,7 +316,7 @@ def print_flow_control(figures: dict[str, Any]) -> None:
         )
     )
     unlimited = figures.get("workflowd_1_step_2_processes")  # when --processes names 2
-    for kind in ("noop_limited", "noop_fair"):
+    for kind in ("noop_1", "noop_limited", "noop_fair"):
         drained = figures[f"workflowd_1_step_{kind}_2_processes"]["median"]
         ratio = f" ({drained / unlimited['median']:.2f}x unlimited)" if unlimited else ""
         print(f"1-step steps/s, {kind}, 2 processes: {drained:,.0f}{ratio}")

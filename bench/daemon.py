@@ -54,13 +54,13 @@ def fresh_database(cluster: LocalPostgres, name: str) -> str:
 
 @contextmanager
 def daemons(
-    url: str, count: int, concurrency: int, settings: dict[str, str] | None = None
+    url: str, count: int, concurrency: int, settings: dict[str, str] | None = None, modules: str = "bench.flows"
 ) -> Iterator[list[subprocess.Popen[bytes]]]:
     env = {
         **os.environ,
         "DATABASE_URL": url,
         "PYTHONPATH": str(ROOT),
-        "WORKFLOWD_MODULES": "bench.flows",
+        "WORKFLOWD_MODULES": modules,
         "WORKFLOWD_CONCURRENCY": str(concurrency),
         "WORKFLOWD_LOG_LEVEL": "warning",
         "WORKFLOWD_BUILTINS": "false",
@@ -113,13 +113,14 @@ def throughput(
     plain: bool = False,
     workflow: Workflow | None = None,
     users: int = 1,
+    modules: str = "bench.flows",
 ) -> dict[str, float]:
     """Insert `workflows` no-op workflows of `steps` steps first, then drain them with
     `processes` daemons; timed by the database, from the first claim to the last completion.
     Also what the drain cost the server and the daemons (bench/primary.py). `plain`: the
     steps are plain functions (run in the daemon's thread pool), not coroutines.
-    `workflow`: another one-step type of bench/flows.py; `users`: the workflows belong
-    to that many users, in turn."""
+    `workflow`: another one-step type of `modules` (the daemons' WORKFLOWD_MODULES);
+    `users`: the workflows belong to that many users, in turn."""
     name = f"bench_throughput_{processes}"
     url = fresh_database(cluster, name)
     with psycopg.connect(url, autocommit=True) as conn:
@@ -135,7 +136,7 @@ def throughput(
             ),
         )
         cost = PrimaryCost(cluster, name)
-        with daemons(url, processes, concurrency) as running:
+        with daemons(url, processes, concurrency, modules=modules) as running:
             cost.start(conn)
             daemon_cpu_at_start = sum(process_cpu_seconds(process.pid) for process in running)
             wait_until_drained(conn, cost.sample)

@@ -12,7 +12,8 @@ from typing import Any
 import psycopg
 
 from bench.daemon import declare, fresh_database, throughput
-from bench.flows import noop_1, noop_fair, noop_limited, noop_rated
+from bench.flows import noop_1
+from bench.limited_flows import noop_fair, noop_limited, noop_rated
 from daemon.local_postgres import LocalPostgres
 from engine import flow
 from engine.definitions import Workflow
@@ -24,6 +25,8 @@ CLAIM_SAMPLES = 300
 CLAIM_BATCH = 10
 FAIR_USERS = 100
 TYPES = (noop_1, noop_limited, noop_rated, noop_fair)
+# What the daemons of a flow-control drain serve: the limited types beside the others.
+MODULES = "bench.flows,bench.limited_flows"
 
 
 def claim_costs(cluster: LocalPostgres, due: int = 10_000) -> dict[str, Any]:
@@ -89,6 +92,9 @@ async def _claim_costs(url: str) -> dict[str, float]:
 def limited_drain(
     cluster: LocalPostgres, workflows: int, concurrency: int, workflow: Workflow
 ) -> dict[str, Any]:
-    """Two daemons draining `workflows` one-step workflows of a flow-controlled type (a
-    fair one's shared by FAIR_USERS users)."""
-    return throughput(cluster, 2, workflows, concurrency, 1, workflow=workflow, users=FAIR_USERS)
+    """Two daemons serving the flow-controlled types too, draining `workflows` one-step
+    workflows of `workflow` (a fair one's shared by FAIR_USERS users; of noop_1, the
+    cost of serving idle limited types beside a busy unlimited one)."""
+    return throughput(
+        cluster, 2, workflows, concurrency, 1, workflow=workflow, users=FAIR_USERS, modules=MODULES
+    )

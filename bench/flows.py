@@ -1,4 +1,5 @@
-"""No-op workflow types for the benchmarks: the engine's own cost, nothing else."""
+"""No-op workflow types for the benchmarks: the engine's own cost, nothing else. No
+limit is configured on any (the flow-controlled ones are in bench/limited_flows.py)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,3 @@ noop_1 = Workflow(type="noop_1", steps=[Step("only", noop)])
 noop_3 = Workflow(type="noop_3", steps=[Step("one", noop), Step("two", noop), Step("three", noop)])
 noop_sync_1 = Workflow(type="noop_sync_1", steps=[Step("only", plain_noop)])
 pickup = Workflow(type="pickup", steps=[Step("stamp", stamp)])
-# Flow control (bench/flow.py): a concurrency limit no drain reaches, a rate, fairness.
-noop_limited = Workflow(type="noop_limited", max_concurrency=1_000, steps=[Step("only", noop)])
-noop_rated = Workflow(type="noop_rated", rate_limit="10000/s", steps=[Step("only", noop)])
-noop_fair = Workflow(type="noop_fair", fair_by="user_id", steps=[Step("only", noop)])

@@ -25,7 +25,7 @@ def test_the_bench_command_runs_every_case_of_our_own_and_writes_its_figures(tmp
         "sql_limit", "workflowd_1_step_1_processes", "workflowd_3_step_1_processes",
         "pickup_p50_ms", "pickup_p99_ms", "workflowd_1_step_plain_2_processes", "burst_stale_statistics",
         "burst_analyzed", "large_tables", "workflowd_1_step_noop_limited_2_processes",
-        "workflowd_1_step_noop_fair_2_processes",
+        "workflowd_1_step_noop_fair_2_processes", "workflowd_1_step_noop_1_2_processes",
     ):  # fmt: skip
         assert figures[key]["median"] > 0, key
         assert len(figures[key]["runs"]) == 1
