@@ -54,7 +54,11 @@ def fresh_database(cluster: LocalPostgres, name: str) -> str:
 
 @contextmanager
 def daemons(
-    url: str, count: int, concurrency: int, settings: dict[str, str] | None = None, modules: str = "bench.flows"
+    url: str,
+    count: int,
+    concurrency: int,
+    settings: dict[str, str] | None = None,
+    modules: str = "bench.flows",
 ) -> Iterator[list[subprocess.Popen[bytes]]]:
     env = {
         **os.environ,
