@@ -73,6 +73,23 @@ def test_a_type_limited_to_five_never_holds_more_than_five_leases_across_three_d
     assert all(daemon.process.poll() is None for daemon in started[1:])
 
 
+def test_a_limit_set_by_hand_holds_for_the_work_queued_before_it(
+    daemons: Daemons, db: psycopg.Connection[Any], db_url: str
+) -> None:
+    # Queued while the type had no limit: its rows carry no flow key (migration 0019).
+    insert_workflows(db, "three_steps", 60, sleep=0.05)
+    db.execute("INSERT INTO workflow_limits (type, max_concurrency, set_by) VALUES ('three_steps', 3, 'by hand')")
+    sampler = LeaseSampler(db_url, "three_steps")
+    sampler.start()
+    started = [daemons.start(concurrency=20) for _ in range(2)]
+    wait_until(lambda: finished(db, "three_steps") == 60, 90, "every workflow queued before the limit")
+    sampler.done.set()
+    sampler.join()
+    assert sampler.most == 3, sampler.most  # the daemons' rekey brought the old rows under it
+    assert db.execute("SELECT count(*) FROM workflow_flow_rekeys").fetchone() == (0,)
+    assert all(daemon.process.poll() is None for daemon in started)
+
+
 RATE = 10
 RATED_WORKFLOWS = 100  # two steps each: 200 starts, about 19 s at 10 per second
 
