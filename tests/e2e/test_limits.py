@@ -78,7 +78,9 @@ def test_a_limit_set_by_hand_holds_for_the_work_queued_before_it(
 ) -> None:
     # Queued while the type had no limit: its rows carry no flow key (migration 0019).
     insert_workflows(db, "three_steps", 60, sleep=0.05)
-    db.execute("INSERT INTO workflow_limits (type, max_concurrency, set_by) VALUES ('three_steps', 3, 'by hand')")
+    db.execute(
+        "INSERT INTO workflow_limits (type, max_concurrency, set_by) VALUES ('three_steps', 3, 'by hand')"
+    )
     sampler = LeaseSampler(db_url, "three_steps")
     sampler.start()
     started = [daemons.start(concurrency=20) for _ in range(2)]
