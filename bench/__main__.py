@@ -51,6 +51,8 @@ class Report:
         }  # fmt: skip
         self.figures[key] = figure
         self.rows.append((label, figure, unit))
+        # As it goes: a run stopped half way still tells what it measured.
+        print(f"measured: {label}: {figure['median']:,.1f} {unit}", flush=True)
         return figure["median"]
 
     def print(self, limit: float) -> None:

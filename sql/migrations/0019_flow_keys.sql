@@ -1,7 +1,7 @@
 -- Flow control costs nothing to the types it does not control. Until now every runnable
 -- row was in workflows_due_by_type_and_key_idx, which only the claim of limited and fair
 -- types reads: one more index entry at each insert, claim and retry of every workflow,
--- which cost unlimited drains about a quarter of their throughput (README, Figures).
+-- most of the 14 % that unlimited drains had lost (README, Figures, flow control).
 --
 -- Now a row's fair_key is NULL unless its type is flow-controlled (a concurrency limit,
 -- a rate or fair_by, declared or set: workflow_type_limits), and the index holds only
