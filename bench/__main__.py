@@ -55,6 +55,11 @@ class Report:
         print(f"measured: {label}: {figure['median']:,.1f} {unit}", flush=True)
         return figure["median"]
 
+    def keep(self, key: str, value: Any) -> None:
+        """Keep a figure that is not a case's median (printed as it comes, as `record`'s)."""
+        self.figures[key] = value
+        print(f"measured: {key}: {json.dumps(value)}", flush=True)
+
     def print(self, limit: float) -> None:
         print(f"{'case':<56} {'median':>9} {'spread (min-max)':>19} {'unit':<10} {'of SQL limit':>12}")
         for label, figure, unit in self.rows:
@@ -139,11 +144,11 @@ def main() -> None:
             "large_tables", f"workflowd 1-step, 2 processes, {args.due:,} due beside {args.finished:,} finished",
             [large], "workflows_per_s", "workflows/s",
         )  # fmt: skip
-        report.figures["large_over_empty"] = large["large_over_empty"]
-        report.figures["claim_cost"] = cases.claim_cost(cluster, args.finished)
-        report.figures["memory"] = cases.resident_memory(cluster, concurrency=100)
-        report.figures["prune"] = retention.prune_under_load(cluster, args.pruned, args.concurrency)
-        report.figures["stats"] = retention.stats_cost(cluster, args.stats_rows)
+        report.keep("large_over_empty", large["large_over_empty"])
+        report.keep("claim_cost", cases.claim_cost(cluster, args.finished))
+        report.keep("memory", cases.resident_memory(cluster, concurrency=100))
+        report.keep("prune", retention.prune_under_load(cluster, args.pruned, args.concurrency))
+        report.keep("stats", retention.stats_cost(cluster, args.stats_rows))
     print(f"{report.figures['machine']}; {args.repeats} runs a case\n")
     report.print(limit)
     print_primary_cost(report.figures)
@@ -169,7 +174,7 @@ def measure_flow_control(report: Report, cluster: LocalPostgres, args: argparse.
             ),
             "steps_per_s", "steps/s",
         )  # fmt: skip
-    report.figures["flow_claims"] = flow.claim_costs(cluster)
+    report.keep("flow_claims", flow.claim_costs(cluster))
 
 
 def measure_peers(

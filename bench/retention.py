@@ -25,8 +25,14 @@ BASELINE_INSERTS = 500
 STATS_SAMPLES = 20
 # The stats query before engine/counts.py: every workflow read on every call.
 FULL_COUNT = "SELECT type, state::text, count(*) FROM workflows GROUP BY type, state"
-# The daemons must not prune on their own: the bench prunes, and times it.
-KEEP_FOR_EVER = {"WORKFLOWD_RETENTION_DAYS": "0", "WORKFLOWD_FAILED_RETENTION_DAYS": "0"}
+# The daemons must not prune on their own: the bench prunes, and times it. Nor take the
+# retention lock (a daemon that keeps everything still prunes stale workers once a
+# minute): the bench's prune would find it held, and stop there.
+KEEP_FOR_EVER = {
+    "WORKFLOWD_RETENTION_DAYS": "0",
+    "WORKFLOWD_FAILED_RETENTION_DAYS": "0",
+    "WORKFLOWD_RETENTION_INTERVAL": "86400",
+}
 
 
 def pickups(conn: psycopg.Connection[Any], label: str, until: threading.Event | int) -> dict[int, float]:
