@@ -15,7 +15,6 @@ import argparse
 import json
 import statistics
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -60,20 +59,14 @@ def main() -> None:
     args = parser.parse_args()
     sides = {name: Path(path) for name, path in (side.split("=", 1) for side in args.sides.split(","))}
     runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    with tempfile.TemporaryDirectory(prefix="workflowd-ab-") as folder:
-        Path(folder).chmod(0o755)  # the unprivileged server user must reach its data folder
-        cluster = LocalPostgres(Path(folder) / "data")
-        cluster.start()
-        try:
-            for round_ in range(args.rounds):
-                order = list(sides) if round_ % 2 == 0 else list(reversed(sides))
-                for steps in (int(count) for count in args.steps.split(",")):
-                    for name in order:
-                        figures = run_side(sides[name], cluster, args.workflows, steps)
-                        runs.setdefault((name, steps), []).append(figures)
-                        print(round_, name, f"{steps}-step", *(figures[key] for key in FIGURES), flush=True)
-        finally:
-            cluster.stop()
+    with LocalPostgres.temporary() as cluster:
+        for round_ in range(args.rounds):
+            order = list(sides) if round_ % 2 == 0 else list(reversed(sides))
+            for steps in (int(count) for count in args.steps.split(",")):
+                for name in order:
+                    figures = run_side(sides[name], cluster, args.workflows, steps)
+                    runs.setdefault((name, steps), []).append(figures)
+                    print(round_, name, f"{steps}-step", *(figures[key] for key in FIGURES), flush=True)
     for (name, steps), figures in sorted(runs.items(), key=lambda item: (item[0][1], item[0][0])):
         medians = {key: statistics.median(float(each[key]) for each in figures) for key in FIGURES}
         print(f"{name}, {steps}-step, medians of {len(figures)}: {medians}")
