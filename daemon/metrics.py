@@ -103,6 +103,26 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        # The event relay's (daemon/relay.py). Only the daemon leading the relay sets
+        # the lag gauges and `workflowd_relay_leader` 1; the others leave them at 0.
+        self.events_published = Counter(
+            "workflowd_events_published",
+            "Timeline events the relay published and the broker confirmed.",
+            registry=r,
+        )
+        self.relay_leader = Gauge(
+            "workflowd_relay_leader", "1 while this process leads the event relay, else 0.", registry=r
+        )
+        self.relay_lag_seconds = Gauge(
+            "workflowd_relay_lag_seconds",
+            "Age of the oldest committed timeline event not yet published (0 when caught up).",
+            registry=r,
+        )
+        self.relay_lag_events = Gauge(
+            "workflowd_relay_lag_events",
+            "Committed timeline events not yet published (counted up to a million).",
+            registry=r,
+        )
         self.queue_depth = QueueDepthCollector(queue_depth_refresh_seconds)
         r.register(self.queue_depth)
 
