@@ -19,6 +19,7 @@ from daemon.health import Readiness, ReplicaLag
 from daemon.http import EmbeddedServer, create_app, http_server
 from daemon.metrics import Metrics
 from daemon.periodic import fire_periodically, prune_periodically, recount_periodically, rekey_periodically
+from daemon.relay import publisher_for, run_relay
 from daemon.settings import ConfigurationError, Settings, with_session_limits
 from daemon.worker import Worker, WorkerConfig
 from engine.migrate import Migration, migrate, pending_migrations
@@ -304,6 +305,9 @@ async def serve(
             recount_periodically(pools.worker),
             rekey_periodically(pools.worker),
         ]
+        if settings.events_url is not None:
+            publisher = publisher_for(settings.events_url.get_secret_value(), settings.events_exchange)
+            periodic.append(run_relay(conninfo, publisher, metrics))
         await _run_worker(
             worker,
             metrics,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -49,6 +50,8 @@ RETENTION_DAYS_DEFAULT = 30.0
 FAILED_RETENTION_DAYS_DEFAULT = 90.0
 RETENTION_INTERVAL_SECONDS_DEFAULT = 60.0
 SCHEDULE_INTERVAL_SECONDS_DEFAULT = 1.0
+EVENTS_EXCHANGE_DEFAULT = "workflowd.events"
+EVENTS_URL_SCHEMES = ("amqp", "amqps")
 # The password of a URL's user:password@, or of a connection string's password=...
 PASSWORD = re.compile(r"(?<=://)([^/@:]*):[^/@]*@|(?<=password=)('[^']*'|\S+)")
 
@@ -153,6 +156,11 @@ class Settings(BaseSettings):
     retention_interval: float = Field(RETENTION_INTERVAL_SECONDS_DEFAULT, gt=0)
     # How often each daemon looks for due cron schedules (one fires each tick).
     schedule_interval: float = Field(SCHEDULE_INTERVAL_SECONDS_DEFAULT, gt=0)
+    # The event relay: every committed timeline transition is published to this broker
+    # (amqp:// or amqps://, RabbitMQ), on a durable topic exchange of this name, by one
+    # daemon at a time. Unset: no relay.
+    events_url: SecretStr | None = None
+    events_exchange: str = Field(EVENTS_EXCHANGE_DEFAULT, min_length=1, max_length=255)
     # Log lines as JSON (the default off a terminal) or for humans (on a terminal).
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -170,6 +178,13 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"not a connection string such as postgresql://user:password@host:5432/db ({reason})"
                 ) from None
+        return value
+
+    @field_validator("events_url")
+    @classmethod
+    def _an_amqp_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and urlsplit(value.get_secret_value()).scheme not in EVENTS_URL_SCHEMES:
+            raise ValueError("not a broker URL such as amqp://user:password@host:5672/vhost")
         return value
 
     @field_validator("modules", mode="before")

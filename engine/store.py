@@ -850,6 +850,64 @@ class Store:
         rows = await self._typed(StepProgress, "get_step_progress", {"id": workflow_id})
         return rows[0] if rows else None
 
+    # The event relay (engine/relay.py), on the connection holding its lock.
+
+    async def try_relay_lock(self, lock_id: int) -> bool:
+        return bool(await self._scalar("try_relay_lock", {"lock_id": lock_id}))
+
+    async def open_relay(self, *, name: str) -> Row:
+        """The relay's cursor, created at the current snapshot when it has none."""
+        row = await self._one("open_relay", {"name": name})
+        assert row is not None
+        return row
+
+    async def current_snapshot(self) -> str:
+        return str(await self._scalar("current_snapshot", {}))
+
+    async def relay_page(self, *, published: str, batch: str, after_id: int, limit: int) -> list[Row]:
+        params = {
+            **_snapshot_bounds(published),
+            "batch": batch,
+            "batch_xmax": _snapshot_xmax(batch),
+            "after_id": after_id,
+            "limit": limit,
+        }
+        return await self._all("relay_page", params)
+
+    async def save_relay_progress(
+        self, *, name: str, published: str, batch: str | None, batch_through_id: int, count: int
+    ) -> None:
+        params = {
+            "name": name,
+            "published": published,
+            "batch": batch,
+            "batch_through_id": batch_through_id,
+            "count": count,
+        }
+        await self._execute("save_relay_progress", params)
+
+    async def relay_lag(self, *, published: str, batch: str | None, after_id: int) -> Row:
+        params = {**_snapshot_bounds(published), "batch": batch, "after_id": after_id}
+        row = await self._one("relay_lag", params)
+        assert row is not None
+        return row
+
+
+def _snapshot_xmax(snapshot: str) -> str:
+    """The xmax of a pg_snapshot's text, `xmin:xmax:xip,...` (as text: an xid8 is
+    unsigned, wider than any integer type the driver would send)."""
+    return snapshot.split(":")[1]
+
+
+def _snapshot_bounds(published: str) -> dict[str, Any]:
+    """A published snapshot and its bounds, as the relay's queries take them."""
+    in_progress = published.split(":")[2]
+    return {
+        "published": published,
+        "published_xmax": _snapshot_xmax(published),
+        "published_xip": [xid for xid in in_progress.split(",") if xid],
+    }
+
 
 def _rate(count: int | None, period_seconds: float | None) -> RateLimit | None:
     return RateLimit(count, period_seconds) if count is not None and period_seconds is not None else None

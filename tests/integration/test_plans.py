@@ -33,6 +33,8 @@ HOT_LIMITS = (
     "take_slots",
     "spend_tokens",
 )
+# And the relay's, on its leader's pinned connection (sql/queries/relay.sql).
+HOT_RELAY = ("relay_page", "relay_lag")
 # Run in the claiming transaction, under its own settings too.
 IN_CLAIM = {"claim_due_workflows", "claim_granted_workflows", *HOT_LIMITS}
 CLAIM_OPENING = "claiming_transaction"
@@ -40,6 +42,7 @@ ENGINE_TABLES = {"workflows", "workflow_steps", "workflow_events", "workflow_wor
 # Index lookups by key, and the claim's ordered walk of the due index.
 LOOKUPS = {
     "workflows_pkey", "workflow_steps_pkey", "workflow_workers_pkey", "workflows_due_idx", "workflows_due_flow_controlled_idx",
+    "workflow_events_tx_idx",
 }  # fmt: skip
 NEARLY_EMPTY = 50
 BURST = 20_000
@@ -59,7 +62,7 @@ def hot_statements() -> list[str]:
         for file in HOT_FILES
         for name in parse_queries((sql_dir() / "queries" / file).read_text(encoding="utf-8"))
     ]
-    return [name for name in names if name != CLAIM_OPENING] + list(HOT_LIMITS)
+    return [name for name in names if name != CLAIM_OPENING] + list(HOT_LIMITS) + list(HOT_RELAY)
 
 
 def prepare(conn: psycopg.Connection[Any], name: str) -> None:
@@ -101,6 +104,8 @@ def whole_table_reads(plan: dict[str, Any]) -> list[str]:
     found = []
     for node in nodes(plan):
         kind, table, index = node["Node Type"], node.get("Relation Name"), node.get("Index Name")
+        if kind == "Bitmap Heap Scan" and {child.get("Index Name") for child in nodes(node)} - {None} <= LOOKUPS:
+            continue  # the rows of index lookups (the relay's xid ranges), no more
         if table in ENGINE_TABLES and kind != "ModifyTable" and index not in LOOKUPS:
             found.append(f"{kind} on {table}" + (f" using {index}" if index else ""))
         if kind in ("Hash Join", "Merge Join"):
