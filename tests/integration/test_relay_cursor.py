@@ -6,6 +6,7 @@ writes nothing, and the page query keeps its index plan whatever the statistics 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -118,6 +119,4 @@ def test_waves_keep_each_workflows_events_in_order() -> None:
 
 
 def _event(event_id: int, workflow_id: UUID) -> RelayEvent:
-    from datetime import UTC, datetime
-
     return RelayEvent(event_id, workflow_id, "t", None, "running", None, None, datetime.now(UTC))
