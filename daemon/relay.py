@@ -33,13 +33,11 @@ from pamqp.commands import Basic
 
 from daemon.metrics import Metrics
 from engine.primary import connect_to_primary
-from engine.relay import RELAY_LOCK_ID, RelayCursor, RelayEvent, waves
+from engine.relay import RELAY_LOCK_ID, RELAY_NAME, RelayCursor, RelayEvent, waves
 from engine.store import Store
 
 LOG = structlog.get_logger("workflowd.relay")
 
-# The cursor's name in workflow_event_relays: one per broker the events go to.
-RELAY_NAME = "events"
 # How often an idle leader looks for newly committed events: the lag of a quiet system.
 RELAY_POLL_SECONDS = 0.1
 # How often a follower tries to take the lead (a leader killed -9 is replaced within it).
@@ -123,8 +121,6 @@ class AmqpPublisher:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=str(event.event_id),
             timestamp=event.at,
-            app_id="workflowd",
-            headers={"workflow_id": str(event.workflow_id)},
         )
         return await exchange.publish(message, routing_key=event.routing_key, timeout=CONFIRM_TIMEOUT_SECONDS)
 

@@ -21,7 +21,7 @@ import httpx
 import psycopg
 import pytest
 
-from engine.relay import RelayCursor
+from engine.relay import RELAY_NAME, RelayCursor
 from engine.store import Store
 from tests.e2e.conftest import Daemon, Daemons, wait_until
 
@@ -100,7 +100,7 @@ def unpublished(db_url: str) -> int:
     async def count() -> int:
         async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
             store = Store(conn)
-            return (await (await RelayCursor.open(store, "events")).lag(store))[0]
+            return (await (await RelayCursor.open(store, RELAY_NAME)).lag(store))[0]
 
     return asyncio.run(count())
 

@@ -238,3 +238,21 @@ def test_admin_token_file_errors_are_one_clear_line(monkeypatch: pytest.MonkeyPa
     path.write_text("short\n")
     with pytest.raises(ConfigurationError, match=r"WORKFLOWD_ADMIN_TOKEN_FILE \(.*\) has 5 characters"):
         Settings().admin_token_value()
+
+
+def test_the_event_relay_is_off_unless_a_broker_url_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().events_url is None
+    monkeypatch.setenv("WORKFLOWD_EVENTS_URL", "amqp://guest:secret@broker:5672/")
+    settings = Settings()
+    assert settings.events_url is not None
+    assert settings.events_exchange == "workflowd.events"
+    assert "secret" not in repr(settings)
+
+
+@pytest.mark.parametrize("url", ["kafka://broker:9092", "broker:5672", "http://broker/"])
+def test_an_event_url_that_is_not_amqp_is_refused_saying_what_to_give(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    monkeypatch.setenv("WORKFLOWD_EVENTS_URL", url)
+    with pytest.raises(ValidationError, match=r"amqp://user:password@host:5672/vhost"):
+        Settings()
