@@ -153,6 +153,8 @@ async def run_relay(conninfo: str, publisher: EventPublisher, metrics: Metrics) 
                 await _lead(store, publisher, metrics)
         except psycopg.Error as error:
             LOG.warning("relay_database_unavailable", error=" ".join(str(error).split()), retry_in=delay)
+        except Exception as error:  # a bug: logged loudly, and the relay goes on, led anew
+            LOG.error("relay_crashed", error=repr(error), retry_in=delay, exc_info=error)
         finally:
             _step_down(metrics)
             await publisher.close()

@@ -32,6 +32,8 @@ RELAY_LOCK_ID = int.from_bytes(b"wfrelay!", "big")
 # 4,900 in waves of 1,000). Each page scans the batch's part of workflow_events_tx_idx
 # again, so a page that comes back full makes the next one twice as large: a batch of a
 # million events (a broker down for minutes under load) takes 20 pages, not 250.
+# AMQP's limit on a routing key (a short string).
+ROUTING_KEY_MAX_BYTES = 255
 PAGE_EVENTS_MIN = 4_000
 PAGE_EVENTS_MAX = 64_000
 
@@ -55,7 +57,11 @@ class RelayEvent:
 
     @property
     def routing_key(self) -> str:
-        return f"{self.type}.{self.to_state}"
+        """`{type}.{to_state}`, the type cut short where the whole would pass AMQP's 255
+        bytes (a type is any text a SQL insert gave it; the body holds all of it)."""
+        suffix = f".{self.to_state}"
+        room = ROUTING_KEY_MAX_BYTES - len(suffix.encode())
+        return self.type.encode()[:room].decode(errors="ignore") + suffix
 
     def body(self) -> bytes:
         """The message: JSON, `event_id` for consumers' deduplication and ordering."""

@@ -5,6 +5,7 @@ writes nothing, and the page query keeps its index plan whatever the statistics 
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -118,5 +119,14 @@ def test_waves_keep_each_workflows_events_in_order() -> None:
     assert [[e.event_id for e in wave] for wave in waves(events)] == [[1, 2], [3, 5], [4]]
 
 
-def _event(event_id: int, workflow_id: UUID) -> RelayEvent:
-    return RelayEvent(event_id, workflow_id, "t", None, "running", None, None, datetime.now(UTC))
+def test_a_routing_key_fits_amqps_limit_whatever_the_type() -> None:
+    assert _event(1, UUID(int=1)).routing_key == "t.running"
+    long = _event(1, UUID(int=1), type="é" * 300)
+    assert long.routing_key.endswith(".running")
+    assert len(long.routing_key.encode()) <= 255
+    assert long.routing_key.startswith("é" * 10)
+    assert json.loads(long.body())["type"] == "é" * 300
+
+
+def _event(event_id: int, workflow_id: UUID, type: str = "t") -> RelayEvent:
+    return RelayEvent(event_id, workflow_id, type, None, "running", None, None, datetime.now(UTC))
