@@ -21,7 +21,7 @@ from typing import Any
 
 import psycopg
 
-from bench import cases, flow, peers, retention
+from bench import cases, flow, peers, relay, retention
 from bench.daemon import burst_after_idle, pickup_latency, throughput
 from bench.flows import noop_1
 from bench.limited_flows import noop_fair, noop_limited
@@ -147,6 +147,7 @@ def main() -> None:
         report.keep("large_over_empty", large["large_over_empty"])
         report.keep("claim_cost", cases.claim_cost(cluster, args.finished))
         report.keep("memory", cases.resident_memory(cluster, concurrency=100))
+        report.keep("relay", relay.relay_drain(cluster, args.workflows, args.concurrency))
         report.keep("prune", retention.prune_under_load(cluster, args.pruned, args.concurrency))
         report.keep("stats", retention.stats_cost(cluster, args.stats_rows))
     print(f"{report.figures['machine']}; {args.repeats} runs a case\n")
