@@ -48,3 +48,10 @@ def test_the_bench_command_runs_every_case_of_our_own_and_writes_its_figures(tmp
     assert set(figures["flow_claims"]["ms"]) == {"noop_1", "noop_limited", "noop_rated", "noop_fair"}
     assert all(ms > 0 for ms in figures["flow_claims"]["ms"].values())
     assert "1-step steps/s, noop_fair, 2 processes" in result.stdout
+    for case in ("off", "on"):
+        assert figures[f"workflowd_1_step_tracing_{case}_2_processes"]["median"] > 0
+    assert figures["tracing"]["spans_received_share"] == 1  # every span of 300 workflows arrived
+    assert "traced ÷ not" in result.stdout
+    assert figures["relay"]["events"] >= 300 * 2  # each workflow's claim and completion at least
+    assert figures["relay"]["events_per_s"] > 0
+    assert figures["relay"]["without_relay_steps_per_s"] > 0
