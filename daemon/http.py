@@ -1,9 +1,11 @@
 """The HTTP surface of one daemon: the admin API, health endpoints and Prometheus metrics.
 
 FastAPI, served by uvicorn inside the daemon's own event loop (the daemon keeps its
-signal handling). Admin endpoints need `Authorization: Bearer <WORKFLOWD_ADMIN_TOKEN>`;
-with no token configured they answer 503: the admin API is never open by default. The
-token and the size of the body are checked by `daemon.http_guard` before any body is
+signal handling). Admin endpoints need `Authorization: Bearer <WORKFLOWD_ADMIN_TOKEN>`,
+or a bearer JWT of the identity provider (WORKFLOWD_JWT_JWKS_URL) with the scope the
+request needs (`workflows:read` for GET, `workflows:write` for the rest); with neither
+configured they answer 503: the admin API is never open by default. The token, its
+scope and the size of the body are checked by `daemon.http_guard` before any body is
 read; every command that changes a workflow is logged with who asked.
 """
 
@@ -32,9 +34,10 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from daemon.health import Readiness, ReplicaLag
-from daemon.http_guard import RequestGuard, problem
+from daemon.http_guard import RequestGuard, is_admin_path, principal_of, problem, required_scope
+from daemon.jwt_auth import READ_SCOPE, WRITE_SCOPE, JwtVerifier
 from daemon.metrics import Metrics
-from daemon.settings import HTTP_HEAD_TIMEOUT_SECONDS_DEFAULT
+from daemon.settings import HTTP_HEAD_TIMEOUT_SECONDS_DEFAULT, JwtSettings
 from engine import (
     EventRefusedError,
     IdempotencyKeyConflictError,
@@ -168,8 +171,9 @@ class Problem(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": Problem, "description": "missing or wrong bearer token"},
-    503: {"model": Problem, "description": "no admin token configured"},
+    401: {"model": Problem, "description": "missing, wrong, expired or otherwise invalid bearer token"},
+    403: {"model": Problem, "description": "a JWT without the scope the request needs"},
+    503: {"model": Problem, "description": "no admin token or JWKS configured, or the JWKS unreachable"},
 }
 START_ERRORS: dict[int | str, dict[str, Any]] = {
     **ERRORS,
@@ -187,8 +191,17 @@ COMMAND_ERRORS: dict[int | str, dict[str, Any]] = {
 
 # Only for the OpenAPI document (it declares the bearer scheme on the admin routes):
 # the token itself is checked by RequestGuard, before the body is read.
+BEARER_SCHEME = "HTTPBearer"
 ADMIN_SECURITY = Depends(
-    HTTPBearer(auto_error=False, description="WORKFLOWD_ADMIN_TOKEN, checked before the body is read")
+    HTTPBearer(
+        auto_error=False,
+        scheme_name=BEARER_SCHEME,
+        bearerFormat="JWT, or the static admin token",
+        description="WORKFLOWD_ADMIN_TOKEN (every scope), or a JWT of the identity provider whose "
+        f"JWKS is at WORKFLOWD_JWT_JWKS_URL, with its scopes in the `scope` claim: `{READ_SCOPE}` "
+        f"for GET, `{WRITE_SCOPE}` for POST, PUT, PATCH and DELETE (each operation names its "
+        "scope). Checked before the body is read.",
+    )
 )
 
 
@@ -272,21 +285,38 @@ def create_app(
     admin_token: str | None,
     max_body_bytes: int,
     replica: ReplicaLag | None = None,
+    jwt: JwtSettings | None = None,
 ) -> FastAPI:
-    """The daemon's HTTP application."""
+    """The daemon's HTTP application; `jwt`: accept bearer JWTs verified so."""
     app = FastAPI(
         title="workflowd",
         summary="Admin API, health and metrics of a workflowd daemon.",
         version="1",
         responses={422: {"model": Problem, "description": "malformed id or request"}},
     )
-    app.add_middleware(RequestGuard, admin_token=admin_token, max_body_bytes=max_body_bytes)
+    verifier = JwtVerifier(jwt) if jwt is not None else None
+    app.add_middleware(RequestGuard, admin_token=admin_token, max_body_bytes=max_body_bytes, jwt=verifier)
     install_error_handlers(app)
     add_health_routes(app, readiness, daemon, metrics, replica)
     add_admin_routes(app, service)
     add_schedule_routes(app, service)
     add_limit_routes(app, service)
+    app.openapi = lambda: openapi_with_scopes(app)  # type: ignore[method-assign]
     return app
+
+
+def openapi_with_scopes(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document, each admin operation naming the scope it needs (OpenAPI 3.1
+    allows scopes for an http scheme), from `required_scope`: the guard's own rule, so the
+    document cannot say otherwise."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    document = FastAPI.openapi(app)  # FastAPI's own, which it keeps in app.openapi_schema
+    for path, operations in document.get("paths", {}).items():
+        if is_admin_path(path):
+            for method, operation in operations.items():
+                operation["security"] = [{BEARER_SCHEME: [required_scope(method)]}]
+    return document
 
 
 def add_health_routes(
@@ -341,15 +371,21 @@ def operator(
         str | None,
         Header(
             max_length=ACTOR_HEADER_MAX_LENGTH,
-            description="who you are, for the audit log and the timeline (default: your address)",
+            description="who you are, for the audit log and the timeline (default: your address); "
+            "ignored with a JWT, whose subject is who you are",
         ),
     ] = None,
 ) -> str:
-    """Who asks for a command: the client's address, and the name it gives if it gives one.
+    """Who asks for a command: a JWT's subject; with the admin token, the client's address,
+    and the name it gives if it gives one.
 
-    The name is the caller's word (anyone with the token may claim any name); the
-    address is what the server saw.
+    The subject is the identity provider's word, checked with its signature. The name is
+    the caller's word (anyone with the token may claim any name); the address is what the
+    server saw.
     """
+    principal = principal_of(request.scope)
+    if principal is not None and principal.subject is not None:
+        return principal.subject
     address = request.client.host if request.client else "unknown"
     actor = f"admin-api:{address}"
     return f"{x_workflowd_actor} via {actor}" if x_workflowd_actor else actor

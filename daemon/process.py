@@ -20,7 +20,7 @@ from daemon.http import EmbeddedServer, create_app, http_server
 from daemon.metrics import Metrics
 from daemon.periodic import fire_periodically, prune_periodically, recount_periodically, rekey_periodically
 from daemon.relay import publisher_for, run_relay
-from daemon.settings import ConfigurationError, Settings, with_session_limits
+from daemon.settings import ConfigurationError, JwtSettings, Settings, with_session_limits
 from daemon.worker import Worker, WorkerConfig
 from engine.migrate import Migration, migrate, pending_migrations
 from engine.primary import READ_ONLY_ERRORS, connect_to_primary, require_primary
@@ -101,6 +101,7 @@ async def run_daemon(
             "no workflow types to serve: set WORKFLOWD_MODULES to the modules that define them"
         )
     admin_token = settings.admin_token_value()  # a bad token stops us before anything starts
+    jwt = settings.jwt_settings()  # and so do incomplete JWT settings
     conninfo = with_session_limits(conninfo, settings)
     _warn_about_sandboxes(settings)
     pool = AsyncConnectionPool(
@@ -121,7 +122,9 @@ async def run_daemon(
     replica = with_session_limits(reads, settings) if reads else None
     pools = Pools(worker=pool, api=api_pool(conninfo, "workflowd-api", **PRIMARY_ONLY), replica=replica)
     try:
-        await serve(settings, registry, conninfo, pools, admin_token=admin_token, companion=companion)
+        await serve(
+            settings, registry, conninfo, pools, admin_token=admin_token, jwt=jwt, companion=companion
+        )
     finally:
         await pools.close()
     return 0
@@ -252,6 +255,7 @@ async def serve(
     pools: Pools,
     *,
     admin_token: str | None,
+    jwt: JwtSettings | None = None,
     companion: Companion | None = None,
 ) -> None:
     metrics = Metrics(queue_depth_refresh_seconds=settings.queue_depth_interval)
@@ -271,6 +275,7 @@ async def serve(
         admin_token=admin_token,
         max_body_bytes=settings.max_body_bytes,
         replica=replica,
+        jwt=jwt,
     )
     server = http_server(
         app,
@@ -289,10 +294,15 @@ async def serve(
                 )
             await asyncio.sleep(0.01)
         LOG.info(
-            "http_listening", url=f"http://{settings.host}:{settings.port}", admin_api=admin_token is not None
+            "http_listening",
+            url=f"http://{settings.host}:{settings.port}",
+            admin_api=admin_token is not None or jwt is not None,
+            admin_jwt_issuer=jwt.issuer if jwt else None,
         )
-        if admin_token is None:
-            LOG.warning("admin_api_disabled", reason="WORKFLOWD_ADMIN_TOKEN is not set")
+        if admin_token is None and jwt is None:
+            LOG.warning(
+                "admin_api_disabled", reason="neither WORKFLOWD_ADMIN_TOKEN nor WORKFLOWD_JWT_JWKS_URL is set"
+            )
         await pools.open_api()
         if not await wait_for_database(conninfo, worker, apply_migrations=settings.migrate):
             return

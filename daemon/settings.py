@@ -6,7 +6,9 @@ DB_PASSWORD, DB_DATABASE, PORT); the daemon's own settings are prefixed WORKFLOW
 
 from __future__ import annotations
 
+import ipaddress
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -41,6 +43,10 @@ TCP_KEEPALIVE_PROBES = 3
 CONNECT_TIMEOUT_SECONDS_DEFAULT = 5
 # Long enough that guessing is hopeless (secrets.token_urlsafe(32) gives 43 characters).
 ADMIN_TOKEN_MIN_LENGTH = 32
+# The least time between two fetches of the JWKS of the admin API's bearer JWTs: tokens
+# naming unknown keys (a rotation, or a flood of made-up key ids) fetch it at most this
+# often.
+JWT_JWKS_COOLDOWN_SECONDS_DEFAULT = 30.0
 MAX_BODY_BYTES_DEFAULT = 1024 * 1024
 # Far above what probes and operators need, so 200 slow clients leave room for the
 # health probes; far below the usual limit of 1024 open files.
@@ -58,6 +64,16 @@ PASSWORD = re.compile(r"(?<=://)([^/@:]*):[^/@]*@|(?<=password=)('[^']*'|\S+)")
 
 class ConfigurationError(Exception):
     """A setting is missing or wrong; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True)
+class JwtSettings:
+    """What the admin API's bearer JWTs are verified against (Settings.jwt_settings)."""
+
+    jwks_url: str
+    issuer: str
+    audience: str
+    jwks_cooldown: float
 
 
 class Settings(BaseSettings):
@@ -136,6 +152,14 @@ class Settings(BaseSettings):
     # admin_token_value(), which enforces the rules.
     admin_token: SecretStr | None = None
     admin_token_file: Path | None = None
+    # Bearer JWTs (OAuth2 access tokens) for the admin API, besides or instead of the
+    # token: signed by a key of the JWKS at jwt_jwks_url, issued by jwt_issuer for
+    # jwt_audience (both required with a URL). Read them with jwt_settings(), which
+    # enforces the rules.
+    jwt_jwks_url: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_jwks_cooldown: float = Field(JWT_JWKS_COOLDOWN_SECONDS_DEFAULT, gt=0)
     # The largest request body the HTTP server accepts; larger ones are refused with 413
     # before they are read.
     max_body_bytes: int = Field(MAX_BODY_BYTES_DEFAULT, ge=0)
@@ -220,6 +244,40 @@ class Settings(BaseSettings):
             )
         return token
 
+    def jwt_settings(self) -> JwtSettings | None:
+        """How the admin API verifies bearer JWTs, or None when WORKFLOWD_JWT_JWKS_URL is
+        not set; a ConfigurationError if the issuer or the audience is missing (a token
+        of any issuer, or meant for any other service of that issuer, must not pass), or
+        the URL is not https (http only on a loopback address: whoever can alter the keys
+        in transit can mint tokens)."""
+        url, issuer, audience = self.jwt_jwks_url or None, self.jwt_issuer or None, self.jwt_audience or None
+        if url is None:
+            if issuer is not None or audience is not None:
+                given = "WORKFLOWD_JWT_ISSUER" if issuer is not None else "WORKFLOWD_JWT_AUDIENCE"
+                raise ConfigurationError(
+                    f"{given} is set but WORKFLOWD_JWT_JWKS_URL is not: set the URL of your identity "
+                    f"provider's JWKS too, or unset {given}"
+                )
+            return None
+        if issuer is None or audience is None:
+            missing = " and ".join(name for name, value in (("WORKFLOWD_JWT_ISSUER", issuer),
+                                   ("WORKFLOWD_JWT_AUDIENCE", audience)) if value is None)  # fmt: skip
+            raise ConfigurationError(
+                f"WORKFLOWD_JWT_JWKS_URL is set but {missing} not: set the issuer (the tokens' "
+                "iss) and the audience (their aud: this API's identifier) as well"
+            )
+        try:
+            parts = urlsplit(url)
+            scheme, host = parts.scheme, parts.hostname
+        except ValueError:  # an unclosed [IPv6 address, say
+            scheme, host = "", None
+        if not host or not (scheme == "https" or (scheme == "http" and is_loopback(host))):
+            raise ConfigurationError(
+                f"WORKFLOWD_JWT_JWKS_URL={url} is not an https:// URL (http:// only on a loopback "
+                "address): the keys that verify the tokens must not be alterable in transit"
+            )
+        return JwtSettings(url, issuer, audience, self.jwt_jwks_cooldown)
+
     def conninfo(self) -> str:
         """The libpq connection string: DATABASE_URL, else one built from the DB_* names."""
         if self.database_url:
@@ -271,6 +329,16 @@ def read_token_file(path: Path) -> str:
         reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
         raise ConfigurationError(f"cannot read WORKFLOWD_ADMIN_TOKEN_FILE {path}: {reason}") from None
     return text.removesuffix("\r\n") if text.endswith("\r\n") else text.removesuffix("\n")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a URL's host is this machine (localhost, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def without_password(text: str) -> str:

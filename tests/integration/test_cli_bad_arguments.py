@@ -153,6 +153,7 @@ CASES = [
     # Settings: the line names the variable and what it was set to.
     bad("list WORKFLOWD_CONCURRENCY", ["list"], "WORKFLOWD_CONCURRENCY=abc: Input should be a valid integer", WORKFLOWD_CONCURRENCY="abc"),
     bad("run WORKFLOWD_CONCURRENCY", ["run"], "WORKFLOWD_CONCURRENCY=abc", WORKFLOWD_CONCURRENCY="abc"),
+    bad("run WORKFLOWD_JWT_JWKS_URL", ["run"], "WORKFLOWD_JWT_JWKS_URL is set but WORKFLOWD_JWT_ISSUER and WORKFLOWD_JWT_AUDIENCE not", WORKFLOWD_JWT_JWKS_URL="https://idp.example/jwks"),
     bad("dev WORKFLOWD_CONCURRENCY", ["dev"], "WORKFLOWD_CONCURRENCY=abc", WORKFLOWD_CONCURRENCY="abc"),
     bad("migrate DATABASE_URL", ["migrate"], "DATABASE_URL=not-a-url: ", DATABASE_URL="not-a-url"),
     bad("run DATABASE_URL", ["run"], "DATABASE_URL=not-a-url: ", DATABASE_URL="not-a-url"),

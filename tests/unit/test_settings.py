@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,10 @@ from daemon.settings import (
     HTTP_HOST_DEFAULT,
     HTTP_MAX_CONNECTIONS_DEFAULT,
     HTTP_PORT_DEFAULT,
+    JWT_JWKS_COOLDOWN_SECONDS_DEFAULT,
     MAX_BODY_BYTES_DEFAULT,
     ConfigurationError,
+    JwtSettings,
     Settings,
     describe_database,
 )
@@ -238,6 +241,60 @@ def test_admin_token_file_errors_are_one_clear_line(monkeypatch: pytest.MonkeyPa
     path.write_text("short\n")
     with pytest.raises(ConfigurationError, match=r"WORKFLOWD_ADMIN_TOKEN_FILE \(.*\) has 5 characters"):
         Settings().admin_token_value()
+
+
+JWKS_URL = "https://idp.example/.well-known/jwks.json"
+
+
+def test_jwts_are_off_by_default_and_configured_by_url_issuer_and_audience(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert Settings().jwt_settings() is None
+    monkeypatch.setenv("WORKFLOWD_JWT_JWKS_URL", "")  # set but empty, as compose files do: off
+    assert Settings().jwt_settings() is None
+    monkeypatch.setenv("WORKFLOWD_JWT_JWKS_URL", JWKS_URL)
+    monkeypatch.setenv("WORKFLOWD_JWT_ISSUER", "https://idp.example/")
+    monkeypatch.setenv("WORKFLOWD_JWT_AUDIENCE", "workflowd-admin")
+    assert Settings().jwt_settings() == JwtSettings(
+        JWKS_URL, "https://idp.example/", "workflowd-admin", JWT_JWKS_COOLDOWN_SECONDS_DEFAULT
+    )
+    monkeypatch.setenv("WORKFLOWD_JWT_JWKS_COOLDOWN", "5")
+    settings = Settings().jwt_settings()
+    assert settings is not None
+    assert settings.jwks_cooldown == 5
+    for loopback in ("http://127.0.0.1:8080/jwks", "http://localhost/jwks", "http://[::1]:9/jwks"):
+        monkeypatch.setenv("WORKFLOWD_JWT_JWKS_URL", loopback)
+        assert Settings().jwt_settings() is not None, loopback
+    monkeypatch.setenv("WORKFLOWD_JWT_JWKS_COOLDOWN", "0")
+    with pytest.raises(ValidationError, match="jwt_jwks_cooldown"):
+        Settings()
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        ({"URL": JWKS_URL}, "WORKFLOWD_JWT_JWKS_URL is set but WORKFLOWD_JWT_ISSUER and WORKFLOWD_JWT_AUDIENCE not"),
+        ({"URL": JWKS_URL, "ISSUER": "i"}, "WORKFLOWD_JWT_JWKS_URL is set but WORKFLOWD_JWT_AUDIENCE not"),
+        ({"URL": JWKS_URL, "AUDIENCE": "a", "ISSUER": ""}, "is set but WORKFLOWD_JWT_ISSUER not"),
+        ({"ISSUER": "i"}, "WORKFLOWD_JWT_ISSUER is set but WORKFLOWD_JWT_JWKS_URL is not"),
+        ({"AUDIENCE": "a"}, "WORKFLOWD_JWT_AUDIENCE is set but WORKFLOWD_JWT_JWKS_URL is not"),
+        ({"URL": "http://idp.example/jwks", "ISSUER": "i", "AUDIENCE": "a"}, "is not an https:// URL"),
+        ({"URL": "idp.example/jwks", "ISSUER": "i", "AUDIENCE": "a"}, "is not an https:// URL"),
+        ({"URL": "https://[::1/jwks", "ISSUER": "i", "AUDIENCE": "a"}, "is not an https:// URL"),
+    ],
+)  # fmt: skip
+def test_incomplete_jwt_settings_are_one_clear_line(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], message: str
+) -> None:
+    names = {
+        "URL": "WORKFLOWD_JWT_JWKS_URL",
+        "ISSUER": "WORKFLOWD_JWT_ISSUER",
+        "AUDIENCE": "WORKFLOWD_JWT_AUDIENCE",
+    }
+    for short, value in variables.items():
+        monkeypatch.setenv(names[short], value)
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        Settings().jwt_settings()
 
 
 def test_the_event_relay_is_off_unless_a_broker_url_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
