@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -44,6 +43,12 @@ RELAY_POLL_SECONDS = 0.1
 RELAY_FOLLOW_SECONDS = 1.0
 # How often the leader measures its lag for the metrics.
 RELAY_LAG_SECONDS = 2.0
+# The server ends the relay's session after this long without a statement, and so
+# releases its lock: a leader that is stopped (SIGSTOP, a frozen VM) but whose kernel
+# still answers keepalives would otherwise hold the lead, and halt the relay, for as
+# long as it stays stopped. A live leader or follower runs a statement at least every
+# RELAY_LAG_SECONDS, whatever the broker does.
+RELAY_IDLE_SESSION_SECONDS = 10
 # Waits between tries while the broker or the database is away, doubling to the max.
 RETRY_DELAY_SECONDS = 0.5
 RETRY_DELAY_MAX_SECONDS = 10.0
@@ -147,6 +152,7 @@ async def run_relay(conninfo: str, publisher: EventPublisher, metrics: Metrics) 
             ) as conn:
                 store = Store(conn)
                 await store.pin_hot_plans()
+                await store.end_idle_relay_session(RELAY_IDLE_SESSION_SECONDS)
                 while not await store.try_relay_lock(RELAY_LOCK_ID):  # noqa: ASYNC110 (polls the database)
                     await asyncio.sleep(RELAY_FOLLOW_SECONDS)
                 delay = RETRY_DELAY_SECONDS
@@ -163,18 +169,28 @@ async def run_relay(conninfo: str, publisher: EventPublisher, metrics: Metrics) 
 
 
 async def _lead(store: Store, publisher: EventPublisher, metrics: Metrics) -> None:
+    """Publish, and measure the lag beside it, until either fails."""
     cursor = await RelayCursor.open(store, RELAY_NAME)
     LOG.info("relay_leading", to=publisher.describe(), published=cursor.published)
     metrics.relay_leader.set(1)
+    tasks = {
+        asyncio.create_task(_publish(store, cursor, publisher, metrics)),
+        asyncio.create_task(_measure_lag(store, cursor, metrics)),
+    }
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in done:
+        task.result()
+
+
+async def _publish(store: Store, cursor: RelayCursor, publisher: EventPublisher, metrics: Metrics) -> None:
     pending: list[RelayEvent] = []
-    lag_measured_at = 0.0
     broker_delay = RETRY_DELAY_SECONDS
     while True:
-        if time.monotonic() - lag_measured_at >= RELAY_LAG_SECONDS:
-            events, seconds = await cursor.lag(store)
-            metrics.relay_lag_events.set(events)
-            metrics.relay_lag_seconds.set(seconds)
-            lag_measured_at = time.monotonic()
         if not pending:
             pending = await cursor.next_page(store)
             if not pending:
@@ -195,6 +211,16 @@ async def _lead(store: Store, publisher: EventPublisher, metrics: Metrics) -> No
         await cursor.confirmed(store, pending)
         metrics.events_published.inc(len(pending))
         pending = []
+
+
+async def _measure_lag(store: Store, cursor: RelayCursor, metrics: Metrics) -> None:
+    """The lag gauges, every RELAY_LAG_SECONDS; while the broker keeps the publisher
+    waiting too, which also keeps the session from being idle (see run_relay)."""
+    while True:
+        events, seconds = await cursor.lag(store)
+        metrics.relay_lag_events.set(events)
+        metrics.relay_lag_seconds.set(seconds)
+        await asyncio.sleep(RELAY_LAG_SECONDS)
 
 
 def _step_down(metrics: Metrics) -> None:

@@ -855,6 +855,9 @@ class Store:
     async def try_relay_lock(self, lock_id: int) -> bool:
         return bool(await self._scalar("try_relay_lock", {"lock_id": lock_id}))
 
+    async def end_idle_relay_session(self, seconds: float) -> None:
+        await self._execute("end_idle_relay_session", {"milliseconds": str(round(seconds * 1000))})
+
     async def open_relay(self, *, name: str) -> Row:
         """The relay's cursor, created at the current snapshot when it has none."""
         row = await self._one("open_relay", {"name": name})

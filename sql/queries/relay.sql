@@ -3,6 +3,7 @@
 -- on the connection that holds it.
 -- Queries, in this order:
 --   try_relay_lock
+--   end_idle_relay_session
 --   open_relay
 --   current_snapshot
 --   relay_page
@@ -15,6 +16,11 @@
 -- A session lock: held as long as the leader's connection lives, so a leader killed
 -- or cut off loses it with its connection, and a follower takes it.
 SELECT pg_try_advisory_lock(%(lock_id)s);
+
+-- name: end_idle_relay_session
+-- The relay's session ends when idle this long, and with it the lock (daemon/relay.py,
+-- RELAY_IDLE_SESSION_SECONDS).
+SELECT set_config('idle_session_timeout', %(milliseconds)s, false);
 
 -- name: open_relay
 -- The relay's cursor, created at its first run: it publishes what commits from then on

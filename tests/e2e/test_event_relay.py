@@ -143,6 +143,22 @@ def test_every_committed_transition_is_published_in_order_through_kills_and_a_br
     wait_until(lambda: unpublished(db_url) == 0, 60, "the relay to catch up", interval=0.5)
     messages = drain(queue)
 
+    assert_published_as_committed(db, messages, WORKFLOWS + RETRYING)
+    assert all(daemon.alive for daemon in daemons.started if daemon not in victims)
+    # The broker's absence reached the relay, which waited for it rather than skip.
+    assert any(event["event"] == "relay_publish_failed" for d in daemons.started for event in d.log_events())
+
+
+def finished(db: psycopg.Connection[Any]) -> int:
+    row = db.execute("SELECT count(*) FROM workflows WHERE state = 'completed'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def assert_published_as_committed(
+    db: psycopg.Connection[Any], messages: list[tuple[str, dict[str, Any]]], workflows: int
+) -> None:
+    """The messages, first deliveries only, are exactly the timeline, in its order per
+    workflow, each with its fields and routing key."""
     timeline = db.execute(
         "SELECT e.id, e.workflow_id::text, w.type, e.from_state, e.to_state, e.step_name, e.attempt "
         "FROM workflow_events e JOIN workflows w ON w.id = e.workflow_id WHERE e.tx IS NOT NULL ORDER BY e.id"
@@ -167,13 +183,28 @@ def test_every_committed_transition_is_published_in_order_through_kills_and_a_br
     for row in timeline:
         expected[row[1]].append(row[0])
     assert order == expected
-    assert len(expected) == WORKFLOWS + RETRYING
-    assert all(daemon.alive for daemon in daemons.started if daemon not in victims)
-    # The broker's absence reached the relay, which waited for it rather than skip.
-    assert any(event["event"] == "relay_publish_failed" for d in daemons.started for event in d.log_events())
-    print(f"{len(messages)} messages for {len(timeline)} events")
+    assert len(expected) == workflows
 
 
-def finished(db: psycopg.Connection[Any]) -> int:
-    row = db.execute("SELECT count(*) FROM workflows WHERE state = 'completed'").fetchone()
-    return int(row[0]) if row else 0
+@pytest.mark.timeout(180)
+def test_a_stopped_leader_loses_the_lead_and_the_relay_goes_on_without_it(
+    daemons: Daemons, db: psycopg.Connection[Any], db_url: str, exchange: tuple[str, str]
+) -> None:
+    name, queue = exchange
+    settings = {"events_url": BROKER_URL, "events_exchange": name}
+    for _ in range(2):
+        daemons.start(**settings)
+    stopped = wait_until(lambda: leader(daemons), 20, "a relay leader")
+    stopped.signal(signal.SIGSTOP)  # its kernel still answers: only the idle session gives it away
+    db.execute(
+        "INSERT INTO workflows (type, input) SELECT 'three_steps', jsonb_build_object('n', n) "
+        "FROM generate_series(1, 40) n"
+    )
+    wait_until(lambda: finished(db) == 40, 60, "the other daemon to run every workflow", interval=0.5)
+    wait_until(lambda: unpublished(db_url) == 0, 30, "the relay to go on under a new leader", interval=0.5)
+    stopped.signal(signal.SIGCONT)
+    # Woken, it finds its session ended by the server, and with it the lead.
+    wait_until(lambda: leader(daemons) not in (None, stopped), 10, "the woken daemon to follow")
+    assert_published_as_committed(db, drain(queue), 40)
+    time.sleep(1)
+    assert all(daemon.alive for daemon in daemons.started)
