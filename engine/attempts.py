@@ -28,6 +28,8 @@ class ClaimedWorkflow:
     the current step's state before the claim (None: no step rows yet, a first claim);
     `step_started` whether the claim started an attempt of it (or of its compensation);
     `attempt` and `retry_count` count the forward attempts, or the compensation's.
+    `traceparent`: the W3C trace context its starter stored (None: untraced), which the
+    run's spans continue.
     """
 
     id: UUID
@@ -52,6 +54,7 @@ class ClaimedWorkflow:
     attempt: int | None
     retry_count: int | None
     step_started: bool
+    traceparent: str | None = None
 
     @property
     def compensating(self) -> bool:

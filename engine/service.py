@@ -53,6 +53,7 @@ from engine.schedules import Schedule, ScheduleNotFoundError, next_tick
 from engine.states import FINISHED_WORKFLOW_STATES, WORKFLOW_TRANSITIONS, WorkflowState
 from engine.store import Store
 from engine.summary import completed_steps, summarize
+from engine.traceparent import current_traceparent
 
 LIST_LIMIT_DEFAULT = 20
 LIST_LIMIT_MAX = 100
@@ -207,7 +208,10 @@ class WorkflowService:
         `delay_seconds` (from the database's clock): no daemon claims it before then; a
         duplicate start finds the first workflow, with the time that one was given.
         `priority` (-100 to 100, smaller first): by default the definition's, or, for a
-        type this side does not define, the one its daemons declared (else 0).
+        type this side does not define, the one its daemons declared (else 0). Started
+        while an OpenTelemetry span is current, the workflow stores that span's trace
+        context, and its runs and steps, on any daemon, continue the trace (a duplicate
+        start keeps the first start's).
         """
         check_text(type=type, user_id=user_id, wallet_address=wallet_address)
         check_idempotency_key(idempotency_key)
@@ -229,6 +233,7 @@ class WorkflowService:
             idempotency_key=idempotency_key,
             start_at=start_at,
             delay_seconds=delay_seconds,
+            traceparent=current_traceparent(),
         )
         if row is not None:
             return StartResult(workflow=WorkflowRecord.model_validate(row), created=True)

@@ -263,12 +263,14 @@ class Store:
         idempotency_key: str | None = None,
         start_at: datetime | None = None,
         delay_seconds: float | None = None,
+        traceparent: str | None = None,
     ) -> Row | None:
         """Insert a pending workflow; None when its idempotency key already exists.
 
         `idempotency_key`: the caller's own key; None lets the insert trigger compute it,
         as `priority` None lets it give the type's declared priority. `start_at` or
-        `delay_seconds`: when it falls due (default: now).
+        `delay_seconds`: when it falls due (default: now). `traceparent`: the starter's
+        W3C trace context, which its runs continue (engine/traceparent.py).
         """
         return await self._one(
             "insert_workflow",
@@ -285,6 +287,7 @@ class Store:
                 "idempotency_key": idempotency_key,
                 "start_at": start_at,
                 "delay_seconds": delay_seconds,
+                "traceparent": traceparent,
             },
         )
 

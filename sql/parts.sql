@@ -57,14 +57,16 @@ shape AS (
 
 -- name: claim_and_start
 -- The claim of the rows of `due`, and the start of their current steps, with their
--- timeline (see claim_due_workflows).
+-- timeline (see claim_due_workflows). The 'running' of the claimed state needs no cast:
+-- a CASE resolves an untyped literal to the type of its other branch (w.state), and
+-- the claim has no bytes to spare under its 4 KB.
 claimed AS (
     UPDATE workflows w
     SET locked_by = %(worker_id)s,
         lease_token = gen_random_uuid(),
         lease_expires_at = now() + %(lease_seconds)s * interval '1 second',
         next_retry_at = now() + %(lease_seconds)s * interval '1 second',
-        state = CASE WHEN w.state = 'pending' THEN 'running'::workflow_state ELSE w.state END,
+        state = CASE WHEN w.state = 'pending' THEN 'running' ELSE w.state END,
         started_at = coalesce(w.started_at, now()),
         updated_at = now(),
         version = coalesce(s.version, w.version),
@@ -105,10 +107,11 @@ step_events AS (
 )
 
 -- name: claim_result
--- What a claim returns (see claim_due_workflows).
+-- What a claim returns (see claim_due_workflows). `traceparent`: the trace context the
+-- run's spans continue (daemon/tracing.py).
 SELECT c.id, c.type, c.run_version AS version, c.state::text, c.previous_state::text, c.input::text AS input_text,
        c.context::text AS context_text, c.user_id, c.wallet_address, c.idempotency_key,
-       c.current_step_index, c.lease_token, c.cancel_requested,
+       c.current_step_index, c.lease_token, c.cancel_requested, c.traceparent,
        extract(epoch FROM now() - c.due_at)::float8 AS pickup_lag_seconds,
        prev.state::text AS previous_step_state, prev.is_idempotent AS step_is_idempotent,
        coalesce(st.attempt, prev.attempt) AS attempt, coalesce(st.retry_count, prev.retry_count) AS retry_count,

@@ -17,13 +17,16 @@
 -- caller chose one (NULL: computed); a duplicate key inserts nothing and returns no
 -- row, and the caller then reads the existing one. A delayed start falls due at its
 -- time, or after its delay by the database's clock (never a client's); the claim takes
--- no workflow before next_retry_at.
+-- no workflow before next_retry_at. `traceparent`: the starter's W3C trace context
+-- (NULL: untraced), which every run of the workflow continues; a duplicate start keeps
+-- the first start's.
 INSERT INTO workflows (type, version, input, user_id, wallet_address, total_steps, max_retries,
-                       requires_compensation, priority, idempotency_key, next_retry_at)
+                       requires_compensation, priority, idempotency_key, next_retry_at, traceparent)
 VALUES (%(type)s, %(version)s, %(input)s, %(user_id)s, %(wallet_address)s, %(total_steps)s,
         %(max_retries)s, %(requires_compensation)s, %(priority)s, %(idempotency_key)s,
         coalesce(%(start_at)s::timestamptz,
-                 now() + coalesce(%(delay_seconds)s::float8, 0) * interval '1 second'))
+                 now() + coalesce(%(delay_seconds)s::float8, 0) * interval '1 second'),
+        %(traceparent)s)
 ON CONFLICT (idempotency_key) DO NOTHING
 RETURNING *;
 
