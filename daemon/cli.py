@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
@@ -43,6 +44,7 @@ from daemon.settings import (
     with_session_limits,
     without_password,
 )
+from daemon.tracing import start_tracing
 from engine import UnstorableValueError, WorkflowEngineError, WorkflowService
 from engine.definitions import priority_problem
 from engine.idempotency import canonical_json
@@ -188,13 +190,20 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    configure_logging(settings.log_format, settings.log_level)
+    # Tracing as the OTEL_* variables say (off when they say nothing), before the logs,
+    # whose lines then carry the current span's ids.
+    tracing = start_tracing(os.environ)
+    configure_logging(settings.log_format, settings.log_level, trace_ids=tracing is not None)
     registry = load_registry(settings)
     if args.no_migrate:
         settings = settings.model_copy(update={"migrate": False})
     # An unreachable database is waited for (run_daemon), not an error: at boot or during a
     # failover it comes back, and systemd must not see a unit that keeps failing.
-    return await run_daemon(settings, registry, settings.conninfo())
+    try:
+        return await run_daemon(settings, registry, settings.conninfo(), tracing=tracing)
+    finally:
+        if tracing is not None:
+            tracing.shutdown()  # the last spans, within a bounded wait
 
 
 def _json_object(text: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, TypeVar
@@ -24,6 +24,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from daemon.group_commit import GroupCommit
 from daemon.metrics import Metrics
+from daemon.tracing import ContextCopyingExecutor, Tracing
 from engine.attempts import ClaimedWorkflow
 from engine.definitions import Step, Workflow, WorkflowContext
 from engine.errors import SNOOZE_SECONDS_MAX
@@ -71,6 +72,9 @@ class Assignment:
     # The digest of the workflow's input in its steps' idempotency keys.
     step_digest: str
     cancel_requested: bool = False
+    # What this run came to, once it knows (the run span's outcome): `completed`,
+    # `retry_scheduled`, `lease_lost` ...; None: not yet (or cut short by a shutdown).
+    ended: str | None = None
 
     @property
     def workflow_id(self) -> UUID:
@@ -123,6 +127,7 @@ class Driver:
         metrics: Metrics,
         stopping: asyncio.Event,
         log: Any,
+        tracing: Tracing | None = None,
     ) -> None:
         self.pool = pool
         self.store = Store(pool)
@@ -134,6 +139,12 @@ class Driver:
         self.log = log
         self.group_commit = GroupCommit(self.store, worker_id=self.id)
         self.executor = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="step")
+        # None: no tracing, and no tracing work at all on the hot path.
+        self.tracing = tracing
+        # Traced, a plain step function runs in a copy of its attempt's context.
+        self.step_executor: Executor = (
+            self.executor if tracing is None else ContextCopyingExecutor(self.executor)
+        )
         # Workflows a timed-out attempt of which still runs in a thread here: not to be
         # claimed by this process until it returns.
         self.busy: set[UUID] = set()
@@ -149,32 +160,58 @@ class Driver:
 
     async def drive(self, assignment: Assignment) -> None:
         """Run the workflow's steps one after the other while this worker holds its lease."""
+        if self.tracing is None:
+            await self._drive(assignment, traced=False)
+            return
+        with self.tracing.run(assignment.claimed, worker_id=self.id) as span:
+            try:
+                # A run the sampler left out would have its attempts left out too: they
+                # get no span at all (the run's context, current, still propagates).
+                await self._drive(assignment, traced=span.is_recording())
+            finally:
+                self.tracing.run_ended(span, assignment.ended or "interrupted")
+
+    async def _drive(self, assignment: Assignment, *, traced: bool) -> None:
         try:
             go_on = True
             while go_on:
-                if assignment.step.wait_for_event is not None and not assignment.compensating:
-                    go_on = await self._wait_for_event(assignment)
-                    continue
-                if assignment.step.transactional:
-                    go_on = await self._run_transactional(assignment)
-                    continue
-                outcome = await self._run(assignment)
-                # The write is shielded: a shutdown cancels further steps, not a result.
-                write = asyncio.ensure_future(self._record(assignment, outcome))
-                try:
-                    go_on = await asyncio.shield(write)
-                except asyncio.CancelledError:
-                    await write
-                    raise
+                go_on = await (self._traced_step(assignment) if traced else self._step(assignment))
         except LeaseLostError:
+            assignment.ended = "lease_lost"
             self.lost_leases += 1
             self.metrics.lost_leases.inc()
             self._log(assignment).warning("lease_lost")
         except Exception:
             # A bug here must cost this workflow a retry, not its lease for the lease's
             # length nor the daemon: give the lease back; the claim counts the attempt.
+            assignment.ended = "crashed"
             self._log(assignment).exception("workflow_task_crashed")
             await self._release(assignment)
+
+    async def _step(self, assignment: Assignment) -> bool:
+        """One attempt of the current step and the commit of its outcome; returns
+        whether to go straight on to the next step."""
+        if assignment.step.wait_for_event is not None and not assignment.compensating:
+            return await self._wait_for_event(assignment)
+        if assignment.step.transactional:
+            return await self._run_transactional(assignment)
+        outcome = await self._run(assignment)
+        # The write is shielded: a shutdown cancels further steps, not a result.
+        write = asyncio.ensure_future(self._record(assignment, outcome))
+        try:
+            return await asyncio.shield(write)
+        except asyncio.CancelledError:
+            await write
+            raise
+
+    async def _traced_step(self, assignment: Assignment) -> bool:
+        """_step inside the attempt's span."""
+        assert self.tracing is not None
+        with self.tracing.attempt(
+            workflow_id=assignment.workflow_id, type=assignment.definition.type, step=assignment.step.name,
+            attempt=assignment.attempt, compensating=assignment.compensating,
+        ):  # fmt: skip
+            return await self._step(assignment)
 
     async def _release(self, assignment: Assignment) -> None:
         leases = {assignment.workflow_id: assignment.lease_token}
@@ -198,12 +235,12 @@ class Driver:
         if assignment.compensating:
             output = assignment.outputs.get(assignment.step.name)
             outcome = await run_compensation(
-                assignment.step, assignment.input, output, ctx, self.executor, default_timeout=timeout
+                assignment.step, assignment.input, output, ctx, self.step_executor, default_timeout=timeout
             )
         else:
             definition = assignment.definition
             outcome = await run_step(
-                assignment.step, assignment.input, ctx, self.executor,
+                assignment.step, assignment.input, ctx, self.step_executor,
                 default_timeout=timeout, read_json=definition.read_json,
             )  # fmt: skip
             if isinstance(outcome, StepSucceeded) and assignment.step_index == len(definition.steps) - 1:
@@ -234,6 +271,12 @@ class Driver:
         labels = (assignment.definition.type, assignment.step.name, result)
         self.metrics.step_duration.labels(*labels).observe(seconds)
         self.metrics.step_attempts.labels(*labels).inc()
+        self._trace_attempt(result, outcome)
+
+    def _trace_attempt(self, result: str, outcome: StepOutcome | None = None) -> None:
+        """The outcome of the attempt on its span, when tracing."""
+        if self.tracing is not None:
+            self.tracing.attempt_ended(result, outcome)
 
     def _context(self, assignment: Assignment) -> WorkflowContext:
         claimed = assignment.claimed
@@ -273,6 +316,7 @@ class Driver:
             seconds=outcome.seconds, reason=outcome.reason,
         )  # fmt: skip
         await self._fenced(assignment, snooze)
+        assignment.ended = "snoozed"
         self._log(assignment).info("step_snoozed", reason=outcome.reason, seconds=outcome.seconds)
 
     async def _record_failure(self, assignment: Assignment, outcome: StepFailed) -> None:
@@ -285,6 +329,7 @@ class Driver:
         if outcome.retryable and assignment.retry_count < retries:
             delay = self.config.retry_policy.delay(assignment.retry_count)
             await self._fenced(assignment, lambda: self.store.schedule_retry(failed, delay_seconds=delay))
+            assignment.ended = "retry_scheduled"
             self.metrics.retries.labels(assignment.definition.type, step.name).inc()
             self._log(assignment).warning(
                 "step_retry_scheduled", error=outcome.error["message"], delay_seconds=round(delay, 3)
@@ -292,9 +337,11 @@ class Driver:
             return
         if assignment.compensating:
             await self._fenced(assignment, lambda: self.store.fail_workflow(failed))
+            assignment.ended = "compensation_failed"
             self._log(assignment).error("compensation_failed", error=outcome.error["message"])
         else:
             await self._fenced(assignment, lambda: self._fail_forward(failed, assignment))
+            assignment.ended = "failed"
             self._log(assignment).error("workflow_failed", error=outcome.error["message"])
         if assignment.compensating or not assignment.definition.requires_compensation:
             self.metrics.workflows_finished.labels(assignment.definition.type, "failed").inc()
@@ -361,6 +408,8 @@ class Driver:
     @staticmethod
     def _move_to(assignment: Assignment, result: Advanced) -> bool:
         if result.next_step_index is None or result.next_attempt is None:
+            finished = "compensated" if assignment.compensating else "completed"
+            assignment.ended = finished if result.was_last else "released"
             return False
         assignment.step_index = result.next_step_index
         assignment.attempt = result.next_attempt
@@ -454,9 +503,9 @@ class Driver:
             return await self._complete_with_event(store, assignment, payload)
         if lock["timed_out"]:
             message = f"no event {name!r} came within {step.timeout:g} s"
-            raise _AttemptFailed(
-                failure(step.name, assignment.attempt, "EventTimeout", message, retryable=False)
-            )
+            timed_out = failure(step.name, assignment.attempt, "EventTimeout", message, retryable=False)
+            self._trace_attempt("failed", timed_out)
+            raise _AttemptFailed(timed_out)
         left = lock["seconds_left"] or SNOOZE_SECONDS_MAX
         parked = await store.snooze_step(
             workflow_id=workflow_id, lease_token=assignment.lease_token, step_index=step_index,
@@ -465,6 +514,8 @@ class Driver:
         )  # fmt: skip
         if not parked:
             raise LeaseLostError
+        assignment.ended = "waiting_for_event"
+        self._trace_attempt("waiting")
         self._log(assignment).info("waiting_for_event", awaited=name)
         return False
 
@@ -479,7 +530,9 @@ class Driver:
                 step=assignment.step, attempt=assignment.attempt,
             )  # fmt: skip
         if isinstance(outcome, StepFailed):
+            self._trace_attempt("failed", outcome)
             raise _AttemptFailed(outcome)  # the event is not consumed after all
+        self._trace_attempt("succeeded")
         result = await self._completion(assignment, outcome, transaction=store)()
         return self._advance(assignment, outcome, result)
 
@@ -504,7 +557,10 @@ class Driver:
             await self._record_failure(assignment, outcome)
             return False
         settled = await self._settle(assignment)
-        return settled is not None and self._move_to(assignment, settled)
+        if settled is None:
+            assignment.ended = "lease_lost"
+            return False
+        return self._move_to(assignment, settled)
 
     # Writes through outages.
 

@@ -38,6 +38,7 @@ from daemon.http_guard import RequestGuard, is_admin_path, principal_of, problem
 from daemon.jwt_auth import READ_SCOPE, WRITE_SCOPE, JwtVerifier
 from daemon.metrics import Metrics
 from daemon.settings import HTTP_HEAD_TIMEOUT_SECONDS_DEFAULT, JwtSettings
+from daemon.tracing import RequestTraceContext, untraced_request
 from engine import (
     EventRefusedError,
     IdempotencyKeyConflictError,
@@ -287,15 +288,20 @@ def create_app(
     replica: ReplicaLag | None = None,
     jwt: JwtSettings | None = None,
 ) -> FastAPI:
-    """The daemon's HTTP application; `jwt`: accept bearer JWTs verified so."""
+    """The daemon's HTTP application; `jwt`: accept bearer JWTs verified so. A workflow
+    an admin request starts continues the request's trace (daemon/tracing.py)."""
     app = FastAPI(
         title="workflowd",
         summary="Admin API, health and metrics of a workflowd daemon.",
         version="1",
         responses={422: {"model": Problem, "description": "malformed id or request"}},
+        # FastAPI's own OpenTelemetry spans, made while a tracer provider is installed:
+        # for the admin API, not for probes and scrapers.
+        telemetry={"exclude": untraced_request},
     )
     verifier = JwtVerifier(jwt) if jwt is not None else None
     app.add_middleware(RequestGuard, admin_token=admin_token, max_body_bytes=max_body_bytes, jwt=verifier)
+    app.add_middleware(RequestTraceContext)
     install_error_handlers(app)
     add_health_routes(app, readiness, daemon, metrics, replica)
     add_admin_routes(app, service)

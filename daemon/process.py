@@ -21,6 +21,7 @@ from daemon.metrics import Metrics
 from daemon.periodic import fire_periodically, prune_periodically, recount_periodically, rekey_periodically
 from daemon.relay import publisher_for, run_relay
 from daemon.settings import ConfigurationError, JwtSettings, Settings, with_session_limits
+from daemon.tracing import Tracing
 from daemon.worker import Worker, WorkerConfig
 from engine.migrate import Migration, migrate, pending_migrations
 from engine.primary import READ_ONLY_ERRORS, connect_to_primary, require_primary
@@ -88,13 +89,20 @@ Companion = Callable[[WorkflowService, str | None], Coroutine[Any, Any, None]]
 
 
 async def run_daemon(
-    settings: Settings, registry: Registry, conninfo: str, companion: Companion | None = None
+    settings: Settings,
+    registry: Registry,
+    conninfo: str,
+    companion: Companion | None = None,
+    *,
+    tracing: Tracing | None = None,
 ) -> int:
     """Serve HTTP, wait for the database and migrate it, then run a worker until a signal
     stops it.
 
     `companion` (what `workflowd dev` adds: a sample and a progress display) runs beside
-    them with the admin API's service and token, and is cancelled at shutdown.
+    them with the admin API's service and token, and is cancelled at shutdown. `tracing`:
+    the spans of runs, attempts and admin requests (None: no tracing; the caller
+    started it, and flushes it after).
     """
     if not registry.types:
         raise ConfigurationError(
@@ -123,8 +131,9 @@ async def run_daemon(
     pools = Pools(worker=pool, api=api_pool(conninfo, "workflowd-api", **PRIMARY_ONLY), replica=replica)
     try:
         await serve(
-            settings, registry, conninfo, pools, admin_token=admin_token, jwt=jwt, companion=companion
-        )
+            settings, registry, conninfo, pools, admin_token=admin_token, jwt=jwt, companion=companion,
+            tracing=tracing,
+        )  # fmt: skip
     finally:
         await pools.close()
     return 0
@@ -257,12 +266,14 @@ async def serve(
     admin_token: str | None,
     jwt: JwtSettings | None = None,
     companion: Companion | None = None,
+    tracing: Tracing | None = None,
 ) -> None:
     metrics = Metrics(queue_depth_refresh_seconds=settings.queue_depth_interval)
     watchdog = systemd.Watchdog()
     worker = Worker(
-        pools.worker, conninfo, registry, worker_config(settings), metrics=metrics, on_loop=watchdog.ping
-    )
+        pools.worker, conninfo, registry, worker_config(settings), metrics=metrics, on_loop=watchdog.ping,
+        tracing=tracing,
+    )  # fmt: skip
     install_signal_handlers(worker)
     service = pools.service(registry)
     readiness = Readiness(conninfo)

@@ -27,6 +27,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from daemon.driver import DATABASE_ERRORS, Assignment, Driver, DriverConfig
 from daemon.metrics import Metrics
+from daemon.tracing import Tracing
 from daemon.wakeup import Listener
 from engine.attempts import CancelAtBoundary, ClaimedWorkflow, Refuse, Run, decide
 from engine.definitions import Workflow
@@ -76,6 +77,7 @@ class Worker:
         *,
         metrics: Metrics | None = None,
         on_loop: Callable[[], None] = lambda: None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.store = Store(pool)
         self.registry = registry
@@ -109,7 +111,10 @@ class Worker:
             retry_policy=config.retry_policy,
             step_timeout=config.step_timeout,
         )
-        self.driver = Driver(pool, driver_config, metrics=self.metrics, stopping=self.stopping, log=self.log)
+        self.tracing = tracing
+        self.driver = Driver(
+            pool, driver_config, metrics=self.metrics, stopping=self.stopping, log=self.log, tracing=tracing
+        )
 
     # The process side: run until stopped.
 
@@ -415,6 +420,10 @@ class Worker:
             raise  # the connection is gone: the claim as a whole rolls back
         except Exception:
             self.log.exception("claim_row_crashed", workflow_id=str(claimed.id), type=claimed.type)
+            return
+        if self.tracing is not None:
+            failed = decision.failure if isinstance(decision, Refuse) else None
+            self.tracing.claim_settled(claimed, worker_id=self.id, failed=failed)
 
     async def _refuse(
         self, tx: Store, claimed: ClaimedWorkflow, definition: Workflow, refusal: Refuse
