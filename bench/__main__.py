@@ -21,7 +21,7 @@ from typing import Any
 
 import psycopg
 
-from bench import cases, flow, peers, relay, retention
+from bench import cases, flow, peers, relay, retention, tracing
 from bench.daemon import burst_after_idle, pickup_latency, throughput
 from bench.flows import noop_1
 from bench.limited_flows import noop_fair, noop_limited
@@ -129,6 +129,7 @@ def main() -> None:
             "steps_per_s", "steps/s",
         )  # fmt: skip
         measure_flow_control(report, cluster, args)
+        measure_tracing(report, cluster, args)
         if not args.no_peers:
             measure_peers(report, cluster, counts, args)
         measure_latency(report, cluster, args)
@@ -176,6 +177,25 @@ def measure_flow_control(report: Report, cluster: LocalPostgres, args: argparse.
             "steps_per_s", "steps/s",
         )  # fmt: skip
     report.keep("flow_claims", flow.claim_costs(cluster))
+
+
+def measure_tracing(report: Report, cluster: LocalPostgres, args: argparse.Namespace) -> None:
+    """The 1-step drain of 2 processes with tracing on (OTLP/HTTP to a loopback sink),
+    beside the same with it off and with a tenth of the traces sampled, in turn
+    (bench/tracing.py)."""
+    rounds = [
+        tracing.cost(cluster, args.workflows, args.concurrency, round_=each) for each in range(args.repeats)
+    ]
+    for case, label in (
+        ("off", "tracing off"),
+        ("on", "traced, OTLP/HTTP to a loopback sink"),
+        ("sampled", f"traced, {tracing.SAMPLED_RATIO:.0%} of traces sampled"),
+    ):
+        report.record(
+            f"workflowd_1_step_tracing_{case}_2_processes", f"workflowd 1-step workflows, {label}, 2 processes",
+            [each[case] for each in rounds], "steps_per_s", "steps/s",
+        )  # fmt: skip
+    report.keep("tracing", tracing.summary(rounds))
 
 
 def measure_peers(
@@ -310,6 +330,7 @@ def print_comparisons(figures: dict[str, Any]) -> None:
     )
     print(f"resident memory of one daemon at concurrency 100: {figures['memory']['peak_rss_mb']} MB peak")
     print_flow_control(figures)
+    print_tracing(figures)
     print_time(figures)
 
 
@@ -328,6 +349,19 @@ def print_flow_control(figures: dict[str, Any]) -> None:
         drained = figures[f"workflowd_1_step_{kind}_2_processes"]["median"]
         ratio = f" ({drained / unlimited['median']:.2f}x unlimited)" if unlimited else ""
         print(f"1-step steps/s, {kind}, 2 processes: {drained:,.0f}{ratio}")
+
+
+def print_tracing(figures: dict[str, Any]) -> None:
+    """What tracing costs the 1-step drain, and whether every span arrived."""
+    traced = figures["tracing"]
+    print(
+        f"1-step workflows/s, 2 processes, traced ÷ not: {traced['on_over_off']:.2f} "
+        f"({traced['on_workflows_per_s']:,.0f} ÷ {traced['off_workflows_per_s']:,.0f}), "
+        f"{traced['sampled_ratio']:.0%} sampled ÷ not: {traced['sampled_over_off']:.2f}; daemon CPU a workflow "
+        f"{traced['on_daemon_cpu_ms_per_workflow']} / {traced['sampled_daemon_cpu_ms_per_workflow']} ms "
+        f"against {traced['off_daemon_cpu_ms_per_workflow']} ms; "
+        f"{100 * traced['spans_received_share']:.1f} % of the spans received"
+    )
 
 
 def print_time(figures: dict[str, Any]) -> None:

@@ -118,13 +118,15 @@ def throughput(
     workflow: Workflow | None = None,
     users: int = 1,
     modules: str = "bench.flows",
+    settings: dict[str, str] | None = None,
 ) -> dict[str, float]:
     """Insert `workflows` no-op workflows of `steps` steps first, then drain them with
     `processes` daemons; timed by the database, from the first claim to the last completion.
     Also what the drain cost the server and the daemons (bench/primary.py). `plain`: the
     steps are plain functions (run in the daemon's thread pool), not coroutines.
     `workflow`: another one-step type of `modules` (the daemons' WORKFLOWD_MODULES);
-    `users`: the workflows belong to that many users, in turn."""
+    `users`: the workflows belong to that many users, in turn. `settings`: more of the
+    daemons' environment (bench/tracing.py turns tracing on so)."""
     name = f"bench_throughput_{processes}"
     url = fresh_database(cluster, name)
     with psycopg.connect(url, autocommit=True) as conn:
@@ -140,7 +142,7 @@ def throughput(
             ),
         )
         cost = PrimaryCost(cluster, name)
-        with daemons(url, processes, concurrency, modules=modules) as running:
+        with daemons(url, processes, concurrency, settings, modules=modules) as running:
             cost.start(conn)
             daemon_cpu_at_start = sum(process_cpu_seconds(process.pid) for process in running)
             wait_until_drained(conn, cost.sample)
