@@ -104,7 +104,10 @@ def whole_table_reads(plan: dict[str, Any]) -> list[str]:
     found = []
     for node in nodes(plan):
         kind, table, index = node["Node Type"], node.get("Relation Name"), node.get("Index Name")
-        if kind == "Bitmap Heap Scan" and {child.get("Index Name") for child in nodes(node)} - {None} <= LOOKUPS:
+        if (
+            kind == "Bitmap Heap Scan"
+            and {child.get("Index Name") for child in nodes(node)} - {None} <= LOOKUPS
+        ):
             continue  # the rows of index lookups (the relay's xid ranges), no more
         if table in ENGINE_TABLES and kind != "ModifyTable" and index not in LOOKUPS:
             found.append(f"{kind} on {table}" + (f" using {index}" if index else ""))
