@@ -149,6 +149,8 @@ def main() -> None:
         report.keep("claim_cost", cases.claim_cost(cluster, args.finished))
         report.keep("memory", cases.resident_memory(cluster, concurrency=100))
         report.keep("relay", relay.relay_drain(cluster, args.workflows, args.concurrency))
+        steady_rate = max(100, min(500, args.workflows // 40))  # 500 a second in a full run
+        report.keep("relay_steady", relay.relay_steady(cluster, steady_rate, 10, args.concurrency))
         report.keep("prune", retention.prune_under_load(cluster, args.pruned, args.concurrency))
         report.keep("stats", retention.stats_cost(cluster, args.stats_rows))
     print(f"{report.figures['machine']}; {args.repeats} runs a case\n")

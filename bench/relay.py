@@ -2,14 +2,17 @@
 every transition to RabbitMQ (a durable queue bound to all of the exchange, as a
 consumer would have it), beside the same drain without the relay. How fast the relay
 publishes, how far it falls behind while the daemons run, how long after the last
-completion its last event is confirmed, and what it costs the drain."""
+completion its last event is confirmed, and what it costs the drain. And, at a steady
+rate of starts after idle, how long an event takes from its transaction to a consumer."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import time
 import uuid
+from datetime import datetime
 from typing import Any
 
 import aio_pika
@@ -23,6 +26,9 @@ from engine.store import Store
 
 BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/"
 LAG_SAMPLE_SECONDS = 0.25
+INSERTS_PER_SECOND = 100
+# Claimed (pending to running), the step started and succeeded, the workflow completed.
+EVENTS_PER_NOOP_1 = 4
 CATCH_UP_TIMEOUT_SECONDS = 600
 
 
@@ -43,6 +49,66 @@ def relay_drain(
         "with_over_without": round(on["steps_per_s"] / off["steps_per_s"], 2),
         "without_relay_wal_bytes_per_workflow": off["wal_bytes_per_workflow"],
     }
+
+
+def relay_steady(
+    cluster: LocalPostgres, rate: int, seconds: float, concurrency: int, broker_url: str = BROKER_URL
+) -> dict[str, Any]:
+    """Idle daemons with the relay on, then `rate` one-step workflows a second inserted
+    for `seconds` (one INSERT every 10 ms): the delay of each event from its
+    transaction's start (`at`) to a consumer's receipt of its message, over every event."""
+    exchange = f"workflowd.bench.{uuid.uuid4().hex[:8]}"
+    asyncio.run(_bind_queue(broker_url, exchange))
+    try:
+        url = fresh_database(cluster, "bench_relay_steady")
+        asyncio.run(_open_cursor(url))
+        settings = {"WORKFLOWD_EVENTS_URL": broker_url, "WORKFLOWD_EVENTS_EXCHANGE": exchange}
+        with daemons(url, 2, concurrency, settings=settings):
+            time.sleep(2)  # idle first: the leader polls an empty timeline
+            delays = asyncio.run(_insert_and_receive(url, broker_url, exchange, rate, seconds))
+    finally:
+        asyncio.run(_delete_queue(broker_url, exchange))
+    delays.sort()
+    return {
+        "workflows_per_s": rate,
+        "events": len(delays),
+        "delay_p50_ms": round(1000 * delays[len(delays) // 2], 1),
+        "delay_p99_ms": round(1000 * delays[int(len(delays) * 0.99)], 1),
+        "delay_max_ms": round(1000 * delays[-1], 1),
+    }
+
+
+async def _insert_and_receive(
+    url: str, broker_url: str, exchange: str, rate: int, seconds: float
+) -> list[float]:
+    per_insert = max(1, rate // INSERTS_PER_SECOND)
+    inserts = int(seconds * INSERTS_PER_SECOND)
+    expected = EVENTS_PER_NOOP_1 * per_insert * inserts
+    delays: list[float] = []
+    async with await aio_pika.connect(broker_url) as connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(exchange)
+
+        async def receive() -> None:
+            async with queue.iterator(no_ack=True) as messages:
+                async for message in messages:
+                    at = datetime.fromisoformat(json.loads(message.body)["at"])
+                    delays.append(time.time() - at.timestamp())
+                    if len(delays) >= expected:
+                        return
+
+        receiving = asyncio.create_task(receive())
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            started = time.monotonic()
+            for n in range(inserts):
+                await conn.execute(
+                    "INSERT INTO workflows (type, input) SELECT 'noop_1', jsonb_build_object('n', %s::int * 1000 + g) "
+                    "FROM generate_series(1, %s) g",
+                    (n, per_insert),
+                )
+                await asyncio.sleep(max(0.0, started + (n + 1) / INSERTS_PER_SECOND - time.monotonic()))
+        await asyncio.wait_for(receiving, CATCH_UP_TIMEOUT_SECONDS)
+    return delays
 
 
 def _drain_with_relay(

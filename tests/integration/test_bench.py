@@ -55,3 +55,5 @@ def test_the_bench_command_runs_every_case_of_our_own_and_writes_its_figures(tmp
     assert figures["relay"]["events"] >= 300 * 2  # each workflow's claim and completion at least
     assert figures["relay"]["events_per_s"] > 0
     assert figures["relay"]["without_relay_steps_per_s"] > 0
+    assert figures["relay_steady"]["events"] == 4 * 1000  # 100 a second for 10 s, 4 events each
+    assert 0 < figures["relay_steady"]["delay_p50_ms"] <= figures["relay_steady"]["delay_p99_ms"]
