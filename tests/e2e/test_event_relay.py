@@ -92,6 +92,13 @@ def leader(daemons: Daemons) -> Daemon | None:
     return None
 
 
+def start_relaying(daemons: Daemons, settings: dict[str, str]) -> Daemon:
+    """Two daemons publishing to the test's exchange; the one that leads the relay."""
+    for _ in range(2):
+        daemons.start(**settings)
+    return wait_until(lambda: leader(daemons), 20, "a relay leader")
+
+
 def rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
 
@@ -111,9 +118,7 @@ def test_every_committed_transition_is_published_in_order_through_kills_and_a_br
 ) -> None:
     name, queue = exchange
     settings = {"events_url": BROKER_URL, "events_exchange": name}
-    for _ in range(2):
-        daemons.start(**settings)
-    first = wait_until(lambda: leader(daemons), 20, "a relay leader")
+    first = start_relaying(daemons, settings)
     db.execute(
         "INSERT INTO workflows (type, input) SELECT 'three_steps', jsonb_build_object('sleep', 0.4, 'n', n) "
         "FROM generate_series(1, %s) n",
@@ -191,10 +196,7 @@ def test_a_stopped_leader_loses_the_lead_and_the_relay_goes_on_without_it(
     daemons: Daemons, db: psycopg.Connection[Any], db_url: str, exchange: tuple[str, str]
 ) -> None:
     name, queue = exchange
-    settings = {"events_url": BROKER_URL, "events_exchange": name}
-    for _ in range(2):
-        daemons.start(**settings)
-    stopped = wait_until(lambda: leader(daemons), 20, "a relay leader")
+    stopped = start_relaying(daemons, {"events_url": BROKER_URL, "events_exchange": name})
     stopped.signal(signal.SIGSTOP)  # its kernel still answers: only the idle session gives it away
     db.execute(
         "INSERT INTO workflows (type, input) SELECT 'three_steps', jsonb_build_object('n', n) "
