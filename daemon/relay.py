@@ -32,7 +32,7 @@ from pamqp.commands import Basic
 
 from daemon.metrics import Metrics
 from engine.primary import connect_to_primary
-from engine.relay import RELAY_LOCK_ID, RELAY_NAME, RelayCursor, RelayEvent, waves
+from engine.relay import RELAY_LOCK_ID, RELAY_NAME, ForeignCursorError, RelayCursor, RelayEvent, waves
 from engine.store import Store
 
 LOG = structlog.get_logger("workflowd.relay")
@@ -157,6 +157,9 @@ async def run_relay(conninfo: str, publisher: EventPublisher, metrics: Metrics) 
                     await asyncio.sleep(RELAY_FOLLOW_SECONDS)
                 delay = RETRY_DELAY_SECONDS
                 await _lead(store, publisher, metrics)
+        except ForeignCursorError as error:
+            LOG.critical("relay_stopped", reason=str(error))
+            return
         except psycopg.Error as error:
             LOG.warning("relay_database_unavailable", error=" ".join(str(error).split()), retry_in=delay)
         except Exception as error:  # a bug: logged loudly, and the relay goes on, led anew

@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from engine.store import Row, Store
+from engine.store import Row, Store, snapshot_xmax
 
 # The cursor's name in workflow_event_relays: one per broker the events go to.
 RELAY_NAME = "events"
@@ -93,6 +93,11 @@ def waves(events: Sequence[RelayEvent]) -> list[list[RelayEvent]]:
     return result
 
 
+class ForeignCursorError(Exception):
+    """The stored cursor names transactions this server has not reached: it comes from
+    another cluster, whose transaction ids the restored rows and the cursor still hold."""
+
+
 @dataclass
 class RelayCursor:
     """Where a relay stands: every event finished in `published` is out, and of the
@@ -114,8 +119,16 @@ class RelayCursor:
         """The next events to publish, opening a batch at the current snapshot when
         none is open. Empty when the batch holds no more."""
         if self.batch is None:
-            self.batch = await store.current_snapshot()
-            self.after_id = 0
+            batch = await store.current_snapshot()
+            if int(snapshot_xmax(batch)) < int(snapshot_xmax(self.published)):
+                raise ForeignCursorError(
+                    f"the relay's cursor ({self.published}) is ahead of this server's transactions "
+                    f"({batch}): it was kept from another cluster (a logical restore?). Events would be "
+                    "taken for published and lost, so the relay stops; to start it from now, run "
+                    "UPDATE workflow_events SET tx = NULL WHERE tx IS NOT NULL; "
+                    "DELETE FROM workflow_event_relays;"
+                )
+            self.batch, self.after_id = batch, 0
         rows = await store.relay_page(
             published=self.published, batch=self.batch, after_id=self.after_id, limit=self.page_events
         )

@@ -874,7 +874,7 @@ class Store:
         params = {
             **_snapshot_bounds(published),
             "batch": batch,
-            "batch_xmax": _snapshot_xmax(batch),
+            "batch_xmax": snapshot_xmax(batch),
             "after_id": after_id,
             "limit": limit,
         }
@@ -899,7 +899,7 @@ class Store:
         return row
 
 
-def _snapshot_xmax(snapshot: str) -> str:
+def snapshot_xmax(snapshot: str) -> str:
     """The xmax of a pg_snapshot's text, `xmin:xmax:xip,...` (as text: an xid8 is
     unsigned, wider than any integer type the driver would send)."""
     return snapshot.split(":")[1]
@@ -910,7 +910,7 @@ def _snapshot_bounds(published: str) -> dict[str, Any]:
     in_progress = published.split(":")[2]
     return {
         "published": published,
-        "published_xmax": _snapshot_xmax(published),
+        "published_xmax": snapshot_xmax(published),
         "published_xip": [xid for xid in in_progress.split(",") if xid],
     }
 

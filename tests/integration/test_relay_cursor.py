@@ -14,7 +14,7 @@ from uuid import UUID
 import psycopg
 import pytest
 
-from engine.relay import PAGE_EVENTS_MIN, RelayCursor, RelayEvent, waves
+from engine.relay import PAGE_EVENTS_MIN, ForeignCursorError, RelayCursor, RelayEvent, waves
 from engine.store import Store
 from tests.factories import insert_workflow
 
@@ -97,6 +97,19 @@ async def test_events_committed_before_the_relay_first_ran_are_history(
     cursor = await RelayCursor.open(store, "test")
     after = add_event(db, workflow["id"], "after")
     assert [e.event_id for e in await drain(store, cursor)] == [after]
+
+
+async def test_a_cursor_kept_from_another_cluster_stops_the_relay_rather_than_skip(
+    store: Store, db: psycopg.Connection[Any]
+) -> None:
+    await RelayCursor.open(store, "test")
+    # As after a logical restore into a new cluster: the cursor's snapshot is beyond
+    # every transaction id this server has given.
+    db.execute("UPDATE workflow_event_relays SET published = '900000000:900000000:'")
+    cursor = await RelayCursor.open(store, "test")
+    add_event(db, insert_workflow(db, type="relayed")["id"], "after_the_restore")
+    with pytest.raises(ForeignCursorError, match="DELETE FROM workflow_event_relays"):
+        await cursor.next_page(store)
 
 
 async def test_lag_counts_the_committed_events_not_yet_confirmed(
