@@ -103,28 +103,36 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        # The event relay's (daemon/relay.py). Only the daemon leading the relay sets
-        # the lag gauges and `workflowd_relay_leader` 1; the others leave them at 0.
+        # The event relay's (daemon/relay.py), exported only by a daemon that runs it
+        # (export_relay): "no daemon leads" is then an alert of its own, and a fleet with
+        # no relay shows none of them. The leader sets the lag gauges and
+        # `workflowd_relay_leader` 1; the others leave them at 0.
         self.events_published = Counter(
             "workflowd_events_published",
             "Timeline events the relay published and the broker confirmed.",
-            registry=r,
+            registry=None,
         )
         self.relay_leader = Gauge(
-            "workflowd_relay_leader", "1 while this process leads the event relay, else 0.", registry=r
+            "workflowd_relay_leader", "1 while this process leads the event relay, else 0.", registry=None
         )
         self.relay_lag_seconds = Gauge(
             "workflowd_relay_lag_seconds",
             "Age of the oldest committed timeline event not yet published (0 when caught up).",
-            registry=r,
+            registry=None,
         )
         self.relay_lag_events = Gauge(
             "workflowd_relay_lag_events",
             "Committed timeline events not yet published (counted up to a million).",
-            registry=r,
+            registry=None,
         )
         self.queue_depth = QueueDepthCollector(queue_depth_refresh_seconds)
         r.register(self.queue_depth)
+
+    def export_relay(self) -> None:
+        """Export the relay's metrics: this daemon runs the relay (WORKFLOWD_EVENTS_URL)."""
+        relay = (self.events_published, self.relay_leader, self.relay_lag_seconds, self.relay_lag_events)
+        for metric in relay:
+            self.registry.register(metric)
 
 
 # Flow control by type (the type_flow query), so that an operator tells "limited"

@@ -328,6 +328,7 @@ async def serve(
         ]
         if settings.events_url is not None:
             publisher = publisher_for(settings.events_url.get_secret_value(), settings.events_exchange)
+            metrics.export_relay()
             periodic.append(run_relay(conninfo, publisher, metrics))
         await _run_worker(
             worker,

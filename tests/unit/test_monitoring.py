@@ -50,6 +50,7 @@ def exported_metrics() -> Metrics:
     """A Metrics() with every labelled metric touched and the global gauges filled, as
     the lock holder exports them: all the series a daemon's /metrics can show."""
     metrics = Metrics()
+    metrics.export_relay()  # as a daemon with WORKFLOWD_EVENTS_URL does
     for collector in list(metrics.registry._collector_to_names):
         if isinstance(collector, Counter | Gauge | Histogram) and collector._labelnames:
             child = collector.labels(*("x" for _ in collector._labelnames))
