@@ -14,10 +14,11 @@ drain's clock (the database's, first claim to last completion) has stopped.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import statistics
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,21 +50,22 @@ class Sink:
 
 
 @contextmanager
-def otlp_sink() -> Iterator[tuple[str, Sink]]:
-    """An OTLP/HTTP trace receiver on 127.0.0.1 that counts what it is sent and keeps
-    nothing: its endpoint (for OTEL_EXPORTER_OTLP_ENDPOINT), and its counts."""
-    sink = Sink()
+def otlp_receiver(on_export: Callable[[ExportTraceServiceRequest, int], None]) -> Iterator[str]:
+    """An OTLP/HTTP trace receiver on 127.0.0.1 (POST /v1/traces, protobuf, gzip or
+    not): its endpoint (for OTEL_EXPORTER_OTLP_ENDPOINT). Each export request, with its
+    size on the wire, goes to `on_export` (from the server's threads)."""
     answer = ExportTraceServiceResponse().SerializeToString()
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
-            request = ExportTraceServiceRequest.FromString(body)
-            spans = sum(len(scope.spans) for each in request.resource_spans for scope in each.scope_spans)
-            with sink.lock:
-                sink.spans += spans
-                sink.requests += 1
-                sink.bytes += len(body)
+            if self.path != "/v1/traces":
+                self.send_error(404)
+                return
+            sent = len(body)
+            if self.headers.get("Content-Encoding") == "gzip":
+                body = gzip.decompress(body)
+            on_export(ExportTraceServiceRequest.FromString(body), sent)
             self.send_response(200)
             self.send_header("Content-Type", "application/x-protobuf")
             self.send_header("Content-Length", str(len(answer)))
@@ -77,10 +79,27 @@ def otlp_sink() -> Iterator[tuple[str, Sink]]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", sink
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def otlp_sink() -> Iterator[tuple[str, Sink]]:
+    """An OTLP/HTTP trace receiver that counts what it is sent and keeps nothing: its
+    endpoint, and its counts."""
+    sink = Sink()
+
+    def count(request: ExportTraceServiceRequest, size: int) -> None:
+        spans = sum(len(scope.spans) for each in request.resource_spans for scope in each.scope_spans)
+        with sink.lock:
+            sink.spans += spans
+            sink.requests += 1
+            sink.bytes += size
+
+    with otlp_receiver(count) as endpoint:
+        yield endpoint, sink
 
 
 def traced_drain(

@@ -4,25 +4,21 @@ in the caller's trace, flushed at shutdown, and the log lines carry their ids.""
 
 from __future__ import annotations
 
-import gzip
 import signal
 import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
+from bench.tracing import otlp_receiver
 from tests.e2e.conftest import Daemons, all_finished, wait_until
 
 TOKEN = "test-token-" + uuid.uuid4().hex
@@ -63,43 +59,20 @@ def values(attributes: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def receiver() -> Iterator[tuple[str, Received]]:
-    """An OTLP/HTTP trace receiver on 127.0.0.1 (POST /v1/traces, protobuf): its
-    endpoint, and what it received."""
+    """An OTLP/HTTP trace receiver on 127.0.0.1 (the bench's): its endpoint, and what
+    it received."""
     received = Received()
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            if self.headers.get("Content-Encoding") == "gzip":
-                body = gzip.decompress(body)
-            if self.path != "/v1/traces":
-                self.send_error(404)
-                return
-            request = ExportTraceServiceRequest.FromString(body)
-            with received.lock:
-                received.requests += 1
-                for resource_spans in request.resource_spans:
-                    resource = values(resource_spans.resource.attributes)
-                    for scope_spans in resource_spans.scope_spans:
-                        received.spans.extend((resource, span) for span in scope_spans.spans)
-            answer = ExportTraceServiceResponse().SerializeToString()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-protobuf")
-            self.send_header("Content-Length", str(len(answer)))
-            self.end_headers()
-            self.wfile.write(answer)
+    def keep(request: ExportTraceServiceRequest, size: int) -> None:
+        with received.lock:
+            received.requests += 1
+            for resource_spans in request.resource_spans:
+                resource = values(resource_spans.resource.attributes)
+                for scope_spans in resource_spans.scope_spans:
+                    received.spans.extend((resource, span) for span in scope_spans.spans)
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", received
-    finally:
-        server.shutdown()
-        server.server_close()
+    with otlp_receiver(keep) as endpoint:
+        yield endpoint, received
 
 
 def test_a_daemon_exports_the_callers_trace_over_otlp_and_logs_its_ids(
